@@ -1,0 +1,200 @@
+"""The C++ backend (``kmerge_fast._C``): the on-device path.
+
+The compiled core works on raw pointers, sizes and strides; this module turns
+tensors into those descriptions (no copies: transposed views are passed as
+strides) and does the small R x R float64 algebra with torch.linalg, batched
+over modules of equal stacked rank. See ``ops/__init__.py`` for the op contracts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from . import Factor
+
+NAME = "cpp"
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+#: Eigenvalues of the A-Gram below this fraction of the largest are treated as
+#: zero: they are float64 rounding noise (rank-deficient or repeated adapters).
+RANK_TOL = 1e-12
+
+try:
+    from .. import _C
+except ImportError as _e:  # the extension was not built: the package still imports
+    _C = None
+    _IMPORT_ERROR = str(_e)
+
+
+def unavailable_reason() -> str | None:
+    return None if _C is not None else f"the C++ extension kmerge_fast._C is not built ({_IMPORT_ERROR})"
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    if torch.device(device).type != "cpu":
+        return f"tensors on {device}; the C++ backend runs on CPU tensors"
+    if dtype not in _DTYPE_CODES:
+        return f"dtype {dtype} is not one of {list(_DTYPE_CODES)}"
+    return None
+
+
+# ------------------------------------------------------------- descriptions
+def _mat(t: torch.Tensor, coef: float = 1.0, transpose: bool = False) -> tuple:
+    """(ptr, dtype, rows, cols, row_stride, col_stride, coef) of a 2-D tensor (or its transpose)."""
+    rows, cols = t.shape
+    rs, cs = t.stride()
+    if transpose:
+        rows, cols, rs, cs = cols, rows, cs, rs
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], rows, cols, rs, cs, float(coef))
+
+
+def _b_stack(factors: list[Factor]) -> list[tuple]:
+    """[c_1 B_1, ..., c_k B_k]: n_out x R."""
+    return [_mat(f.B, f.coef) for f in factors]
+
+
+def _at_stack(factors: list[Factor]) -> list[tuple]:
+    """[A_1^T, ..., A_k^T]: n_in x R, as strided views of the row-major A's."""
+    return [_mat(f.A, 1.0, transpose=True) for f in factors]
+
+
+def _empty(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------- ops
+def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+    tasks, grams = [], []
+    for xs, ys in batch:
+        rx, ry = sum(f.A.shape[0] for f in xs), sum(f.A.shape[0] for f in ys)
+        g_b, g_a = _empty(rx, ry), _empty(rx, ry)
+        same = xs is ys
+        tasks.append((_b_stack(xs), _b_stack(ys), g_b.data_ptr(), same))
+        tasks.append((_at_stack(xs), _at_stack(ys), g_a.data_ptr(), same))
+        grams.append((g_b, g_a))
+    _C.gram(tasks, precise, 0)
+    out = []
+    for (xs, ys), (g_b, g_a) in zip(batch, grams):
+        # Sum each (r_i x r_j) block of the elementwise product: S_x^T (Gb * Ga) S_y
+        # with S the 0/1 matrices mapping stacked rank rows to adapters.
+        out.append(_block_indicator(xs).T @ (g_b * g_a) @ _block_indicator(ys))
+    return out
+
+
+def _block_indicator(factors: list[Factor]) -> torch.Tensor:
+    ranks = torch.tensor([f.A.shape[0] for f in factors], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(factors)), ranks)
+    s = torch.zeros(int(ranks.sum()), len(factors), dtype=torch.float64)
+    s[torch.arange(owner.numel()), owner] = 1.0
+    return s
+
+
+def sq_norms(batch: list[list[Factor]]) -> list[torch.Tensor]:
+    tasks, grams = [], []
+    for factors in batch:
+        for f in factors:
+            r = f.A.shape[0]
+            g_b, g_a = _empty(r, r), _empty(r, r)
+            tasks.append(([_mat(f.B, f.coef)], [_mat(f.B, f.coef)], g_b.data_ptr(), True))
+            tasks.append(([_mat(f.A, 1.0, True)], [_mat(f.A, 1.0, True)], g_a.data_ptr(), True))
+            grams.append((g_b, g_a))
+    _C.gram(tasks, True, 0)
+    values = iter([float((g_b * g_a).sum()) for g_b, g_a in grams])
+    return [torch.tensor([next(values) for _ in factors], dtype=torch.float64) for factors in batch]
+
+
+def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+    out = torch.zeros(len(batch), 2, dtype=torch.float64)
+    tasks = []
+    for k, (x, y) in enumerate(batch):
+        # dW_x - dW_y = [cx Bx, -cy By] @ [Ax^T, Ay^T]^T
+        xs = [_mat(x.B, x.coef), _mat(y.B, -y.coef)]
+        ys = [_mat(x.A, 1.0, True), _mat(y.A, 1.0, True)]
+        tasks.append((xs, ys, out[k].data_ptr()))
+    _C.dense_stats(tasks, 0)
+    return out
+
+
+def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tasks, out = [], []
+    for factors in batch:
+        rank = sum(f.A.shape[0] for f in factors)
+        a = torch.empty(rank, factors[0].A.shape[1], dtype=dtype)
+        b = torch.empty(factors[0].B.shape[0], rank, dtype=dtype)
+        r0 = 0
+        for f in factors:
+            r = f.A.shape[0]
+            tasks.append((_mat(f.A, f.coef), _mat(a[r0:r0 + r])))
+            tasks.append((_mat(f.B), _mat(b[:, r0:r0 + r])))
+            r0 += r
+        out.append((a, b))
+    _C.copy(tasks, 0)
+    return out
+
+
+def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Best rank-r approximation from float64 Grams, without QR of the tall stacks.
+
+    With Ga = A A^T = Va La Va^T and Ra = La^{1/2} Va^T (so A^T = Qa Ra,
+    Qa = A^T Va La^{-1/2} orthonormal), M = B A = (B Ra^T) Qa^T. The SVD of
+    M follows from the R x R matrix K = Ra Gb Ra^T = W S^2 W^T:
+    B' = U_r S_r = B Ra^T W_r and A' = V_r^T = W_r^T La^{-1/2} Va^T A.
+    The tall stacks are touched twice: once for the Grams, once to apply
+    the R x r transforms. Eigen-directions of Ga below ``RANK_TOL`` are
+    dropped, so rank-deficient stacks give zeros, never NaN.
+    """
+    # 1. Grams of both stacks in float64 (the only O(n R^2) work).
+    grams = []
+    tasks = []
+    for factors in batch:
+        big_r = sum(f.A.shape[0] for f in factors)
+        g_b, g_a = _empty(big_r, big_r), _empty(big_r, big_r)
+        bs, ats = _b_stack(factors), _at_stack(factors)
+        tasks.append((bs, bs, g_b.data_ptr(), True))
+        tasks.append((ats, ats, g_a.data_ptr(), True))
+        grams.append((g_b, g_a))
+    _C.gram(tasks, True, 0)
+
+    # 2. The R x R algebra, batched over modules with the same stacked rank.
+    transforms: list = [None] * len(batch)
+    by_rank = defaultdict(list)
+    for k, (g_b, _) in enumerate(grams):
+        by_rank[g_b.shape[0]].append(k)
+    for big_r, idx in by_rank.items():
+        g_b = torch.stack([grams[k][0] for k in idx])
+        g_a = torch.stack([grams[k][1] for k in idx])
+        t_b, t_a = _core_transforms(g_b, g_a, rank)
+        for j, k in enumerate(idx):
+            transforms[k] = (t_b[j].contiguous(), t_a[j].contiguous())
+
+    # 3. Rebuild the factors: B' = [c_i B_i] T_B, A'^T = [A_i^T] T_A.
+    out, tasks = [], []
+    for factors, (t_b, t_a) in zip(batch, transforms):
+        n_out, n_in = factors[0].B.shape[0], factors[0].A.shape[1]
+        new_b = torch.empty(n_out, rank, dtype=dtype)
+        new_a = torch.empty(rank, n_in, dtype=dtype)
+        tasks.append((_b_stack(factors), t_b.data_ptr(), rank, _mat(new_b)))
+        tasks.append((_at_stack(factors), t_a.data_ptr(), rank, _mat(new_a, 1.0, transpose=True)))
+        out.append((new_a, new_b))
+    _C.apply(tasks, True, 0)
+    return out
+
+
+def _core_transforms(g_b: torch.Tensor, g_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_B, T_A), each (batch, R, rank) float64, from the Grams (batch, R, R)."""
+    la, va = torch.linalg.eigh(g_a)
+    keep = la > RANK_TOL * la[..., -1:].clamp_min(0)
+    sqrt_la = torch.where(keep, la.clamp_min(0).sqrt(), torch.zeros_like(la))
+    inv_sqrt_la = torch.where(keep, 1.0 / sqrt_la.where(keep, torch.ones_like(la)), torch.zeros_like(la))
+    r_a = sqrt_la.unsqueeze(-1) * va.mT  # Ra = La^{1/2} Va^T
+    k = r_a @ g_b @ r_a.mT
+    k = 0.5 * (k + k.mT)  # exact symmetry for eigh
+    _, w = torch.linalg.eigh(k)
+    w = w.flip(-1)[..., :rank]  # descending singular values
+    if w.shape[-1] < rank:  # the stacked rank is below the requested rank: zero columns
+        w = torch.nn.functional.pad(w, (0, rank - w.shape[-1]))
+    t_b = r_a.mT @ w
+    t_a = (va * inv_sqrt_la.unsqueeze(-2)) @ w
+    return t_b, t_a

@@ -1,0 +1,107 @@
+"""Pure-torch reference of every op: the test oracle and the fallback backend.
+
+Written for clarity, one module and one pair at a time, on any device torch
+supports. Half-precision inputs are computed in float32, float64 in float64;
+``precise=True`` computes in float64 throughout. See ``ops/__init__.py`` for
+the op contracts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Factor, compute_dtype
+
+NAME = "reference"
+#: Rows of the dense difference materialised at once by :func:`diff_stats`.
+DIFF_TILE_ROWS = 256
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def _cast(f: Factor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return f.A.to(dtype), f.B.to(dtype)
+
+
+def _inner_ref(x: Factor, y: Factor, dtype: torch.dtype) -> float:
+    """<cx Bx Ax, cy By Ay>_F = cx cy sum((Bx^T By) * (Ax Ay^T))."""
+    ax, bx = _cast(x, dtype)
+    ay, by = _cast(y, dtype)
+    gram_b = (bx.T @ by).double()
+    gram_a = (ax @ ay.T).double()
+    return x.coef * y.coef * float((gram_b * gram_a).sum())
+
+
+def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+    out = []
+    for xs, ys in batch:
+        g = torch.zeros(len(xs), len(ys), dtype=torch.float64)
+        for i, x in enumerate(xs):
+            dtype = torch.float64 if precise else compute_dtype(x.A.dtype)
+            for j, y in enumerate(ys):
+                g[i, j] = _inner_ref(x, y, dtype)
+        out.append(g)
+    return out
+
+
+def sq_norms(batch: list[list[Factor]]) -> list[torch.Tensor]:
+    return [
+        torch.tensor([_inner_ref(f, f, torch.float64) for f in factors], dtype=torch.float64)
+        for factors in batch
+    ]
+
+
+def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+    out = torch.zeros(len(batch), 2, dtype=torch.float64)
+    for k, (x, y) in enumerate(batch):
+        dtype = compute_dtype(x.A.dtype)
+        ax, bx = _cast(x, dtype)
+        ay, by = _cast(y, dtype)
+        total, peak = 0.0, 0.0
+        for r0 in range(0, bx.shape[0], DIFF_TILE_ROWS):
+            tile = x.coef * (bx[r0:r0 + DIFF_TILE_ROWS] @ ax) - y.coef * (by[r0:r0 + DIFF_TILE_ROWS] @ ay)
+            if tile.numel():
+                total += float(tile.abs().sum(dtype=torch.float64))
+                peak = max(peak, float(tile.abs().max()))
+        out[k, 0], out[k, 1] = total, peak
+    return out
+
+
+def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for factors in batch:
+        cdt = compute_dtype(dtype)
+        a = torch.cat([f.coef * f.A.to(cdt) for f in factors], dim=0).to(dtype)
+        b = torch.cat([f.B for f in factors], dim=1).to(dtype)
+        out.append((a, b))
+    return out
+
+
+def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Best rank-``rank`` approximation of sum_i c_i B_i A_i through QR of both stacks.
+
+    B = Qb Rb, A^T = Qa Ra, core Rb Ra^T = U S V^T; B' = Qb U_r S_r, A' = V_r^T Qa^T.
+    Householder QR is stable on rank-deficient stacks, so identical or zero
+    inputs give zeros, never NaN.
+    """
+    out = []
+    for factors in batch:
+        cdt = compute_dtype(dtype)
+        b = torch.cat([f.coef * f.B.to(cdt) for f in factors], dim=1)  # n_out x R
+        a = torch.cat([f.A.to(cdt) for f in factors], dim=0)  # R x n_in
+        q_b, r_b = torch.linalg.qr(b)
+        q_a, r_a = torch.linalg.qr(a.T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+        k = min(rank, s.numel())
+        new_b = torch.zeros(b.shape[0], rank, dtype=cdt, device=b.device)
+        new_a = torch.zeros(rank, a.shape[1], dtype=cdt, device=a.device)
+        new_b[:, :k] = q_b @ (u[:, :k] * s[:k])
+        new_a[:k] = vh[:k] @ q_a.T
+        out.append((new_a.to(dtype), new_b.to(dtype)))
+    return out

@@ -1,0 +1,119 @@
+"""Adapter-to-adapter similarity, the quantity K-Merge routes newcomers by.
+
+For adapters X and Y, the similarity is the mean over their shared modules of
+a per-module similarity of the updates dW_X and dW_Y:
+
+- ``cos``: <dW_X, dW_Y>_F / (||dW_X||_F ||dW_Y||_F) (0 if either is zero);
+- ``l2``, ``l1``, ``linf``: 1 / (1 + d) with d the Frobenius, entrywise-l1 or
+  max-abs distance (the published K-Merge definition for distances).
+
+cos and l2 come from r x r cross-Grams and never form dW; l1 and linf need
+the dense values and stream tiles of dW_X - dW_Y through a fixed buffer.
+Squared norms of every module are cached on the LoRAModule, so a stored slot
+pays for its norm once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import ops
+from .lora import LoRA
+from .merge import module_table
+from .ops import Factor
+
+METRICS = ("cos", "l2", "l1", "linf")
+
+
+def _factor(module) -> Factor:
+    return Factor(module.A, module.B, module.scaling)
+
+
+def _sq_norms(modules: list) -> list[float]:
+    """||dW||_F^2 of each module, from the cache where it is fresh."""
+    values = [m.cached_sq_norm() for m in modules]
+    todo = [m for m, v in zip(modules, values) if v is None]
+    if todo:
+        batch = [[_factor(m)] for m in todo]
+        fresh = ops.select_for(batch).sq_norms(batch)
+        for m, v in zip(todo, fresh):
+            m.cache_sq_norm(float(v[0]))
+        values = [m.cached_sq_norm() if v is None else v for m, v in zip(modules, values)]
+    return values
+
+
+def similarity_matrix(xs: Sequence[LoRA], ys: Sequence[LoRA] | None = None, metric: str = "cos") -> torch.Tensor:
+    """The (len(xs), len(ys)) float64 matrix of mean per-module similarities.
+
+    Args:
+        xs: adapters (rows).
+        ys: adapters (columns); default ``xs`` (a symmetric matrix).
+        metric: ``"cos"`` (default), ``"l2"``, ``"l1"`` or ``"linf"``.
+
+    A pair with no shared module gets similarity 0. A zero module has cosine 0
+    with everything (itself included), never NaN.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: unknown similarity metric {metric!r}; choose from {list(METRICS)}")
+    symmetric = ys is None
+    ys = xs if symmetric else ys
+    table_x = module_table(xs, "xs")
+    table_y = table_x if symmetric else module_table(ys, "ys")
+    total = torch.zeros(len(xs), len(ys), dtype=torch.float64)
+    count = torch.zeros(len(xs), len(ys), dtype=torch.float64)
+    names = [n for n in table_x if n in table_y]
+    for name in names:
+        x0, y0 = table_x[name][0][1], table_y[name][0][1]
+        if x0.shape != y0.shape:
+            raise ValueError(f"module {name!r}: xs update {x0.shape} weights but ys {y0.shape} ones")
+    if metric in ("cos", "l2"):
+        per_module = _gram_similarities(table_x, table_y, names, metric, symmetric)
+    else:
+        per_module = _dense_similarities(table_x, table_y, names, metric)
+    for name, sim in zip(names, per_module):
+        ix = torch.tensor([i for i, _ in table_x[name]])
+        iy = torch.tensor([j for j, _ in table_y[name]])
+        total[ix[:, None], iy[None, :]] += sim
+        count[ix[:, None], iy[None, :]] += 1
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch.Tensor]:
+    batch = []
+    for name in names:
+        xs = [_factor(m) for _, m in table_x[name]]
+        batch.append((xs, xs) if symmetric else (xs, [_factor(m) for _, m in table_y[name]]))
+    # l2 subtracts nearly equal terms when adapters are close: it needs float64 Grams.
+    inner = ops.select_for([f for pair in batch for f in pair]).inner_products(batch, precise=metric == "l2")
+    out = []
+    for name, dots in zip(names, inner):
+        nx = torch.tensor(_sq_norms([m for _, m in table_x[name]]), dtype=torch.float64)
+        ny = nx if symmetric else torch.tensor(_sq_norms([m for _, m in table_y[name]]), dtype=torch.float64)
+        if metric == "cos":
+            denom = (nx[:, None] * ny[None, :]).sqrt()
+            sim = torch.where(denom > 0, dots / denom.clamp_min(math.ulp(0.0)), torch.zeros_like(dots))
+            sim = sim.clamp(-1.0, 1.0)  # rounding can step past |cos| = 1 for parallel updates
+        else:
+            dist = (nx[:, None] + ny[None, :] - 2 * dots).clamp_min(0).sqrt()
+            sim = 1.0 / (1.0 + dist)
+        out.append(sim)
+    return out
+
+
+def _dense_similarities(table_x, table_y, names, metric) -> list[torch.Tensor]:
+    batch, shapes = [], []
+    for name in names:
+        xs, ys = table_x[name], table_y[name]
+        batch.extend((_factor(mx), _factor(my)) for _, mx in xs for _, my in ys)
+        shapes.append((len(xs), len(ys)))
+    stats = ops.select_for(batch).diff_stats(batch) if batch else torch.zeros(0, 2, dtype=torch.float64)
+    column = 0 if metric == "l1" else 1
+    out, k = [], 0
+    for n, m in shapes:
+        dist = stats[k:k + n * m, column].reshape(n, m)
+        out.append(1.0 / (1.0 + dist))
+        k += n * m
+    return out

@@ -1,0 +1,82 @@
+"""Shared fixtures: backends, dtypes, tolerances (stated once), adapter factories."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import kmerge_fast as kf
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+#: Relative error of a value *stored* in each dtype (output rounding).
+STORE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+#: Kernels accumulate half inputs in float32, so results computed from the exact
+#: input values (not stored back in half) meet the float32 bound for every dtype.
+ACCUM_TOL = 1e-5
+#: Truncation: error of our rank-r approximation minus the optimal one, over ||M||_F.
+TRUNC_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-4}
+
+
+def available_backends() -> list[str]:
+    """Backends runnable on CPU tensors here (triton needs a GPU or the interpreter)."""
+    names = [b for b in kf.backends() if b != "triton"]
+    return names
+
+
+@pytest.fixture(params=available_backends())
+def backend(request):
+    with kf.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def dtype(request):
+    return request.param
+
+
+def random_lora(shapes: dict[str, tuple[int, int]], rank: int | dict = 4, dtype=torch.float32,
+                scaling: float | dict = 0.5, seed: int = 0, strided: bool = False) -> kf.LoRA:
+    """A LoRA with Gaussian factors; ``shapes`` maps module name -> (n_out, n_in).
+
+    ``strided=True`` makes every factor a non-contiguous view (every other column
+    of a wider tensor) to exercise stride handling.
+    """
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, (n_out, n_in) in shapes.items():
+        r = rank[name] if isinstance(rank, dict) else rank
+        if strided:
+            a = torch.randn(r, 2 * n_in, generator=g)[:, ::2]
+            b = torch.randn(n_out, 2 * r, generator=g)[:, ::2]
+        else:
+            a = torch.randn(r, n_in, generator=g)
+            b = torch.randn(n_out, r, generator=g)
+        factors[name] = (a.to(dtype), b.to(dtype))
+    return kf.LoRA.from_factors(factors, scaling=scaling)
+
+
+def dense64(module) -> torch.Tensor:
+    """Float64 truth of a module's update from its stored factors."""
+    return module.scaling * (module.B.double() @ module.A.double())
+
+
+SHAPES_SMALL = {"q": (12, 10), "k": (6, 10)}
+SHAPES_AWKWARD = {"odd": (577, 193), "thin": (1, 33), "wide": (5, 301)}
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A randomly initialised Llama built from a config (no downloads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                         max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def pytest_report_header(config):
+    return f"kmerge_fast backends: {kf.backends()}; KMERGE_FAST_BACKEND={os.environ.get('KMERGE_FAST_BACKEND')}"

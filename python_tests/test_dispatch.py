@@ -1,0 +1,73 @@
+"""The one dispatch point: listing, auto-selection, forcing, failing loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kmerge_fast as kf
+from kmerge_fast import ops
+
+
+def test_reference_always_available_and_listed_last():
+    names = kf.backends()
+    assert names[-1] == "reference"
+    assert list(names) == [n for n in ops.PREFERENCE if n in names]
+
+
+def test_auto_selection_picks_first_that_fits():
+    module = ops.select(torch.device("cpu"), torch.float32)
+    expected = "cpp" if "cpp" in kf.backends() else "reference"
+    assert module.NAME == expected
+    # an unsupported dtype falls through to the reference
+    assert ops.select(torch.device("cpu"), torch.complex64).NAME == "reference"
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("KMERGE_FAST_BACKEND", "reference")
+    assert ops.select(torch.device("cpu"), torch.float32).NAME == "reference"
+    monkeypatch.setenv("KMERGE_FAST_BACKEND", "fastest")
+    with pytest.raises(kf.BackendError, match="KMERGE_FAST_BACKEND='fastest': unknown backend"):
+        ops.select(torch.device("cpu"), torch.float32)
+
+
+def test_forcing_an_unusable_backend_fails_loudly():
+    unavailable = ops.unavailable_reasons()
+    if "triton" in unavailable:
+        with kf.use_backend("triton"), pytest.raises(kf.BackendError, match="'triton' was forced but is unavailable"):
+            ops.select(torch.device("cpu"), torch.float32)
+    if "cpp" in kf.backends():
+        with kf.use_backend("cpp"), pytest.raises(kf.BackendError, match="cannot run torch.complex64"):
+            ops.select(torch.device("cpu"), torch.complex64)
+    with pytest.raises(ValueError, match="backend: unknown name"):
+        with kf.use_backend("cuda"):
+            pass
+
+
+def test_use_backend_none_overrides_env(monkeypatch):
+    monkeypatch.setenv("KMERGE_FAST_BACKEND", "reference")
+    with kf.use_backend(None):
+        assert ops.forced_backend() is None
+
+
+def test_import_survives_missing_extension():
+    """`import kmerge_fast` works when the compiled core cannot be imported."""
+    code = (
+        "import sys; sys.modules['kmerge_fast._C'] = None\n"
+        "import kmerge_fast as kf\n"
+        "assert 'cpp' not in kf.backends(), kf.backends()\n"
+        "assert 'cpp' in kf.ops.unavailable_reasons()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("CI"), reason="only CI must have the compiled core")
+def test_ci_tests_the_compiled_core():
+    """In CI a missing extension would silently reduce the suite to the reference."""
+    assert "cpp" in kf.backends(), ops.unavailable_reasons()

@@ -1,0 +1,213 @@
+"""Adapter type and peft I/O: round trips through real peft, every refusal path."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import kmerge_fast as kf
+from conftest import DTYPES, random_lora, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def _peft_model(targets=("q_proj", "v_proj"), r=4, alpha=8, seed=0, **kw):
+    """A tiny Llama with a LoRA whose B is random (peft initialises it to zero)."""
+    model = tiny_llama(seed=seed)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **kw)
+    pm = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return pm
+
+
+def _lora_params(pm, adapter="default"):
+    """{module path: (A, B, scaling)} of a peft model's adapter."""
+    out = {}
+    for name, module in pm.named_modules():
+        if hasattr(module, "lora_A") and adapter in module.lora_A:
+            path = name.replace("base_model.model.", "", 1)
+            out[path] = (module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
+                         module.scaling[adapter])
+    return out
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"use_rslora": True},
+    {"rank_pattern": {"model.layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"v_proj": 3}},
+])
+def test_load_matches_peft(tmp_path, kw):
+    pm = _peft_model(**kw)
+    pm.save_pretrained(tmp_path)
+    lora = kf.LoRA.load(tmp_path)
+    truth = _lora_params(pm)
+    assert len(lora.modules) == len(truth) == 4
+    for path, (a, b, s) in truth.items():
+        m = lora.modules["base_model.model." + path]
+        torch.testing.assert_close(m.A, a, rtol=0, atol=0)
+        torch.testing.assert_close(m.B, b, rtol=0, atol=0)
+        assert m.scaling == pytest.approx(s, rel=1e-12)
+    if kw.get("use_rslora"):
+        assert lora.modules["base_model.model.model.layers.0.self_attn.q_proj"].scaling == pytest.approx(8 / math.sqrt(4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_save_loads_in_peft_identically(tmp_path, dtype):
+    base = tiny_llama().to(dtype)  # peft builds the LoRA layers in the base model's dtype
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj")]
+    shapes = {n: (dict(base.named_modules())[n].out_features, 64) for n in names}
+    # different ranks and scalings per module exercise rank_pattern / alpha_pattern
+    ranks = {n: 1 + i % 3 for i, n in enumerate(names)}
+    lora = random_lora(shapes, rank=ranks, dtype=dtype, seed=3)
+    for i, m in enumerate(lora.modules.values()):
+        m.scaling = [0.5, 2.0, 0.1, 3.0][i]
+    lora.save(tmp_path / "ad")
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "ad", autocast_adapter_dtype=False)
+    loaded = _lora_params(pm)
+    assert set(loaded) == set(names)
+    for n in names:
+        m = lora.modules["base_model.model." + n]
+        a, b, s = loaded[n]
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, m.A, rtol=0, atol=0)
+        torch.testing.assert_close(b, m.B, rtol=0, atol=0)
+        assert s == pytest.approx(m.scaling, rel=1e-12)
+    # and back through our loader
+    again = kf.LoRA.load(tmp_path / "ad")
+    for n, m in lora.modules.items():
+        assert torch.equal(again.modules[n].A, m.A) and again.modules[n].scaling == pytest.approx(m.scaling, rel=1e-12)
+
+
+def test_from_factors_names_and_scaling():
+    a, b = torch.randn(2, 5), torch.randn(3, 2)
+    lora = kf.LoRA.from_factors({"layer.q": (a, b)}, scaling={"layer.q": 0.25})
+    assert lora.names == ["base_model.model.layer.q"]
+    m = lora.modules["base_model.model.layer.q"]
+    torch.testing.assert_close(m.delta(), 0.25 * b @ a)
+    assert (m.rank, m.shape) == (2, (3, 5))
+    with pytest.raises(kf.AdapterError, match="no scaling"):
+        kf.LoRA.from_factors({"x": (a, b)}, scaling={"y": 1.0})
+
+
+# ----------------------------------------------------------------- refusals
+@pytest.fixture
+def saved(tmp_path):
+    lora = random_lora({"model.l0.q": (6, 5), "model.l0.v": (6, 5)}, rank=2)
+    lora.save(tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+def _rewrite_weights(path, edit):
+    state = load_file(path / "adapter_model.safetensors")
+    edit(state)
+    save_file(state, path / "adapter_model.safetensors")
+
+
+def test_missing_folder_and_files(tmp_path, saved):
+    with pytest.raises(kf.AdapterError, match="not a directory"):
+        kf.LoRA.load(tmp_path / "nope")
+    (saved / "adapter_model.safetensors").unlink()
+    with pytest.raises(kf.AdapterError, match="missing adapter_model.safetensors"):
+        kf.LoRA.load(saved)
+    (saved / "adapter_config.json").unlink()
+    with pytest.raises(kf.AdapterError, match="adapter_config.json: missing"):
+        kf.LoRA.load(saved)
+
+
+def test_corrupt_files(saved):
+    weights = saved / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(kf.AdapterError, match="adapter_model.safetensors: corrupt"):
+        kf.LoRA.load(saved)
+    (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(kf.AdapterError, match="adapter_config.json: cannot parse"):
+        kf.LoRA.load(saved)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("peft_type", "IA3", "unsupported adapter type 'IA3'"),
+    ("use_dora", True, "DoRA"),
+    ("fan_in_fan_out", True, "fan_in_fan_out"),
+    ("r", "eight", "'r' must be a number"),
+])
+def test_unsupported_configs(saved, field, value, message):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg[field] = value
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(kf.AdapterError, match=message):
+        kf.LoRA.load(saved)
+
+
+def test_bad_tensors_name_file_and_module(saved):
+    key = "base_model.model.model.l0.q"
+    _rewrite_weights(saved, lambda s: s.__setitem__(f"{key}.lora_A.weight", torch.full((2, 5), float("nan"))))
+    with pytest.raises(kf.AdapterError, match=rf"adapter_model.safetensors: module '{key}': lora_A contains NaN"):
+        kf.LoRA.load(saved)
+    _rewrite_weights(saved, lambda s: s.__setitem__(f"{key}.lora_A.weight", torch.randn(3, 5)))
+    with pytest.raises(kf.AdapterError, match="rank mismatch"):
+        kf.LoRA.load(saved)
+    _rewrite_weights(saved, lambda s: s.pop(f"{key}.lora_A.weight"))
+    with pytest.raises(kf.AdapterError, match="lora_A.weight is missing"):
+        kf.LoRA.load(saved)
+
+
+@pytest.mark.parametrize("key,message", [
+    ("base_model.model.model.l0.q.lora_magnitude_vector", "DoRA"),
+    ("base_model.model.model.embed.lora_embedding_A", "embedding"),
+    ("base_model.model.model.l0.q.bias", "not a lora_A / lora_B weight"),
+])
+def test_unknown_keys(saved, key, message):
+    _rewrite_weights(saved, lambda s: s.__setitem__(key, torch.zeros(4)))
+    with pytest.raises(kf.AdapterError, match=message):
+        kf.LoRA.load(saved)
+
+
+def test_config_rank_must_match_tensors(saved):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["r"] = 3
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(kf.AdapterError, match="config .* says 3"):
+        kf.LoRA.load(saved)
+
+
+def test_pickle_needs_opt_in(saved):
+    state = load_file(saved / "adapter_model.safetensors")
+    (saved / "adapter_model.safetensors").unlink()
+    torch.save(state, saved / "adapter_model.bin")
+    with pytest.raises(kf.AdapterError, match="pickled adapter refused"):
+        kf.LoRA.load(saved)
+    lora = kf.LoRA.load(saved, allow_pickle=True)
+    assert torch.equal(lora.modules["base_model.model.model.l0.q"].A, state["base_model.model.model.l0.q.lora_A.weight"])
+
+
+def test_bad_modules_in_memory():
+    with pytest.raises(kf.AdapterError, match="module 'base_model.model.x': rank mismatch"):
+        kf.LoRA.from_factors({"x": (torch.randn(2, 5), torch.randn(3, 4))})
+    with pytest.raises(kf.AdapterError, match="only 2-D"):
+        kf.LoRA.from_factors({"x": (torch.randn(2, 5, 1), torch.randn(3, 2))})
+    with pytest.raises(kf.AdapterError, match="Inf"):
+        kf.LoRA.from_factors({"x": (torch.randn(2, 5), torch.full((3, 2), float("inf")))})
+    with pytest.raises(kf.AdapterError, match="dtype"):
+        kf.LoRA.from_factors({"x": (torch.ones(2, 5, dtype=torch.int32), torch.ones(3, 2, dtype=torch.int32))})
+
+
+def test_save_replaces_files_whole(tmp_path, saved):
+    before = (saved / "adapter_model.safetensors").read_bytes()
+    empty = kf.LoRA({})
+    with pytest.raises(kf.AdapterError, match="no modules"):
+        empty.save(saved)
+    assert (saved / "adapter_model.safetensors").read_bytes() == before
+    assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    kf.LoRA.load(copy).save(copy)
+    assert kf.LoRA.load(copy).names == kf.LoRA.load(saved).names
