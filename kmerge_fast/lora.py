@@ -85,17 +85,22 @@ class LoRAModule:
             dtype = torch.promote_types(self.A.dtype, torch.float32)
         return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
 
-    def _norm_key(self) -> tuple:
-        return (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version, self.scaling)
+    def _norm_key(self, backend: str) -> tuple:
+        return (backend, self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version, self.scaling)
 
-    def cached_sq_norm(self) -> float | None:
-        """The cached ``||dW||_F^2`` if the factors did not change since it was stored."""
-        if self._norm_cache is not None and self._norm_cache[0] == self._norm_key():
+    def cached_sq_norm(self, backend: str) -> float | None:
+        """The cached ``||dW||_F^2`` if ``backend`` computed it and the factors did not change since.
+
+        Keyed per backend because l2 distances subtract the norms from inner
+        products: both must come from the same arithmetic, or an adapter's
+        distance to itself is rounding noise magnified by a square root.
+        """
+        if self._norm_cache is not None and self._norm_cache[0] == self._norm_key(backend):
             return self._norm_cache[1]
         return None
 
-    def cache_sq_norm(self, value: float) -> None:
-        self._norm_cache = (self._norm_key(), float(value))
+    def cache_sq_norm(self, value: float, backend: str) -> None:
+        self._norm_cache = (self._norm_key(backend), float(value))
 
 
 def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "") -> None:

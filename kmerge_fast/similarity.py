@@ -32,16 +32,15 @@ def _factor(module) -> Factor:
     return Factor(module.A, module.B, module.scaling)
 
 
-def _sq_norms(modules: list) -> list[float]:
-    """||dW||_F^2 of each module, from the cache where it is fresh."""
-    values = [m.cached_sq_norm() for m in modules]
+def _sq_norms(modules: list, backend) -> list[float]:
+    """||dW||_F^2 of each module by ``backend``, from the cache where it is fresh."""
+    values = [m.cached_sq_norm(backend.NAME) for m in modules]
     todo = [m for m, v in zip(modules, values) if v is None]
     if todo:
-        batch = [[_factor(m)] for m in todo]
-        fresh = ops.select_for(batch).sq_norms(batch)
+        fresh = backend.sq_norms([[_factor(m)] for m in todo])
         for m, v in zip(todo, fresh):
-            m.cache_sq_norm(float(v[0]))
-        values = [m.cached_sq_norm() if v is None else v for m, v in zip(modules, values)]
+            m.cache_sq_norm(float(v[0]), backend.NAME)
+        values = [m.cached_sq_norm(backend.NAME) if v is None else v for m, v in zip(modules, values)]
     return values
 
 
@@ -87,11 +86,12 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
         xs = [_factor(m) for _, m in table_x[name]]
         batch.append((xs, xs) if symmetric else (xs, [_factor(m) for _, m in table_y[name]]))
     # l2 subtracts nearly equal terms when adapters are close: it needs float64 Grams.
-    inner = ops.select_for([f for pair in batch for f in pair]).inner_products(batch, precise=metric == "l2")
+    backend = ops.select_for([f for pair in batch for f in pair])
+    inner = backend.inner_products(batch, precise=metric == "l2")
     out = []
     for name, dots in zip(names, inner):
-        nx = torch.tensor(_sq_norms([m for _, m in table_x[name]]), dtype=torch.float64)
-        ny = nx if symmetric else torch.tensor(_sq_norms([m for _, m in table_y[name]]), dtype=torch.float64)
+        nx = torch.tensor(_sq_norms([m for _, m in table_x[name]], backend), dtype=torch.float64)
+        ny = nx if symmetric else torch.tensor(_sq_norms([m for _, m in table_y[name]], backend), dtype=torch.float64)
         if metric == "cos":
             denom = (nx[:, None] * ny[None, :]).sqrt()
             sim = torch.where(denom > 0, dots / denom.clamp_min(math.ulp(0.0)), torch.zeros_like(dots))

@@ -1,0 +1,251 @@
+"""Shared helpers of the benchmark suite: timing, machine info, a measured
+machine peak, Llama-3.2-1B-shaped random adapters, and result tables.
+
+Timing: :func:`measure` runs ``warmup`` untimed calls, then ``N`` timed calls
+(``time.perf_counter``) and reports the median; ``N`` adapts to the cost of
+one call (``budget_s / t_warmup``, clamped to ``[1, max_repeats]``), so slow
+cases are timed down to a single run.
+
+Results: :func:`report` prints a markdown table (with a machine header) to
+stdout, appends one JSON line per run to ``bench/results/<name>.jsonl`` and
+rewrites ``bench/results/<name>.md`` with the latest table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+import kmerge_fast as kf
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------- shapes
+#: Llama-3.2-1B attention projections, (n_out, n_in) of the base weight.
+LLAMA_1B_ATTENTION = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048)}
+LLAMA_1B_LAYERS = 16
+LLAMA_1B_RANK = 32
+#: peft's scaling lora_alpha / r = 64 / 32.
+LLAMA_1B_SCALING = 2.0
+
+
+def llama_shapes(layers: int = LLAMA_1B_LAYERS, projections: dict | None = None) -> dict[str, tuple[int, int]]:
+    """Module name -> (n_out, n_in) for ``layers`` layers, names like
+    ``model.layers.{i}.self_attn.q_proj`` (16 layers x 4 projections = 64 modules)."""
+    projections = projections or LLAMA_1B_ATTENTION
+    return {f"model.layers.{i}.self_attn.{p}": shape for i in range(layers) for p, shape in projections.items()}
+
+
+def random_adapters(k: int, dtype: torch.dtype = torch.float32, shapes: dict | None = None,
+                    rank: int = LLAMA_1B_RANK, scaling: float = LLAMA_1B_SCALING, seed: int = 0) -> list[kf.LoRA]:
+    """``k`` random adapters over ``shapes`` (default: all 64 Llama-3.2-1B attention modules).
+
+    Per module (n_out, n_in): A ~ N(0, 1) / sqrt(n_in) of shape (rank, n_in),
+    B ~ 0.01 N(0, 1) of shape (n_out, rank), drawn in float32 then cast to ``dtype``.
+    """
+    shapes = shapes or llama_shapes()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        factors = {}
+        for name, (n_out, n_in) in shapes.items():
+            a = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
+            b = 0.01 * torch.randn(n_out, rank, generator=g)
+            factors[name] = (a.to(dtype), b.to(dtype))
+        out.append(kf.LoRA.from_factors(factors, scaling=scaling))
+    return out
+
+
+def reset_norm_caches(loras: Sequence[kf.LoRA]) -> None:
+    """Forget every module's cached ||dW||_F^2 (a "cold" similarity call)."""
+    for lora in loras:
+        for m in lora.modules.values():
+            m._norm_cache = None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Median seconds of ``runs`` timed calls (all the samples in ``samples``)."""
+
+    seconds: float
+    runs: int
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * self.seconds
+
+
+def measure(fn: Callable[[], object], *, setup: Callable[[], object] | None = None, warmup: int = 1,
+            repeats: int | None = None, budget_s: float = 3.0, max_repeats: int = 15) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then the median of N timed calls.
+
+    N is ``repeats`` if given, else ``budget_s / (time of the last warm-up)``
+    clamped to [1, max_repeats] (1 when there was no warm-up). ``setup()``
+    runs before every call, outside the timed region.
+    """
+    last = None
+    for _ in range(warmup):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        last = time.perf_counter() - t0
+    if repeats is None:
+        repeats = 1 if last is None else max(1, min(max_repeats, int(budget_s / max(last, 1e-9))))
+    samples = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return Timing(statistics.median(samples), repeats, samples)
+
+
+def try_backend(name: str, fn: Callable[[], object]) -> tuple[object | None, str | None]:
+    """Run ``fn()`` with backend ``name`` forced: (result, None), or (None, why not).
+
+    A backend missing on this machine gives "unavailable"; one that raises
+    (e.g. a C++ backend under construction) gives "error: <type>" and the
+    traceback goes to stderr, so one broken row never stops the benchmark.
+    """
+    if name not in kf.backends():
+        return None, "unavailable"
+    try:
+        with kf.use_backend(name):
+            return fn(), None
+    except Exception as e:  # report and keep benchmarking the other rows
+        print(f"[bench] backend {name!r} failed: {e!r}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return None, f"error: {type(e).__name__}"
+
+
+# --------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The widest SIMD extensions the CPU reports (x86: avx512f / avx2 / amx; else the machine)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith(("flags", "Features"))), [])
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve"]
+    return " ".join(f for f in wanted if f in flags) or platform.machine()
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` (+ "-dirty" when the tree has changes), or "uncommitted"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "") if head else "uncommitted"
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n x n ``torch.matmul`` (2 n^3 flops) on all torch threads, best of ``repeats``."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g, dtype=dtype)
+    b = torch.randn(n, n, generator=g, dtype=dtype)
+    t = measure(lambda: torch.matmul(a, b), warmup=1, repeats=repeats)
+    return 2 * n ** 3 / min(t.samples) / 1e9
+
+
+_MACHINE: dict | None = None
+
+
+def machine_info() -> dict:
+    """CPU, cores, threads, versions, backends, commit and the measured fp32 / fp64 matmul peak."""
+    global _MACHINE
+    if _MACHINE is None:
+        _MACHINE = {
+            "cpu": cpu_model(),
+            "isa": cpu_isa(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "kmerge_fast": kf.__version__,
+            "backends": kf.backends(),
+            "commit": git_commit(),
+            "peak_fp32_gflops": round(matmul_peak(torch.float32), 1),
+            "peak_fp64_gflops": round(matmul_peak(torch.float64), 1),
+        }
+    return _MACHINE
+
+
+def machine_header(m: dict) -> str:
+    return (f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch threads {m['torch_threads']}; "
+            f"python {m['python']}, torch {m['torch']}, kmerge_fast {m['kmerge_fast']} @ {m['commit']}; "
+            f"backends {m['backends']}.\n"
+            f"Measured peak (2048^3 torch.matmul, all threads): fp32 {m['peak_fp32_gflops']} GFLOP/s, "
+            f"fp64 {m['peak_fp64_gflops']} GFLOP/s.")
+
+
+# ----------------------------------------------------------------- tables
+def fmt(x, digits: int = 2) -> str:
+    """A table cell: floats with ``digits`` decimals (3 significant for small ones), strings as is."""
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x != 0 and abs(x) < 0.1:
+            return f"{x:.2e}"
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequence], notes: str = "",
+           args: dict | None = None) -> str:
+    """Print the table, append a JSON line to results/<name>.jsonl, rewrite results/<name>.md."""
+    m = machine_info()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    table = markdown_table(headers, rows)
+    text = f"# {title}\n\n{stamp}. {machine_header(m)}\n\n{table}\n"
+    if notes:
+        text += f"\n{notes.strip()}\n"
+    print(text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {"time": stamp, "name": name, "args": args or {}, "machine": m,
+              "rows": [dict(zip(headers, row)) for row in rows]}
+    with open(RESULTS_DIR / f"{name}.jsonl", "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(text)
+    return text

@@ -1,0 +1,52 @@
+"""pytest-benchmark cases on a small version of the benchmark shapes.
+
+Run: ``pytest bench/`` (CI runs ``pytest python_tests`` and never collects these).
+Shapes: 4 modules of 256 x 256 (n_out x n_in), rank r = 8, float32;
+merge: SVD merge of 4 adapters (R = 32) into rank 8;
+similarity: cos of 1 newcomer vs 8 stored adapters, norms cold (reset before every round).
+The cpp cases are skipped while ``kmerge_fast._C`` is not built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kmerge_fast as kf
+
+from . import harness as h
+
+SHAPES = {f"model.layers.{i}.self_attn.q_proj": (256, 256) for i in range(4)}
+RANK = 8
+BACKENDS = ["reference", "cpp"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param not in kf.backends():
+        pytest.skip(f"backend {request.param!r} unavailable: {kf.ops.unavailable_reasons().get(request.param)}")
+    with kf.use_backend(request.param):
+        yield request.param
+
+
+def test_merge_svd(benchmark, backend):
+    loras = h.random_adapters(4, torch.float32, SHAPES, rank=RANK)
+    merged = benchmark(kf.merge, loras, [0.25] * 4, method="svd", rank=RANK)
+    assert merged.ranks == {kf.lora.canonical_name(n): RANK for n in SHAPES}
+
+
+def test_similarity_cos_cold(benchmark, backend):
+    adapters = h.random_adapters(9, torch.float32, SHAPES, rank=RANK, seed=1)
+    new, stored = adapters[0], adapters[1:]
+    sims = benchmark.pedantic(kf.similarity_matrix, args=([new], stored), kwargs={"metric": "cos"},
+                              setup=lambda: h.reset_norm_caches(adapters), rounds=50, iterations=1)
+    assert sims.shape == (1, 8)
+
+
+def test_similarity_cos_warm(benchmark, backend):
+    adapters = h.random_adapters(9, torch.float32, SHAPES, rank=RANK, seed=1)
+    new, stored = adapters[0], adapters[1:]
+    kf.similarity_matrix(stored, stored[:1])  # cache the stored adapters' norms
+    sims = benchmark.pedantic(kf.similarity_matrix, args=([new], stored), kwargs={"metric": "cos"},
+                              setup=lambda: h.reset_norm_caches([new]), rounds=50, iterations=1)
+    assert sims.shape == (1, 8)

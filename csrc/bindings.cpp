@@ -1,0 +1,278 @@
+// kmerge_fast._C: the only file that knows about Python. It turns plain tuples
+// of ints / floats into kmf::Mat / kmf::Stack descriptions, validates them
+// (ValueError with the offending task and block named), then runs the C++
+// kernels with the GIL released.
+//
+// Mat   = (ptr, dtype, rows, cols, row_stride, col_stride, coef); strides in
+//         elements; dtype 0=float32, 1=float16, 2=bfloat16, 3=float64.
+// Stack = sequence of >= 1 Mats with equal rows, concatenated along columns.
+#include <pybind11/pybind11.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/apply.h"
+#include "core/copy.h"
+#include "core/dense_stats.h"
+#include "core/gram.h"
+#include "core/parallel.h"
+#include "core/simd.h"
+
+namespace py = pybind11;
+
+#ifndef KMERGE_FAST_VERSION
+#define KMERGE_FAST_VERSION "0.1.0"
+#endif
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+bool is_sequence(py::handle h) { return py::isinstance<py::tuple>(h) || py::isinstance<py::list>(h); }
+
+/// A Python int (or an object with __index__, e.g. a numpy integer) as int64.
+std::int64_t get_int(py::handle h, const std::string& what) {
+    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr()))
+        fail(what + ": expected an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+    py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+    if (!index) throw py::error_already_set();
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (overflow != 0) fail(what + ": integer out of range");
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return static_cast<std::int64_t>(v);
+}
+
+/// A pointer passed as a Python int (tensor.data_ptr()).
+std::uintptr_t get_ptr(py::handle h, const std::string& what) {
+    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr())) fail(what + ": expected a pointer (int)");
+    py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+    if (!index) throw py::error_already_set();
+    const unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        fail(what + ": pointer is not a valid address (negative or too large)");
+    }
+    if (v > UINTPTR_MAX) fail(what + ": pointer is too large for this platform");
+    return static_cast<std::uintptr_t>(v);
+}
+
+/// A real number: Python float or int, or anything with __float__ (numpy scalars).
+double get_float(py::handle h, const std::string& what) {
+    const double v = PyFloat_AsDouble(h.ptr());
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        fail(what + ": expected a float, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+    }
+    return v;
+}
+
+void check_threads(int threads) {
+    if (threads < 0) fail("threads: must be >= 0 (0 = all hardware threads), got " + std::to_string(threads));
+}
+
+kmf::Mat parse_mat(py::handle h, const std::string& where) {
+    if (!is_sequence(h) || py::len(h) != 7)
+        fail(where + ": expected a Mat tuple (ptr, dtype, rows, cols, row_stride, col_stride, coef)");
+    py::sequence t = py::reinterpret_borrow<py::sequence>(h);
+    kmf::Mat m;
+    const std::uintptr_t ptr = get_ptr(t[0], where + " ptr");
+    const std::int64_t code = get_int(t[1], where + " dtype");
+    if (!kmf::valid_dtype(static_cast<int>(code)) || code != static_cast<int>(code))
+        fail(where + ": bad dtype code " + std::to_string(code) + " (0=float32, 1=float16, 2=bfloat16, 3=float64)");
+    m.dtype = static_cast<int>(code);
+    m.rows = get_int(t[2], where + " rows");
+    m.cols = get_int(t[3], where + " cols");
+    m.rs = get_int(t[4], where + " row_stride");
+    m.cs = get_int(t[5], where + " col_stride");
+    m.coef = get_float(t[6], where + " coef");
+    if (m.rows < 0 || m.cols < 0)
+        fail(where + ": negative shape (" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + ")");
+    // Every element offset (i * rs + j * cs) * elem_size must fit in 63 bits.
+    const double span = (std::fabs(double(m.rs)) * double(m.rows) + std::fabs(double(m.cs)) * double(m.cols)) * 8.0;
+    if (span >= 9.0e18 || double(m.rows) * double(m.cols) >= 9.0e18) fail(where + ": shape or strides too large");
+    if (ptr == 0 && m.rows > 0 && m.cols > 0) fail(where + ": null pointer for a non-empty matrix");
+    if (ptr % static_cast<std::uintptr_t>(kmf::elem_size(m.dtype)) != 0)
+        fail(where + ": pointer is not aligned to its " + kmf::dtype_name(m.dtype) + " element size");
+    m.ptr = reinterpret_cast<const void*>(ptr);
+    return m;
+}
+
+kmf::Stack parse_stack(py::handle h, const std::string& where) {
+    if (!is_sequence(h)) fail(where + ": expected a list of Mat tuples");
+    py::sequence seq = py::reinterpret_borrow<py::sequence>(h);
+    const std::size_t n = py::len(seq);
+    if (n == 0) fail(where + ": a stack needs at least one block");
+    std::vector<kmf::Mat> blocks;
+    blocks.reserve(n);
+    for (std::size_t b = 0; b < n; ++b) {
+        blocks.push_back(parse_mat(seq[b], where + " block " + std::to_string(b)));
+        if (blocks[b].rows != blocks[0].rows)
+            fail(where + ": block " + std::to_string(b) + " has " + std::to_string(blocks[b].rows) +
+                 " rows, block 0 has " + std::to_string(blocks[0].rows) + " (blocks of a stack must have equal rows)");
+    }
+    return kmf::Stack(std::move(blocks));
+}
+
+py::sequence task_tuple(py::handle h, std::size_t len, const std::string& where, const char* shape) {
+    if (!is_sequence(h) || py::len(h) != len) fail(where + ": expected a tuple " + shape);
+    return py::reinterpret_borrow<py::sequence>(h);
+}
+
+bool same_mat(const kmf::Mat& a, const kmf::Mat& b) {
+    return a.ptr == b.ptr && a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols && a.rs == b.rs &&
+           a.cs == b.cs && a.coef == b.coef;
+}
+
+std::vector<py::handle> task_list(const py::handle& tasks) {
+    if (!is_sequence(tasks)) fail("tasks: expected a list of task tuples");
+    std::vector<py::handle> out;
+    for (py::handle h : tasks) out.push_back(h);
+    return out;
+}
+
+void gram(py::handle tasks, bool precise, int threads) {
+    check_threads(threads);
+    std::vector<kmf::GramTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "gram task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 4, w, "(X: Stack, Y: Stack, out_ptr: int, symmetric: bool)");
+        kmf::GramTask g;
+        g.x = parse_stack(t[0], w + " X");
+        g.y = parse_stack(t[1], w + " Y");
+        const std::uintptr_t out = get_ptr(t[2], w + " out_ptr");
+        if (!py::isinstance<py::bool_>(t[3]) && !py::isinstance<py::int_>(t[3])) fail(w + " symmetric: expected a bool");
+        g.symmetric = py::cast<bool>(t[3]);
+        if (g.x.rows != g.y.rows)
+            fail(w + ": X has " + std::to_string(g.x.rows) + " rows, Y has " + std::to_string(g.y.rows) + " (X^T Y needs equal K)");
+        if (g.symmetric) {
+            bool same = g.x.blocks.size() == g.y.blocks.size();
+            for (std::size_t b = 0; same && b < g.x.blocks.size(); ++b) same = same_mat(g.x.blocks[b], g.y.blocks[b]);
+            if (!same) fail(w + ": symmetric=True requires X and Y to be the same stack");
+        }
+        if (out == 0 && g.x.cols * g.y.cols > 0) fail(w + ": out_ptr is null");
+        if (out % alignof(double) != 0) fail(w + ": out_ptr is not aligned for float64");
+        g.out = reinterpret_cast<double*>(out);
+        parsed.push_back(std::move(g));
+    }
+    py::gil_scoped_release release;
+    kmf::gram(parsed, precise, threads);
+}
+
+void apply(py::handle tasks, bool precise, int threads) {
+    check_threads(threads);
+    std::vector<kmf::ApplyTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "apply task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 4, w, "(X: Stack, T_ptr: int, C: int, out: Mat)");
+        kmf::ApplyTask a;
+        a.x = parse_stack(t[0], w + " X");
+        const std::uintptr_t tp = get_ptr(t[1], w + " T_ptr");
+        a.c = get_int(t[2], w + " C");
+        a.out = parse_mat(t[3], w + " out");
+        if (a.c < 0) fail(w + ": C must be >= 0, got " + std::to_string(a.c));
+        if (a.out.rows != a.x.rows || a.out.cols != a.c)
+            fail(w + ": out is " + std::to_string(a.out.rows) + " x " + std::to_string(a.out.cols) + ", expected K x C = " +
+                 std::to_string(a.x.rows) + " x " + std::to_string(a.c));
+        if (a.out.coef != 1.0) fail(w + ": out coef must be 1");
+        if (tp == 0 && a.x.cols * a.c > 0) fail(w + ": T_ptr is null");
+        if (tp % alignof(double) != 0) fail(w + ": T_ptr is not aligned for float64");
+        a.t = reinterpret_cast<const double*>(tp);
+        parsed.push_back(std::move(a));
+    }
+    py::gil_scoped_release release;
+    kmf::apply(parsed, precise, threads);
+}
+
+void dense_stats(py::handle tasks, int threads) {
+    check_threads(threads);
+    std::vector<kmf::DenseStatsTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "dense_stats task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 3, w, "(X: Stack, Y: Stack, out_ptr: int)");
+        kmf::DenseStatsTask d;
+        d.x = parse_stack(t[0], w + " X");
+        d.y = parse_stack(t[1], w + " Y");
+        const std::uintptr_t out = get_ptr(t[2], w + " out_ptr");
+        if (d.x.cols != d.y.cols)
+            fail(w + ": X has " + std::to_string(d.x.cols) + " columns, Y has " + std::to_string(d.y.cols) + " (X Y^T needs equal R)");
+        if (out == 0) fail(w + ": out_ptr is null");
+        if (out % alignof(double) != 0) fail(w + ": out_ptr is not aligned for float64");
+        d.out = reinterpret_cast<double*>(out);
+        parsed.push_back(std::move(d));
+    }
+    py::gil_scoped_release release;
+    kmf::dense_stats(parsed, threads);
+}
+
+void copy(py::handle tasks, int threads) {
+    check_threads(threads);
+    std::vector<kmf::CopyTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "copy task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 2, w, "(src: Mat, dst: Mat)");
+        kmf::CopyTask c;
+        c.src = parse_mat(t[0], w + " src");
+        c.dst = parse_mat(t[1], w + " dst");
+        if (c.src.rows != c.dst.rows || c.src.cols != c.dst.cols)
+            fail(w + ": src is " + std::to_string(c.src.rows) + " x " + std::to_string(c.src.cols) + ", dst is " +
+                 std::to_string(c.dst.rows) + " x " + std::to_string(c.dst.cols));
+        if (c.dst.coef != 1.0) fail(w + ": dst coef must be 1");
+        parsed.push_back(c);
+    }
+    py::gil_scoped_release release;
+    kmf::copy(parsed, threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() =
+        "kmerge_fast compiled core: batched Gram, apply and dense-statistics kernels on raw strided buffers.\n\n"
+        "Mat = (ptr, dtype, rows, cols, row_stride, col_stride, coef): element (i, j) is at\n"
+        "ptr + (i*row_stride + j*col_stride)*elem_size and is multiplied by coef.\n"
+        "dtype: 0=float32, 1=float16, 2=bfloat16, 3=float64. Stack = list of Mats with equal rows,\n"
+        "concatenated along columns. threads=0 uses every hardware thread. The GIL is released\n"
+        "while kernels run; the caller keeps the buffers alive and must not alias outputs with inputs.";
+    m.def("gram", &gram, py::arg("tasks"), py::arg("precise"), py::arg("threads") = 0,
+          "gram(tasks, precise, threads=0) -> None\n\n"
+          "tasks: list of (X: Stack, Y: Stack, out_ptr: int, symmetric: bool). X is K x R1, Y is K x R2.\n"
+          "Writes G = X^T Y as float64 row-major R1 x R2 at out_ptr. symmetric: X and Y are the same\n"
+          "stack; the upper triangle is computed and mirrored (exactly symmetric). precise: accumulate\n"
+          "in float64; else float32 within K-chunks of 256 rows, summed in float64.");
+    m.def("apply", &apply, py::arg("tasks"), py::arg("precise"), py::arg("threads") = 0,
+          "apply(tasks, precise, threads=0) -> None\n\n"
+          "tasks: list of (X: Stack, T_ptr: int, C: int, out: Mat). X is K x R, T is float64 row-major\n"
+          "R x C, out is K x C (any strides, its dtype is the output dtype, coef 1). out = X @ T,\n"
+          "accumulated in float64 (precise) or float32, rounded to nearest even.");
+    m.def("dense_stats", &dense_stats, py::arg("tasks"), py::arg("threads") = 0,
+          "dense_stats(tasks, threads=0) -> None\n\n"
+          "tasks: list of (X: Stack, Y: Stack, out_ptr: int). X is P x R, Y is Q x R. Writes float64\n"
+          "[sum |D|, max |D|] of D = X @ Y^T at out_ptr, streaming tiles (D is never stored).");
+    m.def("copy", &copy, py::arg("tasks"), py::arg("threads") = 0,
+          "copy(tasks, threads=0) -> None\n\n"
+          "tasks: list of (src: Mat, dst: Mat) of equal shape. dst = src.coef * src converted to dst's\n"
+          "dtype (one rounding, nearest even); dst coef must be 1.");
+    m.def(
+        "info",
+        []() {
+            py::dict d;
+            d["simd"] = kmf::kSimdName;
+#ifdef KMERGE_FAST_NATIVE_BUILD
+            d["native"] = true;
+#else
+            d["native"] = false;
+#endif
+            d["threads"] = kmf::hardware_threads();
+            d["version"] = KMERGE_FAST_VERSION;
+            return d;
+        },
+        "info() -> dict: build facts: simd (vector ISA targeted), native (-march=native), threads, version.");
+}

@@ -1,0 +1,125 @@
+// out = X @ T with the shared micro-kernel. Two orientations, chosen so that
+// packing X is a straight copy:
+//   row mode (X rows contiguous, e.g. B factors): tiles of out, a = X rows
+//     (column panel over r), b = T packed once per task as row panels over c;
+//   column mode (X columns contiguous, e.g. A^T views): tiles of out^T = T^T X^T,
+//     a = T packed once per task (k-major panels over c), b = X rows k as
+//     row panels over r; out^T tiles are stored through out's strides.
+#include "apply.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+#include "pack.h"
+#include "parallel.h"
+
+namespace kmf {
+namespace {
+
+constexpr std::int64_t kRowBlock = 256;  // rows of X per work item
+
+template <typename T>
+struct Prepared {
+    bool col_mode = false;
+    Scratch tp;  // packed T
+};
+
+/// Packs T (R x C float64) as row panels over c (row mode: tp[p][r * NR + j])
+/// or as k-major MR panels over c (column mode: tp[q][r * MR + i]).
+template <typename T>
+void prepare(const ApplyTask& task, Prepared<T>& prep) {
+    constexpr int MR = TileShape<T>::MR, NR = TileShape<T>::NR;
+    const std::int64_t R = task.x.cols, C = task.c;
+    prep.col_mode = !task.x.rows_contiguous() && task.x.cols_contiguous();
+    const std::int64_t W = prep.col_mode ? MR : NR;
+    const std::int64_t np = (C + W - 1) / W;
+    T* tp = prep.tp.template get<T>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * W * R)));
+    for (std::int64_t p = 0; p < np; ++p) {
+        T* d = tp + p * W * R;
+        const std::int64_t c0 = p * W, n = std::min<std::int64_t>(W, C - c0);
+        for (std::int64_t r = 0; r < R; ++r) {
+            for (std::int64_t j = 0; j < n; ++j) d[r * W + j] = static_cast<T>(task.t[r * C + c0 + j]);
+            for (std::int64_t j = n; j < W; ++j) d[r * W + j] = T(0);
+        }
+    }
+}
+
+struct Scratches {
+    Scratch a, b, tmp, tile;
+};
+
+template <typename T>
+void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0, std::int64_t k1, Scratches& s) {
+    constexpr int MR = TileShape<T>::MR, NR = TileShape<T>::NR;
+    const std::int64_t R = task.x.cols, C = task.c;
+    const Mat& out = task.out;
+    const T* tp = prep.tp.template data<T>();
+    T* tile = s.tile.get<T>(MR * NR);
+    if (!prep.col_mode) {
+        const std::int64_t ldr = std::max<std::int64_t>(R, 1);
+        T* ap = s.a.get<T>(static_cast<std::size_t>(MR * ldr));
+        const std::int64_t np = (C + NR - 1) / NR;
+        for (std::int64_t i0 = k0; i0 < k1; i0 += MR) {
+            const std::int64_t ni = std::min<std::int64_t>(MR, k1 - i0);
+            // a[i * R + r] = X(i0 + i, r); rows past ni are zero.
+            pack_row_panels<T>(ap, ldr, task.x, i0, ni, 0, R, s.tmp, std::min<std::int64_t>(MR, k1 - i0 - ni));
+            std::fill(ap + ni * ldr, ap + MR * ldr, T(0));
+            for (std::int64_t p = 0; p < np; ++p) {
+                const std::int64_t c0 = p * NR, nj = std::min<std::int64_t>(NR, C - c0);
+                micro_kernel<T, false>(R, ap, ldr, tp + p * NR * R, tile);
+                for (std::int64_t i = 0; i < ni; ++i) store_run<T>(out.at_mut(i0 + i, c0), out.dtype, nj, out.cs, tile + i * NR);
+            }
+        }
+    } else {
+        T* bp = s.b.get<T>(static_cast<std::size_t>(std::max<std::int64_t>(1, R) * NR));
+        const std::int64_t nq = (C + MR - 1) / MR;
+        for (std::int64_t j0 = k0; j0 < k1; j0 += NR) {
+            const std::int64_t nj = std::min<std::int64_t>(NR, k1 - j0);
+            // b[r * NR + j] = X(j0 + j, r); j past nj is zero.
+            pack_cols<T>(bp, NR, task.x, j0, nj, 0, R, R, NR, std::min<std::int64_t>(NR, k1 - j0 - nj));
+            for (std::int64_t q = 0; q < nq; ++q) {
+                const std::int64_t c0 = q * MR, ni = std::min<std::int64_t>(MR, C - c0);
+                micro_kernel<T, true>(R, tp + q * MR * R, 0, bp, tile);
+                // tile[i][j] = out(j0 + j, c0 + i)
+                for (std::int64_t i = 0; i < ni; ++i) store_run<T>(out.at_mut(j0, c0 + i), out.dtype, nj, out.rs, tile + i * NR);
+            }
+        }
+    }
+}
+
+struct Item {
+    std::size_t task;
+    std::int64_t k0, k1;
+};
+
+template <typename T>
+void apply_impl(const std::vector<ApplyTask>& tasks, int threads) {
+    double work = 0.0;
+    for (const ApplyTask& t : tasks) work += double(t.x.rows) * double(t.x.cols + 1) * double(t.c);
+    threads = threads_for_work(threads, work);
+    std::vector<Prepared<T>> prep(tasks.size());
+    parallel_for(static_cast<std::int64_t>(tasks.size()), threads,
+                 [&](std::int64_t i, int) { prepare<T>(tasks[static_cast<std::size_t>(i)], prep[static_cast<std::size_t>(i)]); });
+    std::vector<Item> items;
+    for (std::size_t ti = 0; ti < tasks.size(); ++ti) {
+        const std::int64_t K = tasks[ti].c > 0 ? tasks[ti].x.rows : 0;  // C = 0: nothing to write
+        for (std::int64_t k0 = 0; k0 < K; k0 += kRowBlock) items.push_back({ti, k0, std::min(K, k0 + kRowBlock)});
+    }
+    std::vector<Scratches> scratch(static_cast<std::size_t>(num_workers(threads, static_cast<std::int64_t>(items.size()))));
+    parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t n, int w) {
+        const Item& it = items[static_cast<std::size_t>(n)];
+        apply_rows<T>(tasks[it.task], prep[it.task], it.k0, it.k1, scratch[static_cast<std::size_t>(w)]);
+    });
+}
+
+}  // namespace
+
+void apply(const std::vector<ApplyTask>& tasks, bool precise, int threads) {
+    if (precise)
+        apply_impl<double>(tasks, threads);
+    else
+        apply_impl<float>(tasks, threads);
+}
+
+}  // namespace kmf

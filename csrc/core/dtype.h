@@ -1,0 +1,210 @@
+// Element types the kernels read and write, and portable conversions between
+// them and float / double (bit manipulation only: no _Float16, no intrinsics).
+//
+// Loading (half/bfloat16 -> float) is exact and written branch-free so the
+// compiler vectorises the packing loops. Storing (float/double -> half or
+// bfloat16) rounds to nearest, ties to even (IEEE default rounding).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace kmf {
+
+/// dtype codes shared with the caller (kmerge_fast/ops/cpu.py).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+inline bool valid_dtype(int code) { return code >= 0 && code <= 3; }
+
+inline int elem_size(int code) {
+    switch (code) {
+        case kF32: return 4;
+        case kF16: return 2;
+        case kBF16: return 2;
+        case kF64: return 8;
+        default: return 0;
+    }
+}
+
+inline const char* dtype_name(int code) {
+    switch (code) {
+        case kF32: return "float32";
+        case kF16: return "float16";
+        case kBF16: return "bfloat16";
+        case kF64: return "float64";
+        default: return "invalid";
+    }
+}
+
+inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float bits_f32(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// ------------------------------------------------------------------ loading
+/// IEEE binary16 -> float, exact for every input (normals, subnormals, +-0,
+/// +-inf; NaNs stay NaN with their payload, quieted like F16C does). Written
+/// with masks instead of branches so loops over it vectorise.
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa in float position
+    const uint32_t e = o & 0x0f800000u;                       // the half's exponent field
+    o += (127u - 15u) << 23;                                  // rebias the exponent
+    const uint32_t inf_mask = 0u - static_cast<uint32_t>(e == 0x0f800000u);
+    o += inf_mask & ((128u - 16u) << 23);                     // inf / NaN: exponent all ones
+    const uint32_t nan_mask = inf_mask & (0u - static_cast<uint32_t>((o & 0x007fffffu) != 0u));
+    o |= nan_mask & 0x00400000u;                              // quiet NaN
+    // Zero / subnormal: renormalise through a float subtraction (exact).
+    const uint32_t sub_mask = 0u - static_cast<uint32_t>(e == 0u);
+    const uint32_t sub = f32_bits(bits_f32(o + (1u << 23)) - bits_f32(113u << 23));
+    return bits_f32((sub & sub_mask) | (o & ~sub_mask) | sign);
+}
+
+/// bfloat16 -> float: the top 16 bits of a float. Exact.
+inline float bf16_to_float(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
+
+// ------------------------------------------------------------------ storing
+/// float -> binary16, round to nearest even; overflow -> inf, NaN -> quiet NaN.
+/// (F. Giesen's float_to_half_fast3_rtne.)
+inline uint16_t float_to_half(float f) {
+    uint32_t x = f32_bits(f);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    uint32_t o;
+    if (x >= (143u << 23)) {  // >= 2^16 (beyond half's range after rounding), inf or NaN
+        o = x > 0x7f800000u ? (0x7e00u | ((x >> 13) & 0x3ffu)) : 0x7c00u;
+    } else if (x < (113u << 23)) {  // < 2^-14: half subnormal or zero
+        // Adding 0.5 aligns the half-subnormal ulp with float's ulp; the FPU
+        // rounds (nearest even) and the low bits are the result.
+        const float a = bits_f32(x) + 0.5f;
+        o = f32_bits(a) - f32_bits(0.5f);
+    } else {
+        const uint32_t odd = (x >> 13) & 1u;
+        x += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + odd;  // rebias, round
+        o = x >> 13;  // a carry into exponent 31 correctly gives inf
+    }
+    return static_cast<uint16_t>(o | sign);
+}
+
+/// float -> bfloat16, round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+    const uint32_t x = f32_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+    return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+/// double -> float rounded to odd (toward zero, then set the last bit if
+/// inexact). Rounding that float to half or bfloat16 (nearest even) then equals
+/// rounding the double directly: no double-rounding error.
+inline float double_to_float_odd(double d) {
+    float f = static_cast<float>(d);
+    if (static_cast<double>(f) != d && d == d) {
+        uint32_t u = f32_bits(f);
+        const double af = f < 0 ? -static_cast<double>(f) : static_cast<double>(f);
+        const double ad = d < 0 ? -d : d;
+        if (af > ad) u -= 1;  // rounded away from zero: step back toward zero
+        u |= 1u;
+        f = bits_f32(u);
+    }
+    return f;
+}
+
+inline uint16_t to_half(float f) { return float_to_half(f); }
+inline uint16_t to_half(double d) { return float_to_half(double_to_float_odd(d)); }
+inline uint16_t to_bf16(float f) { return float_to_bf16(f); }
+inline uint16_t to_bf16(double d) { return float_to_bf16(double_to_float_odd(d)); }
+
+// ------------------------------------------------------------------ readers
+// One reader per source dtype: value(s) * coef in T (in double for float64
+// sources, so a float64 input is scaled before it is rounded to float).
+struct SrcF32 {
+    using S = float;
+    template <typename T>
+    static T get(S v, T coef) { return static_cast<T>(v) * coef; }
+};
+struct SrcF16 {
+    using S = std::uint16_t;
+    template <typename T>
+    static T get(S v, T coef) { return static_cast<T>(half_to_float(v)) * coef; }
+};
+struct SrcBF16 {
+    using S = std::uint16_t;
+    template <typename T>
+    static T get(S v, T coef) { return static_cast<T>(bf16_to_float(v)) * coef; }
+};
+struct SrcF64 {
+    using S = double;
+    template <typename T>
+    static T get(S v, T coef) { return static_cast<T>(v * static_cast<double>(coef)); }
+};
+
+/// Calls f(Src{}) with the reader for dtype `code`.
+template <typename F>
+inline void with_src(int code, F&& f) {
+    switch (code) {
+        case kF32: f(SrcF32{}); break;
+        case kF16: f(SrcF16{}); break;
+        case kBF16: f(SrcBF16{}); break;
+        case kF64: f(SrcF64{}); break;
+        default: break;
+    }
+}
+
+// ------------------------------------------------------------------ runs
+/// dst[t] = coef * src[t * stride] for t < n, src of dtype `code`, converted to T.
+/// stride is in elements. The stride-1 loops vectorise.
+template <typename T>
+inline void load_run(T* __restrict dst, const void* src, int code, std::int64_t n, std::int64_t stride, T coef) {
+    with_src(code, [&](auto reader) {
+        using Src = decltype(reader);
+        const typename Src::S* s = static_cast<const typename Src::S*>(src);
+        if (stride == 1)
+            for (std::int64_t t = 0; t < n; ++t) dst[t] = Src::get(s[t], coef);
+        else
+            for (std::int64_t t = 0; t < n; ++t) dst[t] = Src::get(s[t * stride], coef);
+    });
+}
+
+/// dst[t * stride] = src[t] for t < n, converted from T to dtype `code`
+/// (round to nearest even).
+template <typename T>
+inline void store_run(void* dst, int code, std::int64_t n, std::int64_t stride, const T* __restrict src) {
+    switch (code) {
+        case kF32: {
+            float* d = static_cast<float*>(dst);
+            if (stride == 1)
+                for (std::int64_t t = 0; t < n; ++t) d[t] = static_cast<float>(src[t]);
+            else
+                for (std::int64_t t = 0; t < n; ++t) d[t * stride] = static_cast<float>(src[t]);
+            break;
+        }
+        case kF16: {
+            uint16_t* d = static_cast<uint16_t*>(dst);
+            for (std::int64_t t = 0; t < n; ++t) d[t * stride] = to_half(src[t]);
+            break;
+        }
+        case kBF16: {
+            uint16_t* d = static_cast<uint16_t*>(dst);
+            for (std::int64_t t = 0; t < n; ++t) d[t * stride] = to_bf16(src[t]);
+            break;
+        }
+        case kF64: {
+            double* d = static_cast<double*>(dst);
+            if (stride == 1)
+                for (std::int64_t t = 0; t < n; ++t) d[t] = static_cast<double>(src[t]);
+            else
+                for (std::int64_t t = 0; t < n; ++t) d[t * stride] = static_cast<double>(src[t]);
+            break;
+        }
+        default: break;
+    }
+}
+
+}  // namespace kmf

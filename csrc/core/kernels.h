@@ -1,0 +1,52 @@
+// The register-blocked micro-kernel shared by gram, apply and dense_stats:
+//
+//   tile[i][j] = sum_{k < kc} a(k, i) * b(k, j),   i < MR, j < NR = NV * lanes
+//
+// b is a packed row panel (b[k * NR + j]); a is either a packed row panel
+// (a[k * MR + i], "k-major") or column panel (a[i * lda + k]). The MR x NV
+// accumulator vectors stay in registers across the k loop: each step loads NV
+// vectors of b, broadcasts MR scalars of a, and issues MR * NV FMAs.
+#pragma once
+
+#include <cstdint>
+
+#include "simd.h"
+
+namespace kmf {
+
+/// Micro-tile shape per element type: MR rows (broadcasts) x NV vectors.
+/// MR * NV accumulators + NV b vectors + 1 broadcast must fit the register file.
+template <typename T>
+struct TileShape {
+    static constexpr int MR = kVecRegs >= 32 ? 8 : 6;
+    static constexpr int NV = 2;
+    static constexpr int L = Simd<T>::L;
+    static constexpr int NR = NV * L;
+};
+
+#if defined(__GNUC__)
+#define KMF_UNROLL _Pragma("GCC unroll 16")
+#else
+#define KMF_UNROLL
+#endif
+
+template <typename T, bool AKMajor>
+inline void micro_kernel(std::int64_t kc, const T* __restrict a, std::int64_t lda, const T* __restrict b,
+                         T* __restrict tile) {
+    using V = typename Simd<T>::V;
+    constexpr int MR = TileShape<T>::MR, NV = TileShape<T>::NV, L = TileShape<T>::L, NR = TileShape<T>::NR;
+    V acc[MR][NV];
+    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    for (std::int64_t k = 0; k < kc; ++k) {
+        V bv[NV];
+        KMF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = vload<V>(b + k * NR + v * L);
+        KMF_UNROLL for (int i = 0; i < MR; ++i) {
+            const T ai = AKMajor ? a[k * MR + i] : a[i * lda + k];
+            KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+        }
+    }
+    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v)
+        vstore(tile + i * NR + v * L, acc[i][v]);
+}
+
+}  // namespace kmf
