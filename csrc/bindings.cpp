@@ -12,10 +12,13 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/apply.h"
 #include "core/copy.h"
+#include "core/dense_merge.h"
 #include "core/dense_stats.h"
 #include "core/gram.h"
 #include "core/parallel.h"
@@ -231,11 +234,106 @@ void copy(py::handle tasks, int threads) {
     kmf::copy(parsed, threads);
 }
 
+/// A Python int in [0, 2^64) (e.g. a 64-bit seed).
+std::uint64_t get_u64(py::handle h, const std::string& what) {
+    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr()))
+        fail(what + ": expected an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+    py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+    if (!index) throw py::error_already_set();
+    const unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        fail(what + ": expected an integer in [0, 2**64)");
+    }
+    return static_cast<std::uint64_t>(v);
+}
+
+std::string shape_str(const kmf::Mat& m) { return std::to_string(m.rows) + " x " + std::to_string(m.cols); }
+
+/// (B, A) of one low-rank term: B is out x r, A is r x in.
+std::pair<kmf::Mat, kmf::Mat> parse_factors(py::handle b, py::handle a, const std::string& w) {
+    kmf::Mat mb = parse_mat(b, w + " B"), ma = parse_mat(a, w + " A");
+    if (mb.cols != ma.rows)
+        fail(w + ": B is " + shape_str(mb) + ", A is " + shape_str(ma) + " (B.cols must equal A.rows)");
+    return {mb, ma};
+}
+
+void dense_merge(py::handle terms, py::handle out, int mode, int sign_method, int threads) {
+    check_threads(threads);
+    if (mode != kmf::kCombineSum && mode != kmf::kCombineTies)
+        fail("mode: expected 0 (sum) or 1 (ties), got " + std::to_string(mode));
+    if (sign_method != kmf::kSignTotal && sign_method != kmf::kSignFrequency)
+        fail("sign_method: expected 0 (total) or 1 (frequency), got " + std::to_string(sign_method));
+    const kmf::Mat o = parse_mat(out, "dense_merge out");
+    if (o.dtype != kmf::kF32 && o.dtype != kmf::kF64)
+        fail(std::string("dense_merge out: must be float32 or float64, got ") + kmf::dtype_name(o.dtype));
+    if (o.coef != 1.0) fail("dense_merge out: coef must be 1");
+    if ((o.rs == 0 && o.rows > 1) || (o.cs == 0 && o.cols > 1)) fail("dense_merge out: a zero stride aliases elements");
+    if (!is_sequence(terms)) fail("terms: expected a list of term tuples");
+    std::vector<kmf::MergeTerm> parsed;
+    std::size_t i = 0;
+    for (py::handle h : terms) {
+        const std::string w = "dense_merge term " + std::to_string(i++);
+        py::sequence t = task_tuple(h, 8, w,
+                                    "(B: Mat, A: Mat, weight: float, keep_kind: int, tau: float, seed: int, "
+                                    "thresh24: int, density: float)");
+        kmf::MergeTerm m;
+        std::tie(m.b, m.a) = parse_factors(t[0], t[1], w);
+        m.weight = get_float(t[2], w + " weight");
+        const std::int64_t kind = get_int(t[3], w + " keep_kind");
+        m.tau = get_float(t[4], w + " tau");
+        m.seed = get_u64(t[5], w + " seed");
+        const std::int64_t th = get_int(t[6], w + " thresh24");
+        m.density = get_float(t[7], w + " density");
+        if (kind != kmf::kKeepAll && kind != kmf::kKeepMagnitude && kind != kmf::kKeepDare)
+            fail(w + ": keep_kind must be 0 (all), 1 (magnitude) or 2 (dare), got " + std::to_string(kind));
+        m.keep = static_cast<int>(kind);
+        if (m.b.rows != o.rows || m.a.cols != o.cols)
+            fail(w + ": B @ A is " + std::to_string(m.b.rows) + " x " + std::to_string(m.a.cols) + ", out is " + shape_str(o));
+        if (m.keep == kmf::kKeepDare) {
+            if (th < 0 || th > (std::int64_t(1) << 24))
+                fail(w + ": thresh24 must be in [0, 2**24], got " + std::to_string(th));
+            if (!(m.density > 0.0) || !std::isfinite(m.density))
+                fail(w + ": density must be a finite number > 0 for dare, got " + std::to_string(m.density));
+            m.thresh24 = static_cast<std::uint64_t>(th);
+        }
+        parsed.push_back(m);
+    }
+    if (parsed.empty()) fail("terms: need at least one term");
+    py::gil_scoped_release release;
+    kmf::dense_merge(parsed, o, mode, sign_method, threads);
+}
+
+py::list abs_kth(py::handle tasks, int threads) {
+    check_threads(threads);
+    std::vector<kmf::AbsKthTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "abs_kth task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 3, w, "(B: Mat, A: Mat, k: int)");
+        kmf::AbsKthTask a;
+        std::tie(a.b, a.a) = parse_factors(t[0], t[1], w);
+        a.k = get_int(t[2], w + " k");
+        const double numel = double(a.b.rows) * double(a.a.cols);
+        if (a.k < 0 || double(a.k) > numel)
+            fail(w + ": k must be in [0, out * in = " + std::to_string(a.b.rows * a.a.cols) + "], got " + std::to_string(a.k));
+        parsed.push_back(a);
+    }
+    std::vector<double> kth;
+    {
+        py::gil_scoped_release release;
+        kth = kmf::abs_kth(parsed, threads);
+    }
+    py::list result;
+    for (double v : kth) result.append(v);
+    return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
     m.doc() =
-        "kmerge_fast compiled core: batched Gram, apply and dense-statistics kernels on raw strided buffers.\n\n"
+        "kmerge_fast compiled core: batched Gram, apply, dense-statistics and dense-merge kernels on raw strided buffers.\n\n"
         "Mat = (ptr, dtype, rows, cols, row_stride, col_stride, coef): element (i, j) is at\n"
         "ptr + (i*row_stride + j*col_stride)*elem_size and is multiplied by coef.\n"
         "dtype: 0=float32, 1=float16, 2=bfloat16, 3=float64. Stack = list of Mats with equal rows,\n"
@@ -260,6 +358,23 @@ PYBIND11_MODULE(_C, m) {
           "copy(tasks, threads=0) -> None\n\n"
           "tasks: list of (src: Mat, dst: Mat) of equal shape. dst = src.coef * src converted to dst's\n"
           "dtype (one rounding, nearest even); dst coef must be 1.");
+    m.def("dense_merge", &dense_merge, py::arg("terms"), py::arg("out"), py::arg("mode"), py::arg("sign_method"),
+          py::arg("threads") = 0,
+          "dense_merge(terms, out, mode, sign_method, threads=0) -> None\n\n"
+          "terms: list of k >= 1 (B: Mat, A: Mat, weight, keep_kind, tau, seed, thresh24, density), one per\n"
+          "low-rank term t_i = (B.coef B)(A.coef A) (B: out x r_i, A: r_i x in). out: Mat (float32 or float64,\n"
+          "out x in, any strides, coef 1), fully overwritten with the merge of the t_i, computed tile by tile\n"
+          "in float32 (float64 when any factor is float64) without storing any t_i. keep_kind per term:\n"
+          "0 all (p = t); 1 magnitude (p = t where |t| >= tau, else 0); 2 dare (p = t / density where\n"
+          "(hash >> 40) < thresh24, else 0; hash = mix64(seed + (row*in + col + 1) * 0x9E3779B97F4A7C15),\n"
+          "mix64 = murmur3 fmix64). mode 0 sum: M = sum w_i p_i; mode 1 ties: elect e = +1 if S >= 0 else -1\n"
+          "with S = sum p_i (sign_method 0, total) or sum sign(p_i) (1, frequency); M = sum of w_i p_i over\n"
+          "sign(p_i) == e, divided by max(1, their count). Masks multiply (peft 0.21), so NaN propagates.");
+    m.def("abs_kth", &abs_kth, py::arg("tasks"), py::arg("threads") = 0,
+          "abs_kth(tasks, threads=0) -> list[float]\n\n"
+          "tasks: list of (B: Mat, A: Mat, k: int). For each, the k-th largest |t| over the out x in elements of\n"
+          "t = (B.coef B)(A.coef A), computed exactly as dense_merge computes it (radix select over the bit\n"
+          "patterns, t is never stored). k = 0 gives inf; 0 <= k <= out*in. NaN counts as larger than inf.");
     m.def(
         "info",
         []() {

@@ -395,7 +395,8 @@ class LoRA:
 
 def atomic_write(target: Path, write) -> None:
     """Create ``target`` through ``write(tmp_path)`` on a temporary file in the same
-    folder, fsync it, then rename it over ``target`` (atomic on POSIX)."""
+    folder, fsync it, rename it over ``target`` (atomic on POSIX), then fsync the
+    folder so that the rename itself survives a power loss."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
@@ -407,6 +408,16 @@ def atomic_write(target: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(target.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder: makes the creation, renaming or removal of its entries durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:

@@ -1,11 +1,25 @@
-"""Merging adapters: ``merge`` (weighted sum in factor form, or its best rank-r
-approximation) and ``truncate`` (re-truncation of one adapter).
+"""Merging adapters: ``merge`` (every combination type of peft 0.21's
+``add_weighted_adapter``) and ``truncate`` (re-truncation of one adapter).
 
-Conventions follow peft's ``add_weighted_adapter``: a merged adapter has
-scaling 1 (``lora_alpha = r``); ``cat`` stacks the factors exactly, putting
-weight * scaling on A; ``svd`` returns B = U_r S_r, A = V_r^T of the best
-rank-r approximation of sum_i w_i s_i B_i A_i, with r defaulting to the
-largest input rank.
+Conventions follow peft: a merged adapter has scaling 1 (``lora_alpha = r``).
+Three families of methods:
+
+- exact / low-rank: ``cat`` stacks the factors exactly (weight * scaling on
+  A); ``svd`` returns B = U_r S_r, A = V_r^T of the best rank-r approximation
+  of sum_i w_i s_i B_i A_i from the factors, never forming dW.
+- factor-wise (``linear``, ``ties``, ``dare_linear``, ``dare_ties``,
+  ``magnitude_prune``): the rule is applied separately to the A's and the
+  B's, with weights sqrt(|w_i s_i|) on both and the sign of w_i s_i on A
+  only. Not the sum of the updates (cross terms B_i A_j appear); needs equal
+  ranks.
+- dense-domain (``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
+  ``magnitude_prune_svd``): the rule acts elementwise on the dense updates
+  dW_i = s_i B_i A_i, then the result is truncated to rank r. The C++ backend
+  builds the combined dW tile by tile, holding one dense matrix per module.
+
+The elementwise rules and their two documented differences from peft (ties
+at the magnitude threshold, DARE's hash-based masks) are in
+``ops/elementwise.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +33,18 @@ from . import ops
 from .errors import AdapterError
 from .lora import LoRA, LoRAModule
 from .ops import Factor
+from .ops.elementwise import (ALL, DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Keep, apply_keep, combine,
+                              dare_thresh24, magnitude_k, mix64, topk_keep)
+from .ops.top_svd import top_svd
 
-METHODS = ("svd", "cat")
+#: Factor-wise and dense-domain methods: (combine mode, keep kind).
+FACTOR_WISE = {"linear": (SUM, ALL), "ties": (TIES, MAGNITUDE), "dare_linear": (SUM, DARE),
+               "dare_ties": (TIES, DARE), "magnitude_prune": (SUM, MAGNITUDE)}
+DENSE = {"ties_svd": (TIES, MAGNITUDE), "dare_linear_svd": (SUM, DARE), "dare_ties_svd": (TIES, DARE),
+         "magnitude_prune_svd": (SUM, MAGNITUDE)}
+METHODS = ("svd", "cat", *FACTOR_WISE, *DENSE)
+#: Methods that return B = U_r S_r, A = V_r^T of a truncation (``svd_clamp`` applies).
+SVD_METHODS = ("svd", *DENSE)
 
 
 def module_table(loras: Sequence[LoRA], arg: str = "loras") -> dict[str, list[tuple[int, LoRAModule]]]:
@@ -70,42 +94,169 @@ def check_weights(weights, n: int) -> list[float]:
 
 
 def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method: str = "svd",
-          rank: int | None = None) -> LoRA:
-    """Merge adapters into one: sum_i w_i s_i B_i A_i per module.
+          rank: int | None = None, density: float | None = None, majority_sign_method: str = "total",
+          svd_clamp: float | None = None, generator: torch.Generator | None = None) -> LoRA:
+    """Merge adapters into one, per module, with peft 0.21's combination types.
 
     Args:
         loras: the adapters (at least one). A module held by only some of them
             merges over those that hold it.
-        weights: one float per adapter (default: all 1.0).
-        method: ``"svd"``: the best rank-``rank`` approximation of the sum
-            (never forms dW); ``"cat"``: the exact sum in factor form, rank
-            sum_i r_i (A = [w_1 s_1 A_1; ...], B = [B_1, ...]).
-        rank: the rank of an ``svd`` merge (default: the largest input rank).
+        weights: one finite float per adapter (default: all 1.0); may be negative.
+        method: one of :data:`METHODS` (see the module docstring):
+            ``svd`` (default), ``cat``, ``linear``, ``ties``, ``dare_linear``,
+            ``dare_ties``, ``magnitude_prune``, ``ties_svd``,
+            ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``.
+        rank: the rank of the ``svd`` family's result (default: the largest
+            input rank); not used by the other methods.
+        density: the fraction of values kept, in (0, 1]; required by the TIES,
+            DARE and magnitude-prune methods (1 keeps everything).
+        majority_sign_method: ``"total"`` (sign of the sum) or ``"frequency"``
+            (sign of the vote) for the TIES methods.
+        svd_clamp: for the ``svd`` family, clamp B and A to the
+            [-q, q] range with q the ``svd_clamp`` quantile of all their
+            entries (peft's ``svd_clamp``); None: no clamping.
+        generator: the ``torch.Generator`` DARE draws its seed from (default:
+            torch's global generator, so ``torch.manual_seed`` makes it
+            reproducible as in peft). The masks themselves come from a
+            counter-based hash of that seed (``ops/elementwise.py``).
 
     Returns:
         A LoRA with scaling 1 on every module, in the inputs' promoted dtype.
+        Ranks: ``cat``: sum of the inputs' ranks per module; factor-wise: the
+        common input rank; ``svd`` family: ``rank``.
     """
     if method not in METHODS:
-        raise ValueError(f"method: unknown merge method {method!r}; choose from {list(METHODS)}")
+        raise ValueError(f"method: unknown combination type {method!r}; choose from {list(METHODS)}")
     if not isinstance(loras, (list, tuple)) or not loras:
         raise ValueError("loras: need at least one adapter to merge")
     weights = check_weights(weights, len(loras))
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: must be a positive int, got {rank!r}")
-    if method == "cat" and rank is not None:
-        raise ValueError("rank: not used by method='cat' (its rank is the sum of the input ranks)")
+    if rank is not None and method not in SVD_METHODS:
+        raise ValueError(f"rank: only the svd methods {list(SVD_METHODS)} take a rank, not {method!r}")
+    keep_kind = (FACTOR_WISE.get(method) or DENSE.get(method) or (SUM, ALL))[1]
+    density = _check_density(density, method, needed=keep_kind != ALL)
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method: must be one of {list(SIGN_METHODS)}, got {majority_sign_method!r}")
+    if svd_clamp is not None:
+        if method not in SVD_METHODS:
+            raise ValueError(f"svd_clamp: only the svd methods {list(SVD_METHODS)} take it, not {method!r}")
+        if not 0.0 <= float(svd_clamp) <= 1.0:
+            raise ValueError(f"svd_clamp: a quantile in [0, 1], got {svd_clamp!r}")
     table = module_table(loras)
     dtype = result_dtype(loras)
     names = list(table)
-    batch = [[Factor(m.A, m.B, weights[i] * m.scaling) for i, m in table[name]] for name in names]
-    if method == "cat":
-        pairs = ops.select_for(batch).stack(batch, dtype)
+    seeds = _Seeds(generator) if keep_kind == DARE and density < 1 else None
+    if method in FACTOR_WISE:
+        pairs = [_factor_wise(name, table[name], weights, method, density, majority_sign_method, seeds, dtype)
+                 for name in names]
     else:
-        if rank is None:
+        if rank is None and method != "cat":
             rank = max(max(lora.ranks.values(), default=1) for lora in loras)
-        pairs = ops.select_for(batch).truncate(batch, rank, dtype)
+        batch = [[Factor(m.A, m.B, weights[i] * m.scaling) for i, m in table[name]] for name in names]
+        if method == "cat":
+            pairs = ops.select_for(batch).stack(batch, dtype)
+        elif method == "svd":
+            pairs = ops.select_for(batch).truncate(batch, rank, dtype)
+        else:
+            pairs = [_dense_domain(table[name], weights, method, rank, density, majority_sign_method, seeds, dtype)
+                     for name in names]
+        if svd_clamp is not None:
+            pairs = [clamp_factors(a, b, float(svd_clamp)) for a, b in pairs]
     config = next((lora.config for lora in loras if lora.config), {})
     return LoRA({name: LoRAModule(a, b, 1.0) for name, (a, b) in zip(names, pairs)}, config)
+
+
+def _check_density(density, method: str, needed: bool) -> float:
+    if density is None:
+        if needed:
+            raise ValueError(f"density: method {method!r} needs a density in (0, 1]")
+        return 1.0
+    if not needed:
+        raise ValueError(f"density: not used by method {method!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density: must be in (0, 1], got {density!r}")
+    return float(density)
+
+
+class _Seeds:
+    """Per-tensor DARE seeds: mix64 of one base seed drawn from ``generator`` and a counter."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.base = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+        self.count = 0
+
+    def next(self) -> int:
+        self.count += 1
+        return mix64(self.base + self.count * 0x9E3779B97F4A7C15)
+
+
+def _keep(kind: int, density: float, seeds: _Seeds | None, tau: float = 0.0) -> Keep:
+    if kind == ALL or density >= 1.0:  # peft prunes nothing at density 1 (DARE does not rescale either)
+        return Keep()
+    if kind == MAGNITUDE:
+        return Keep(MAGNITUDE, tau=tau)
+    return Keep(DARE, seed=seeds.next(), thresh24=dare_thresh24(density), density=density)
+
+
+def _factor_wise(name: str, entries, weights, method, density, sign_method, seeds, dtype):
+    """peft's factor-wise merge of one module: the rule on the A's and on the B's separately."""
+    ranks = {m.rank for _, m in entries}
+    if len(ranks) > 1:
+        raise ValueError(f"method {method!r} needs equal ranks, but module {name!r} has ranks "
+                         f"{[m.rank for _, m in entries]} (use 'cat' or an svd method)")
+    mode, kind = FACTOR_WISE[method]
+    signed = [weights[i] * m.scaling for i, m in entries]
+    w_a = [math.copysign(math.sqrt(abs(ws)), ws) if ws != 0 else 0.0 for ws in signed]
+    w_b = [math.sqrt(abs(ws)) for ws in signed]
+    out = []
+    for tensors, w in (([m.A for _, m in entries], w_a), ([m.B for _, m in entries], w_b)):
+        work = ops.compute_dtype(dtype)
+        pruned = []
+        for t in tensors:
+            t = t.to(work)
+            if kind == MAGNITUDE and density < 1.0:
+                pruned.append(topk_keep(t, magnitude_k(density, t.numel())))
+            else:
+                pruned.append(apply_keep(t, _keep(kind, density, seeds)))
+        out.append(combine(pruned, w, mode, sign_method).to(dtype))
+    return out[0], out[1]
+
+
+def _dense_domain(entries, weights, method, rank, density, sign_method, seeds, dtype):
+    """One module of a dense-domain method: combine the pruned dW_i, truncate to ``rank``."""
+    mode, kind = DENSE[method]
+    factors = [Factor(m.A, m.B, m.scaling) for _, m in entries]
+    backend = ops.select_for([factors])
+    if kind == MAGNITUDE and density < 1.0:
+        numel = factors[0].B.shape[0] * factors[0].A.shape[1]
+        taus = backend.abs_kth([(f, magnitude_k(density, numel)) for f in factors])
+    else:
+        taus = [0.0] * len(factors)
+    keeps = [_keep(kind, density, seeds, tau) for tau in taus]
+    combined = backend.dense_combine(factors, [weights[i] for i, _ in entries], keeps, mode, sign_method)
+    if not bool(torch.isfinite(combined).all()):
+        raise ValueError(f"method {method!r}: the combined update is not finite (NaN/Inf in the inputs?)")
+    a, b = top_svd(combined, rank)
+    return a.to(dtype), b.to(dtype)
+
+
+def clamp_factors(a: torch.Tensor, b: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's ``svd_clamp``: clamp A and B to [-q, q], q the ``quantile`` of all their entries."""
+    values = torch.cat([b.flatten(), a.flatten()]).double()
+    hi = _quantile(values, quantile)
+    return a.clamp(-hi, hi), b.clamp(-hi, hi)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """torch.quantile's linear interpolation, without its input-size limit."""
+    pos = q * (values.numel() - 1)
+    lo = math.floor(pos)
+    v_lo = float(values.kthvalue(lo + 1).values)
+    if pos == lo:
+        return v_lo
+    v_hi = float(values.kthvalue(lo + 2).values)
+    return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
 def truncate(lora: LoRA, rank: int) -> LoRA:

@@ -19,6 +19,13 @@ same ops on *batches of modules*; a batch entry is a list of
 - ``truncate(batch, rank, dtype) -> list[(A, B)]``: the best rank-``rank``
   approximation of sum_i coef_i B_i A_i with B = U_r S_r (n_out x rank) and
   A = V_r^T (rank x n_in), zero-padded where the sum has lower rank.
+- ``abs_kth(batch) -> list[float]``: batch entries are (factor, k); the k-th
+  largest |coef B A| over all elements (+inf for k = 0), without storing dW.
+- ``dense_combine(factors, weights, keeps, mode, sign_method) -> Tensor``: one
+  module; the dense (n_out, n_in) result of pruning each dW_i = coef_i B_i A_i
+  by ``keeps[i]`` and combining with ``weights`` (SUM or TIES, see
+  ``ops/elementwise.py``), in ``compute_dtype`` of the factors. The C++
+  backend holds one tile of each dW_i at a time, never all of them.
 
 Selection: ``KMERGE_FAST_BACKEND=reference|cpp|triton`` (or :func:`use_backend`)
 forces a backend and raises :class:`BackendError` if it cannot run the inputs;

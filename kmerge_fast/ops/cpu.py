@@ -12,7 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from . import Factor
+from . import Factor, compute_dtype
+from .elementwise import SIGN_METHODS, Keep
 
 NAME = "cpp"
 
@@ -198,3 +199,17 @@ def _core_transforms(g_b: torch.Tensor, g_a: torch.Tensor, rank: int) -> tuple[t
     t_b = r_a.mT @ w
     t_a = (va * inv_sqrt_la.unsqueeze(-2)) @ w
     return t_b, t_a
+
+
+def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:
+    return list(_C.abs_kth([(_mat(f.B), _mat(f.A, f.coef), int(k)) for f, k in batch], 0))
+
+
+def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,
+                  sign_method: str = "total") -> torch.Tensor:
+    f0 = factors[0]
+    out = torch.empty(f0.B.shape[0], f0.A.shape[1], dtype=compute_dtype(f0.A.dtype))
+    terms = [(_mat(f.B), _mat(f.A, f.coef), float(w), k.kind, float(k.tau), int(k.seed), int(k.thresh24),
+              float(k.density)) for f, w, k in zip(factors, weights, keeps)]
+    _C.dense_merge(terms, _mat(out), mode, SIGN_METHODS[sign_method], 0)
+    return out

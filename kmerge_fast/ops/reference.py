@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import Factor, compute_dtype
+from .elementwise import Keep, apply_keep, combine, kth_largest_abs
 
 NAME = "reference"
 #: Rows of the dense difference materialised at once by :func:`diff_stats`.
@@ -105,3 +106,18 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
         new_a[:k] = vh[:k] @ q_a.T
         out.append((new_a.to(dtype), new_b.to(dtype)))
     return out
+
+
+def _dense(f: Factor) -> torch.Tensor:
+    a, b = _cast(f, compute_dtype(f.A.dtype))
+    return f.coef * (b @ a)
+
+
+def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:
+    return [kth_largest_abs(_dense(f), k) for f, k in batch]
+
+
+def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,
+                  sign_method: str = "total") -> torch.Tensor:
+    pruned = [apply_keep(_dense(f), keep) for f, keep in zip(factors, keeps)]
+    return combine(pruned, weights, mode, sign_method)

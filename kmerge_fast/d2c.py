@@ -1,0 +1,340 @@
+"""D2C: data-driven clustering of N task adapters into K multi-task adapters.
+
+The published D2C clusters adapters by iterative optimisation with about 10
+examples per task; its exact update rule is not public. This is **our
+definition**, a K-Means-like alternation on task losses:
+
+1. Initialise an assignment task -> cluster (``kmeans`` on the adapters'
+   low-rank cosine similarity, ``random``, or an explicit dict).
+2. Merge each cluster's members into one adapter with equal weights
+   (``merge``: any :func:`kmerge_fast.merge` method; default ``svd``, the
+   exact average truncated to the largest input rank).
+3. Score every (task, cluster) pair: ``scorer(merged, tasks)`` returns each
+   task's loss under that cluster's adapter (lower is better).
+4. Reassign each task to its lowest-loss cluster (ties keep the current
+   one). A cluster left empty takes the task worst served by its own
+   cluster among clusters that keep at least one member.
+5. Repeat 2-4 until an assignment repeats or ``max_iters``; return the best
+   assignment seen by total loss, its K merged adapters and the history.
+
+Merges are cached by member set and scores by (member set, task), so only
+clusters whose members changed are re-merged and re-scored.
+
+The default merge is ``svd`` because peft's factor-wise ``linear`` merge of
+unrelated adapters adds cross terms B_i A_j that blur the scores.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .lora import LoRA
+from .merge import METHODS, merge
+from .similarity import similarity_matrix
+
+INITS = ("kmeans", "random")
+Scorer = Callable[[LoRA, list], Sequence[float]]
+
+
+@dataclass
+class Iteration:
+    """One round: the assignment scored, its total loss, and what it cost."""
+
+    assignment: dict
+    total_loss: float
+    seconds: float
+    merges: int          # clusters merged this round (cache misses)
+    scored: int          # (task, cluster) pairs scored this round (cache misses)
+
+
+@dataclass
+class Result:
+    """A clustering: ``assignment`` task -> cluster index, the K merged ``adapters``, the ``history``.
+
+    ``total_loss`` is the scorer's total over tasks (None for a baseline run without a scorer).
+    """
+
+    assignment: dict
+    adapters: list
+    history: list = field(default_factory=list)
+    total_loss: float | None = None
+
+    @property
+    def clusters(self) -> list[list[str]]:
+        """Member tasks of each cluster, in task order."""
+        out: list[list[str]] = [[] for _ in self.adapters]
+        for task, c in self.assignment.items():
+            out[c].append(task)
+        return out
+
+
+# ---------------------------------------------------------------- checks
+def _check(adapters, budget) -> list[str]:
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ValueError("adapters: need a non-empty dict task -> LoRA")
+    tasks = list(adapters)
+    reference = None
+    for task, lora in adapters.items():
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"adapters: task names must be non-empty strings, got {task!r}")
+        if not isinstance(lora, LoRA):
+            raise TypeError(f"adapters[{task!r}]: expected a kmerge_fast.LoRA, got {type(lora).__name__}")
+        shapes = {n: m.shape for n, m in lora.modules.items()}
+        if reference is None:
+            reference = (task, shapes)
+        elif shapes != reference[1]:
+            diff = sorted(set(shapes.items()) ^ set(reference[1].items()))[:2]
+            raise ValueError(f"adapters: {task!r} and {reference[0]!r} differ in modules or shapes {diff} "
+                             "(adapters of different base models?)")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= len(tasks):
+        raise ValueError(f"budget: must be an int in [1, {len(tasks)}] (the number of tasks), got {budget!r}")
+    return tasks
+
+
+def _merged(members: list[str], adapters, method: str, merge_kwargs: dict) -> LoRA:
+    loras = [adapters[t] for t in members]
+    if len(loras) == 1 and method != "cat":
+        return loras[0]
+    return merge(loras, [1.0 / len(loras)] * len(loras), method=method, **merge_kwargs)
+
+
+def _clusters(assignment: dict, budget: int) -> list[list[str]]:
+    out: list[list[str]] = [[] for _ in range(budget)]
+    for task, c in assignment.items():
+        out[c].append(task)
+    return out
+
+
+# ---------------------------------------------------------------- baselines
+def _kernel_kmeans(kernel: torch.Tensor, budget: int, seed: int, n_init: int = 10, iters: int = 100) -> list[int]:
+    """K-Means in the feature space of a PSD ``kernel`` (n x n), k-means++ starts, best of ``n_init``."""
+    n = kernel.shape[0]
+    diag = kernel.diagonal()
+    rng = random.Random(seed)
+    best, best_inertia = None, math.inf
+    for _ in range(n_init):
+        centers = [rng.randrange(n)]
+        while len(centers) < budget:  # k-means++: far points are likelier
+            d = torch.stack([diag - 2 * kernel[:, c] + kernel[c, c] for c in centers]).min(0).values.clamp_min(0)
+            weights = d.tolist()
+            centers.append(rng.choices(range(n), weights=weights)[0] if sum(weights) > 0 else rng.randrange(n))
+        labels = torch.tensor([min(range(budget), key=lambda k: float(diag[i] - 2 * kernel[i, centers[k]]
+                                                                      + kernel[centers[k], centers[k]]))
+                               for i in range(n)])
+        for _ in range(iters):
+            dist = torch.empty(n, budget, dtype=torch.float64)
+            for k in range(budget):
+                members = (labels == k).nonzero().flatten()
+                if len(members) == 0:
+                    dist[:, k] = math.inf
+                    continue
+                sub = kernel[:, members]
+                dist[:, k] = diag - 2 * sub.mean(1) + kernel[members][:, members].mean()
+            new = dist.argmin(1)
+            for k in range(budget):  # an emptied cluster takes the point farthest from its centre
+                if not (new == k).any():
+                    far = int(dist.gather(1, new[:, None]).flatten().argmax())
+                    new[far] = k
+            if torch.equal(new, labels):
+                break
+            labels = new
+        inertia = float(dist.gather(1, labels[:, None]).clamp_min(0).sum())
+        if inertia < best_inertia - 1e-12:
+            best, best_inertia = labels.tolist(), inertia
+    return best
+
+
+def kmeans_assignment(adapters: Mapping[str, LoRA], budget: int, seed: int = 0) -> dict[str, int]:
+    """K-Means of the adapters on their low-rank cosine similarity (the paper's K-Means baseline).
+
+    The mean per-module cosine S_ij = mean_m <u_i^m, u_j^m> with u = dW / ||dW|| is
+    the Gram matrix of the concatenated normalised updates, so K-Means runs exactly
+    in that space as kernel K-Means on S, without forming any dW.
+    """
+    tasks = _check(adapters, budget)
+    kernel = similarity_matrix([adapters[t] for t in tasks], metric="cos")
+    labels = _kernel_kmeans(kernel, budget, seed)
+    return _canonical(dict(zip(tasks, labels)), tasks)
+
+
+def _canonical(assignment: dict, tasks: list[str]) -> dict[str, int]:
+    """Relabel clusters by first appearance in task order (equal partitions get equal labels)."""
+    order: dict[int, int] = {}
+    for t in tasks:
+        order.setdefault(assignment[t], len(order))
+    return {t: order[assignment[t]] for t in tasks}
+
+
+def random_assignment(tasks: list[str], budget: int, seed: int = 0) -> dict[str, int]:
+    """A seeded random assignment with every cluster non-empty."""
+    rng = random.Random(seed)
+    labels = list(range(budget)) + [rng.randrange(budget) for _ in range(len(tasks) - budget)]
+    rng.shuffle(labels)
+    return _canonical(dict(zip(tasks, labels)), tasks)
+
+
+def _baseline(adapters, assignment, budget, merge_method, merge_kwargs, scorer) -> Result:
+    groups = _clusters(assignment, budget)
+    merged = [_merged(g, adapters, merge_method, merge_kwargs) for g in groups]
+    total = None
+    if scorer is not None:
+        total = sum(sum(_score(scorer, adapter, group)) for adapter, group in zip(merged, groups))
+    return Result(dict(assignment), merged, [], total)
+
+
+def kmeans(adapters: Mapping[str, LoRA], budget: int, seed: int = 0, merge: str = "svd",
+           merge_kwargs: dict | None = None, scorer: Scorer | None = None) -> Result:
+    """The K-Means baseline: :func:`kmeans_assignment`, then each cluster merged (total loss if ``scorer``)."""
+    _check_merge(merge)
+    assignment = kmeans_assignment(adapters, budget, seed)
+    return _baseline(adapters, assignment, budget, merge, merge_kwargs or {}, scorer)
+
+
+def random_clusters(adapters: Mapping[str, LoRA], budget: int, seed: int = 0, merge: str = "svd",
+                    merge_kwargs: dict | None = None, scorer: Scorer | None = None) -> Result:
+    """The random baseline: a seeded random assignment, then each cluster merged."""
+    _check_merge(merge)
+    tasks = _check(adapters, budget)
+    return _baseline(adapters, random_assignment(tasks, budget, seed), budget, merge, merge_kwargs or {}, scorer)
+
+
+def _check_merge(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"merge: unknown merge method {method!r}; choose from {list(METHODS)}")
+
+
+def _score(scorer: Scorer, merged: LoRA, tasks: list[str]) -> list[float]:
+    values = scorer(merged, list(tasks))
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"scorer: must return a sequence of floats, got {type(values).__name__}") from None
+    if len(values) != len(tasks):
+        raise ValueError(f"scorer: returned {len(values)} losses for {len(tasks)} tasks")
+    bad = [t for t, v in zip(tasks, values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"scorer: non-finite loss for tasks {bad[:5]}")
+    return values
+
+
+# ---------------------------------------------------------------- D2C
+def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: str = "svd", init="kmeans",
+            seed: int = 0, max_iters: int = 20, merge_kwargs: dict | None = None,
+            progress: bool = False) -> Result:
+    """Cluster ``adapters`` (task -> LoRA) into ``budget`` merged adapters by task loss (module docstring).
+
+    Args:
+        adapters: task name -> adapter; all of one base model.
+        budget: K, 1 <= K <= number of tasks.
+        scorer: ``scorer(merged, tasks) -> losses``, e.g. :class:`LossScorer`.
+        merge: the merge method for each cluster (equal weights); ``merge_kwargs``
+            go to :func:`kmerge_fast.merge` (e.g. ``{"density": 0.5}``).
+        init: ``"kmeans"``, ``"random"`` or a dict task -> cluster index.
+        seed: for the initialisation.
+        max_iters: rounds of merge / score / reassign at most.
+        progress: show a progress bar over rounds and scoring calls.
+    """
+    tasks = _check(adapters, budget)
+    _check_merge(merge)
+    if not callable(scorer):
+        raise TypeError(f"scorer: must be callable, got {type(scorer).__name__}")
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters: must be an int >= 1, got {max_iters!r}")
+    merge_kwargs = dict(merge_kwargs or {})
+    assignment = _initial(adapters, tasks, budget, init, seed)
+
+    merges: dict[frozenset, LoRA] = {}
+    scores: dict[tuple[frozenset, str], float] = {}
+    history: list[Iteration] = []
+    seen: set[tuple] = set()
+    best: tuple[float, dict] | None = None
+    bar = _progress(progress, max_iters)
+    try:
+        for _ in range(max_iters):
+            start = time.perf_counter()
+            groups = _clusters(assignment, budget)
+            keys = [frozenset(g) for g in groups]
+            n_merges = n_scored = 0
+            for key, group in zip(keys, groups):
+                if key not in merges:
+                    merges[key] = _merged(group, adapters, merge, merge_kwargs)
+                    n_merges += 1
+                todo = [t for t in tasks if (key, t) not in scores]
+                if todo:
+                    for t, v in zip(todo, _score(scorer, merges[key], todo)):
+                        scores[key, t] = v
+                    n_scored += len(todo)
+            loss = torch.tensor([[scores[key, t] for key in keys] for t in tasks], dtype=torch.float64)
+            total = float(sum(loss[i, assignment[t]] for i, t in enumerate(tasks)))
+            history.append(Iteration(dict(assignment), total, time.perf_counter() - start, n_merges, n_scored))
+            if best is None or total < best[0]:
+                best = (total, dict(assignment))
+            seen.add(tuple(assignment[t] for t in tasks))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(total_loss=f"{total:.4f}", merges=n_merges, scored=n_scored)
+            new = _reassign(loss, tasks, assignment, budget)
+            if tuple(new[t] for t in tasks) in seen:
+                break
+            assignment = new
+    finally:
+        if bar is not None:
+            bar.close()
+    total, assignment = best
+    groups = _clusters(assignment, budget)
+    return Result(assignment, [merges[frozenset(g)] for g in groups], history, total)
+
+
+def _initial(adapters, tasks, budget, init, seed) -> dict[str, int]:
+    if isinstance(init, Mapping):
+        if set(init) != set(tasks):
+            raise ValueError(f"init: the assignment must cover exactly the tasks; differs in "
+                             f"{sorted(set(init) ^ set(tasks))[:5]}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < budget for c in init.values()):
+            raise ValueError(f"init: cluster indices must be ints in [0, {budget})")
+        if len(set(init.values())) != budget:
+            raise ValueError(f"init: every one of the {budget} clusters needs a member")
+        return {t: init[t] for t in tasks}
+    if init == "kmeans":
+        return kmeans_assignment(adapters, budget, seed)
+    if init == "random":
+        return random_assignment(tasks, budget, seed)
+    raise ValueError(f"init: unknown {init!r}; choose from {list(INITS)} or pass a dict task -> cluster")
+
+
+def _reassign(loss: torch.Tensor, tasks: list[str], assignment: dict, budget: int) -> dict[str, int]:
+    """Each task to its lowest-loss cluster (ties keep the current); refill emptied clusters."""
+    new = {}
+    for i, t in enumerate(tasks):
+        current = assignment[t]
+        best = int(loss[i].argmin())
+        new[t] = current if loss[i, current] <= loss[i, best] else best
+    for k in range(budget):
+        if k in new.values():
+            continue
+        sizes = {c: list(new.values()).count(c) for c in range(budget)}
+        # the task worst served by its own cluster, among clusters that keep a member
+        movable = [(float(loss[i, new[t]]), -i, t) for i, t in enumerate(tasks) if sizes[new[t]] > 1]
+        _, _, worst = max(movable)
+        new[worst] = k
+    return new
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="d2c rounds", unit="round")
+
+
+from .scoring import LossScorer  # noqa: E402  (re-exported: kf.d2c.LossScorer)
+
+__all__ = ["INITS", "Iteration", "LossScorer", "Result", "cluster", "kmeans", "kmeans_assignment",
+           "random_assignment", "random_clusters"]

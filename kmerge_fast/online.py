@@ -1,0 +1,353 @@
+"""The online continual merger: K-Merge, K-Merge++ and the baselines of the paper.
+
+A device receives adapters one at a time and keeps at most ``budget`` (K)
+slots. ``add`` routes each newcomer to a slot and records the task -> slot
+mapping used at inference.
+
+Strategies (all share the API; the slot choice, then the merge):
+
+- ``kmerge`` (published): the first K arrivals take free slots; afterwards the
+  newcomer merges into the slot with the highest mean per-module similarity
+  (cosine by default), with weights (1 - 1/n, 1/n), n = tasks in the slot
+  after the merge (a running average where every task weighs the same).
+- ``kmerge++``: a newcomer opens a free slot only if its best similarity is
+  below ``threshold`` (see :func:`calibrate_threshold`); otherwise it merges.
+- ``linear`` (0.5 / 0.5), ``ties``, ``dare_linear``, ``dare_ties`` (weights
+  [1, 1], ``density``): K-Merge's slot choice, merged with that peft method.
+- ``random``: a seeded random slot once the K slots are full; running average.
+- ``oracle``: ``oracle(task)`` names a group; a group keeps one slot (a new
+  group takes a free slot, or the most similar one when none is left);
+  running average.
+- ``opcm``: K-Merge's slot choice, merged by orthogonal-projection continual
+  merging in low-rank form (``kmerge_fast/opcm.py``).
+
+Modes of the running-average merges (``kmerge``, ``kmerge++``, ``random``, ``oracle``):
+
+- ``faithful`` (default): as the published code, peft's factor-wise ``linear``
+  combination: A = sqrt(w1 s1) A_slot + sqrt(w2 s2) A_new, B likewise, scaling 1.
+  Cheap and rank-preserving, but not the average of the updates: the product
+  carries cross terms B_slot A_new (and, with a shared A initialisation, it
+  no longer averages at all).
+- ``exact``: the slot holds the best rank-r approximation of the true running
+  average of the updates: an ``svd`` merge of (slot, newcomer) with the same
+  weights, truncated to the slot's rank by the SVD kernel.
+
+With ``store=folder`` the state lives on disk (:mod:`kmerge_fast.store`):
+every ``add`` commits atomically before it returns, and
+:meth:`OnlineMerger.open` resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .lora import LoRA
+from .merge import merge
+from .opcm import opcm_step
+from .ops.elementwise import mix64
+from .similarity import METRICS, similarity_matrix
+from .store import Store, StoreError
+
+STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
+MODES = ("faithful", "exact")
+#: Strategies that keep a running average (and so honour ``mode``).
+RUNNING_AVERAGE = ("kmerge", "kmerge++", "random", "oracle")
+#: Baselines merging (slot, newcomer) with a peft method and fixed weights.
+PEFT_BASELINES = {"linear": ("linear", [0.5, 0.5]), "ties": ("ties", [1.0, 1.0]),
+                  "dare_linear": ("dare_linear", [1.0, 1.0]), "dare_ties": ("dare_ties", [1.0, 1.0])}
+
+
+@dataclass
+class Step:
+    """One ``add``: the task, the slot it went to, what happened, the similarities seen, and the
+    seconds spent deciding and merging (the store's commit is not included)."""
+
+    task: str
+    slot: int
+    action: str            # "new" (took a free slot), "merge" or "replace"
+    similarities: list     # similarity to each slot before the add (empty when there was none)
+    seconds: float
+
+
+def calibrate_threshold(loras: Sequence[LoRA], metric: str = "cos") -> float:
+    """K-Merge++'s threshold as its authors calibrated it: the median pairwise similarity of ``loras``.
+
+    Use adapters other than the ones to be streamed (at least 2).
+    """
+    if len(loras) < 2:
+        raise ValueError("loras: need at least 2 adapters to calibrate a threshold")
+    sims = similarity_matrix(list(loras), metric=metric)
+    i, j = torch.triu_indices(len(loras), len(loras), offset=1)
+    return float(torch.quantile(sims[i, j], 0.5))  # the middle value, or the mean of the two middle ones
+
+
+class OnlineMerger:
+    """Keeps at most ``budget`` adapter slots while adapters arrive one at a time.
+
+    Args:
+        budget: K, the number of slots (>= 1).
+        strategy: one of :data:`STRATEGIES` (module docstring).
+        similarity: ``"cos"`` (default, published), ``"l2"``, ``"l1"`` or ``"linf"``.
+        threshold: K-Merge++'s similarity threshold (required by ``kmerge++`` only).
+        mode: ``"faithful"`` or ``"exact"`` for the running-average strategies.
+        store: a folder to keep the state in (created; must not hold a store
+            yet - use :meth:`open` to resume one). None: in memory only.
+        seed: seeds ``random``'s slot choice and DARE's masks (per step, so a
+            resumed store continues the same sequence).
+        oracle: ``task -> group`` for the ``oracle`` strategy.
+        density: kept fraction for ``ties`` / ``dare_*`` (default 0.5, as published).
+
+    Use as a context manager (or call :meth:`close`) to release a store's lock.
+    """
+
+    def __init__(self, budget: int, strategy: str = "kmerge", similarity: str = "cos", threshold: float | None = None,
+                 mode: str = "faithful", store: str | Path | None = None, seed: int | None = None,
+                 oracle: Callable[[str], object] | None = None, density: float = 0.5):
+        settings = _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density)
+        self._init(settings, oracle)
+        self._store = Store.create(store, settings) if store is not None else None
+
+    def _init(self, settings: dict, oracle) -> None:
+        self.settings = settings
+        self.budget: int = settings["budget"]
+        self.strategy: str = settings["strategy"]
+        self.similarity: str = settings["similarity"]
+        self.threshold: float | None = settings["threshold"]
+        self.mode: str = settings["mode"]
+        self.seed: int = settings["seed"]
+        self.density: float = settings["density"]
+        self.oracle = oracle
+        self.slots: list[LoRA] = []
+        self.members: list[list[str]] = []
+        self.history: list[Step] = []
+        self._extra: list[dict] = []       # per slot: strategy state (OPCM's lambdas, oracle groups)
+        self._store: Store | None = None
+
+    # ------------------------------------------------------------ persistence
+    @classmethod
+    def open(cls, store: str | Path, oracle: Callable[[str], object] | None = None) -> "OnlineMerger":
+        """Resume the merger kept in ``store``; verifies every file's checksum.
+
+        Raises :class:`~kmerge_fast.store.StoreError` if the folder is not a
+        store, is corrupt or tampered with, or is open by another writer.
+        """
+        st = Store.open(store)
+        try:
+            settings = st.manifest["settings"]
+            if settings.get("strategy") == "oracle" and oracle is None:
+                raise ValueError("oracle: this store uses the 'oracle' strategy; pass the task -> group function")
+            self = cls.__new__(cls)
+            self._init(settings, oracle)
+            for i, meta in enumerate(st.manifest["slots"]):
+                self.slots.append(st.load_slot(i))
+                self.members.append(list(meta["tasks"]))
+                self._extra.append(meta.get("extra", {}))
+            self.history = [Step(**h) for h in st.manifest["history"]]
+        except BaseException:
+            st.close()
+            raise
+        self._store = st
+        return self
+
+    def close(self) -> None:
+        """Release the store's writer lock (the state is already on disk)."""
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "OnlineMerger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def store(self) -> Path | None:
+        return self._store.root if self._store is not None else None
+
+    def export(self, slot: int, path: str | Path) -> None:
+        """Write slot ``slot`` as a peft adapter folder."""
+        self._check_slot(slot)
+        self.slots[slot].save(path)
+
+    # ---------------------------------------------------------------- queries
+    def slot_for(self, task: str) -> int:
+        """The slot that serves ``task``."""
+        for i, tasks in enumerate(self.members):
+            if task in tasks:
+                return i
+        raise KeyError(f"task {task!r} was never added (known: {sum(len(m) for m in self.members)} tasks)")
+
+    def _check_slot(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(self.slots):
+            raise ValueError(f"slot: no slot {slot!r}; this merger has {len(self.slots)} (0..{len(self.slots) - 1})")
+
+    # -------------------------------------------------------------------- add
+    def add(self, lora: LoRA, task: str, replace: bool = False) -> int:
+        """Route ``lora`` (the adapter of ``task``) to a slot; returns the slot index.
+
+        ``replace=True`` lets a task already stored come again: if it is the
+        only task of its slot, the slot takes the new adapter; a task merged
+        with others cannot be taken out of their merge, so that raises.
+        On any error nothing changes, in memory or on disk.
+        """
+        start = time.perf_counter()
+        self._check_newcomer(lora, task)
+        if any(task in m for m in self.members):
+            if not replace:
+                raise ValueError(f"task: {task!r} is already stored (slot {self.slot_for(task)}); "
+                                 "pass replace=True to replace it")
+            slot = self.slot_for(task)
+            if self.members[slot] != [task]:
+                raise ValueError(f"task: {task!r} shares slot {slot} with {len(self.members[slot]) - 1} other "
+                                 "task(s); a merged task cannot be replaced")
+            extra = {"group": self._extra[slot]["group"]} if "group" in self._extra[slot] else {}
+            return self._apply(task, slot, "replace", lora, extra, [], start)
+        sims = self._similarities(lora)
+        slot = self._choose(task, sims)
+        if slot == len(self.slots):
+            extra = {"group": self._group(task)} if self.strategy == "oracle" else {}
+            return self._apply(task, slot, "new", lora, extra, sims, start)
+        merged, extra = self._merge(slot, lora, task)
+        return self._apply(task, slot, "merge", merged, extra, sims, start)
+
+    def _check_newcomer(self, lora: LoRA, task: str) -> None:
+        if not isinstance(lora, LoRA):
+            raise TypeError(f"lora: expected a kmerge_fast.LoRA, got {type(lora).__name__}")
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"task: need a non-empty string, got {task!r}")
+        if not lora.modules:
+            raise ValueError(f"task {task!r}: the adapter has no modules")
+        for name, m in lora.modules.items():
+            for label, t in (("A", m.A), ("B", m.B)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"task {task!r}: module {name!r}: lora_{label} holds NaN or Inf")
+        if self.slots:
+            want = {n: m.shape for n, m in self.slots[0].modules.items()}
+            got = {n: m.shape for n, m in lora.modules.items()}
+            if want != got:
+                missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+                shape = sorted(n for n in set(want) & set(got) if want[n] != got[n])
+                raise ValueError(
+                    f"task {task!r}: the adapter does not match the stored base model: "
+                    f"missing modules {missing[:3]}, unknown modules {extra[:3]}, "
+                    f"shape mismatch in {[(n, got[n], want[n]) for n in shape[:3]]}")
+            if self.strategy in RUNNING_AVERAGE and self.mode == "faithful" or self.strategy in PEFT_BASELINES:
+                ranks = {n: m.rank for n, m in lora.modules.items()}
+                stored = self.slots[0].ranks
+                if ranks != stored:
+                    bad = next(n for n in ranks if ranks[n] != stored[n])
+                    raise ValueError(f"task {task!r}: module {bad!r} has rank {ranks[bad]}, the slots {stored[bad]}; "
+                                     f"peft's factor-wise merges need equal ranks (use mode='exact')")
+
+    def _similarities(self, lora: LoRA) -> list[float]:
+        if not self.slots:
+            return []
+        return similarity_matrix([lora], self.slots, metric=self.similarity)[0].tolist()
+
+    def _step_seed(self) -> int:
+        return mix64((self.seed or 0) * 0x100000001B3 + len(self.history))
+
+    def _choose(self, task: str, sims: list[float]) -> int:
+        """The slot for a newcomer; ``len(self.slots)`` means a new slot."""
+        free = len(self.slots) < self.budget
+        if self.strategy == "oracle":
+            group = self._group(task)
+            for i, extra in enumerate(self._extra):
+                if extra.get("group") == group:
+                    return i
+            return len(self.slots) if free else _argmax(sims)
+        if self.strategy == "kmerge++":
+            return len(self.slots) if free and (not sims or max(sims) < self.threshold) else _argmax(sims)
+        if free:
+            return len(self.slots)
+        if self.strategy == "random":
+            return random.Random(self._step_seed()).randrange(len(self.slots))
+        return _argmax(sims)
+
+    def _group(self, task: str):
+        group = self.oracle(task)
+        return group if isinstance(group, (str, int, float, bool)) or group is None else str(group)
+
+    def _merge(self, slot: int, lora: LoRA, task: str) -> tuple[LoRA, dict]:
+        current = self.slots[slot]
+        rank = max(current.ranks.values())
+        if self.strategy in PEFT_BASELINES:
+            method, weights = PEFT_BASELINES[self.strategy]
+            density = None if method == "linear" else self.density
+            gen = torch.Generator().manual_seed(self._step_seed() & (2**63 - 1))
+            return merge([current, lora], weights, method=method, density=density, generator=gen), {}
+        if self.strategy == "opcm":
+            merged, state = opcm_step(current, lora, self._extra[slot].get("opcm", {}), rank)
+            return merged, {"opcm": state}
+        n = len(self.members[slot]) + 1
+        weights = [1.0 - 1.0 / n, 1.0 / n]
+        if self.mode == "faithful":
+            return merge([current, lora], weights, method="linear"), dict(self._extra[slot])
+        return merge([current, lora], weights, method="svd", rank=rank), dict(self._extra[slot])
+
+    def _apply(self, task, slot, action, adapter, extra, sims, start) -> int:
+        """Commit the new state (store first, then memory) and record the step."""
+        slots = list(self.slots)
+        members = [list(m) for m in self.members]
+        extras = list(self._extra)
+        if slot == len(slots):
+            slots.append(adapter)
+            members.append([task])
+            extras.append(extra)
+        else:
+            slots[slot] = adapter
+            extras[slot] = extra
+            if action == "merge":
+                members[slot].append(task)
+        step = Step(task, slot, action, [float(s) for s in sims], time.perf_counter() - start)
+        history = self.history + [step]
+        if self._store is not None:
+            meta = [{"tasks": m, "rank": max(s.ranks.values()), "extra": e} for m, s, e in zip(members, slots, extras)]
+            self._store.commit({slot: adapter}, meta, [asdict(h) for h in history])
+        self.slots, self.members, self._extra, self.history = slots, members, extras, history
+        return slot
+
+
+def _argmax(values: list[float]) -> int:
+    best = max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the lowest index
+    return best
+
+
+def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density) -> dict:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget: must be an int >= 1, got {budget!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: unknown {strategy!r}; choose from {list(STRATEGIES)}")
+    if similarity not in METRICS:
+        raise ValueError(f"similarity: unknown {similarity!r}; choose from {list(METRICS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown {mode!r}; choose from {list(MODES)}")
+    if mode != "faithful" and strategy not in RUNNING_AVERAGE:
+        raise ValueError(f"mode: {mode!r} applies to the running-average strategies {list(RUNNING_AVERAGE)}, "
+                         f"not {strategy!r}")
+    if strategy == "kmerge++":
+        if threshold is None or isinstance(threshold, bool) or not math.isfinite(float(threshold)):
+            raise ValueError("threshold: kmerge++ needs a finite threshold (see kf.calibrate_threshold)")
+        threshold = float(threshold)
+    elif threshold is not None:
+        raise ValueError(f"threshold: only kmerge++ uses a threshold, not {strategy!r}")
+    if (strategy == "oracle") != (oracle is not None):
+        raise ValueError("oracle: the 'oracle' strategy needs oracle=task -> group, and only it takes one")
+    if oracle is not None and not callable(oracle):
+        raise ValueError(f"oracle: must be callable, got {type(oracle).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed: must be an int or None, got {seed!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density: must be in (0, 1], got {density!r}")
+    return {"budget": budget, "strategy": strategy, "similarity": similarity, "threshold": threshold,
+            "mode": mode, "seed": seed, "density": float(density)}
+
+
+__all__ = ["MODES", "STRATEGIES", "OnlineMerger", "Step", "StoreError", "calibrate_threshold"]

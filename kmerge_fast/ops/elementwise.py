@@ -1,0 +1,154 @@
+"""Elementwise trim / elect / drop rules of TIES, DARE and magnitude pruning, in torch.
+
+These act on whole tensors: the factor-wise merges (peft's ``ties``,
+``dare_*``, ``magnitude_prune`` on the A and B factors) call them directly,
+and the reference backend's ``dense_combine`` applies them to dense updates
+(the C++ backend applies the same rules tile by tile, see
+``csrc/core/dense_merge.cpp``). Semantics are peft 0.21's
+(``peft/utils/merge_utils.py``), with two documented differences:
+
+- magnitude pruning of dense updates keeps ``|v| >= tau`` with ``tau`` the
+  k-th largest ``|v|``, ``k = int(density * numel)`` (a threshold is what a
+  tile-by-tile kernel can apply); peft's ``topk`` keeps exactly k. They
+  differ only when values tie at ``tau``, which float32 products of real
+  factors practically never do. Factor-wise pruning (small tensors, often
+  half precision, where ties are common) keeps exactly k with ``topk``, as
+  peft does (:func:`topk_keep`).
+- DARE draws its keep mask from a counter-based hash of (seed, element index)
+  instead of ``torch.bernoulli`` on the global RNG: the mask is the same on
+  every backend, thread count and tile order, and reproducible from a seed.
+  Each element is kept independently with probability ``density`` (to
+  2^-24), as in peft; the masks themselves are not peft's.
+
+Keep kinds and combine modes (their integer codes are the C++ kernel's):
+
+- keep ``ALL`` (0): p = v; ``MAGNITUDE`` (1): p = v if |v| >= tau else 0;
+  ``DARE`` (2): p = v / density if kept else 0.
+- combine ``SUM`` (0): sum_i w_i p_i. ``TIES`` (1): elect = +1 if
+  sum_i p_i >= 0 (sign method ``total``) or sum_i sign(p_i) >= 0
+  (``frequency``), else -1; result = sum_{i: sign(p_i) = elect} w_i p_i /
+  max(1, #{i: sign(p_i) = elect}).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ALL, MAGNITUDE, DARE = 0, 1, 2
+SUM, TIES = 0, 1
+SIGN_METHODS = {"total": 0, "frequency": 1}
+
+_M64 = (1 << 64) - 1
+_MIX1, _MIX2, _GOLDEN = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x9E3779B97F4A7C15
+
+
+class Keep(NamedTuple):
+    """How one term is pruned before combining (see the module docstring).
+
+    ``tau``: the magnitude threshold (MAGNITUDE); ``seed`` (uint64),
+    ``thresh24`` (= round(density * 2^24)) and ``density``: the DARE draw.
+    """
+
+    kind: int = ALL
+    tau: float = 0.0
+    seed: int = 0
+    thresh24: int = 0
+    density: float = 1.0
+
+
+def mix64(x: int) -> int:
+    """The murmur3 64-bit finaliser on a Python int (mod 2^64): seeds per tensor."""
+    x &= _M64
+    x ^= x >> 33
+    x = (x * _MIX1) & _M64
+    x ^= x >> 33
+    x = (x * _MIX2) & _M64
+    return x ^ (x >> 33)
+
+
+def _signed(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def dare_thresh24(density: float) -> int:
+    """The integer keep threshold of :func:`dare_mask` for ``density``."""
+    return int(round(density * (1 << 24)))
+
+
+def dare_mask(seed: int, shape: tuple[int, int], thresh24: int, device=None) -> torch.Tensor:
+    """Bool (rows, cols) mask: element (i, j) kept iff hash(seed, i * cols + j) >> 40 < thresh24.
+
+    hash = mix64(seed + (idx + 1) * 0x9E3779B97F4A7C15), all modulo 2^64; int64
+    arithmetic in torch wraps like uint64, shifts are made logical.
+    """
+    rows, cols = shape
+    idx = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    x = (idx + 1) * _signed(_GOLDEN) + _signed(seed & _M64)
+    x = x ^ _shr(x, 33)
+    x = x * _signed(_MIX1)
+    x = x ^ _shr(x, 33)
+    x = x * _signed(_MIX2)
+    x = x ^ _shr(x, 33)
+    return (_shr(x, 40) < thresh24).reshape(rows, cols)
+
+
+def kth_largest_abs(t: torch.Tensor, k: int) -> float:
+    """The k-th largest |t| (+inf for k = 0); NaN counts as larger than everything."""
+    if k == 0:
+        return float("inf")
+    flat = t.abs().flatten()
+    flat = torch.where(flat.isnan(), torch.full_like(flat, float("inf")), flat)
+    return float(torch.topk(flat, k).values[-1])
+
+
+def topk_keep(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t with all but its k largest-magnitude entries zeroed (exactly k; ties as torch.topk breaks them)."""
+    flat = t.flatten()
+    out = torch.zeros_like(flat)
+    index = torch.topk(flat.abs(), k).indices
+    out[index] = flat[index]
+    return out.reshape(t.shape)
+
+
+def magnitude_k(density: float, numel: int) -> int:
+    """peft's number of kept values: int(density * numel)."""
+    return int(density * numel)
+
+
+def apply_keep(t: torch.Tensor, keep: Keep) -> torch.Tensor:
+    """p = keep(t) elementwise (see the module docstring)."""
+    if keep.kind == ALL:
+        return t
+    zero = torch.zeros((), dtype=t.dtype, device=t.device)
+    if keep.kind == MAGNITUDE:
+        return torch.where((t.abs() >= keep.tau) | t.isnan(), t, zero)
+    if keep.kind == DARE:
+        mask = dare_mask(keep.seed, tuple(t.shape), keep.thresh24, t.device)
+        return torch.where(mask, t / keep.density, zero)
+    raise ValueError(f"keep kind: unknown {keep.kind}")
+
+
+def combine(pruned: list[torch.Tensor], weights: list[float], mode: int, sign_method: str = "total") -> torch.Tensor:
+    """Combine pruned tensors p_i (same shape) with weights w_i: SUM or TIES."""
+    stacked = torch.stack(pruned)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if mode == SUM:
+        return (stacked * w).sum(0)
+    if mode != TIES:
+        raise ValueError(f"combine mode: unknown {mode}")
+    sign = stacked.sign()
+    votes = stacked.sum(0) if sign_method == "total" else sign.sum(0)
+    elect = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = sign == elect
+    total = torch.where(agree, stacked * w, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(0)
+    # NaN has sign NaN (never "agrees"); put it back so it is not silently dropped.
+    total = torch.where(stacked.isnan().any(0), torch.full_like(total, float("nan")), total)
+    return total / agree.sum(0).clamp_min(1).to(stacked.dtype)

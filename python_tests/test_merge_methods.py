@@ -1,0 +1,219 @@
+"""peft's combination types in kf.merge: every backend against float64 oracles, and DARE statistics.
+
+The oracles are peft's own merge_utils functions run on float64 tensors (an
+independent implementation of TIES / DARE / magnitude pruning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kmerge_fast as kf
+from conftest import SHAPES_AWKWARD, STORE_TOL, TRUNC_TOL, dense64, random_lora
+from kmerge_fast import ops
+from kmerge_fast.ops import Factor
+from kmerge_fast.ops.elementwise import (ALL, DARE, MAGNITUDE, SUM, TIES, Keep, dare_mask, dare_thresh24, magnitude_k, mix64)
+
+merge_utils = pytest.importorskip("peft.utils.merge_utils")
+
+SHAPES = {"q": (23, 17), "v": (9, 40), "o": (40, 40)}
+WEIGHTS = [0.8, -0.5, 1.3]
+
+
+def _loras(dtype, k=3, ranks=(3, 5, 2), shared_only=False):
+    out = []
+    for i in range(k):
+        shapes = dict(SHAPES)
+        if i == 1 and not shared_only:
+            shapes.pop("o")  # a module only some adapters hold
+        out.append(random_lora(shapes, ranks[i], dtype, scaling=0.4 + 0.3 * i, seed=i, strided=i == 2))
+    return out
+
+
+def _peft_dense(method, deltas, weights, density, sign):
+    w = torch.tensor(weights, dtype=torch.float64)
+    if method == "ties_svd":
+        return merge_utils.ties(deltas, w, density, sign)
+    if method == "magnitude_prune_svd":
+        return merge_utils.magnitude_prune(deltas, w, density)
+    return merge_utils.task_arithmetic(deltas, w)
+
+
+@pytest.mark.parametrize("method,density,sign", [
+    ("ties_svd", 0.5, "total"), ("ties_svd", 0.3, "frequency"), ("ties_svd", 1.0, "total"),
+    ("magnitude_prune_svd", 0.4, "total"), ("magnitude_prune_svd", 1.0, "total")])
+def test_dense_domain_matches_peft_math(backend, dtype, method, density, sign):
+    loras = _loras(dtype)
+    merged = kf.merge(loras, WEIGHTS, method=method, density=density, majority_sign_method=sign, rank=4)
+    for name, module in merged.modules.items():
+        holders = [(l, w) for l, w in zip(loras, WEIGHTS) if name in l.modules]
+        m = _peft_dense(method, [dense64(l.modules[name]) for l, _ in holders], [w for _, w in holders], density, sign)
+        assert module.A.shape == (4, m.shape[1]) and module.A.dtype == dtype and module.scaling == 1.0
+        s = torch.linalg.svdvals(m)
+        best = float(s[4:].square().sum().sqrt())
+        got = float((m - dense64(module)).norm())
+        assert got - best <= TRUNC_TOL[dtype] * float(m.norm()), (name, got, best)
+
+
+@pytest.mark.parametrize("method,density,sign", [
+    ("linear", None, "total"), ("ties", 0.5, "total"), ("ties", 0.7, "frequency"), ("magnitude_prune", 0.3, "total")])
+def test_factor_wise_matches_peft_math(backend, dtype, method, density, sign):
+    loras = _loras(dtype, ranks=(4, 4, 4))
+    merged = kf.merge(loras, WEIGHTS, method=method, density=density, majority_sign_method=sign)
+    fn = {"linear": lambda t, w: merge_utils.task_arithmetic(t, w),
+          "ties": lambda t, w: merge_utils.ties(t, w, density, sign),
+          "magnitude_prune": lambda t, w: merge_utils.magnitude_prune(t, w, density)}[method]
+    for name, module in merged.modules.items():
+        holders = [(l.modules[name], w) for l, w in zip(loras, WEIGHTS) if name in l.modules]
+        ws = [w * m.scaling for m, w in holders]
+        w_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in ws], dtype=torch.float64)
+        w_b = torch.tensor([math.sqrt(abs(x)) for x in ws], dtype=torch.float64)
+        a = fn([m.A.double() for m, _ in holders], w_a)
+        b = fn([m.B.double() for m, _ in holders], w_b)
+        tol = STORE_TOL[dtype]
+        torch.testing.assert_close(module.A.double(), a, rtol=tol, atol=tol * float(a.abs().max()))
+        torch.testing.assert_close(module.B.double(), b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+def test_factor_wise_needs_equal_ranks():
+    loras = _loras(torch.float32)
+    with pytest.raises(ValueError, match="needs equal ranks"):
+        kf.merge(loras, WEIGHTS, method="linear")
+
+
+@pytest.mark.parametrize("mode,kind,sign", [(SUM, ALL, "total"), (SUM, MAGNITUDE, "total"), (TIES, MAGNITUDE, "total"),
+                                            (TIES, MAGNITUDE, "frequency"), (SUM, DARE, "total"), (TIES, DARE, "total")])
+def test_dense_combine_backends_agree(backend, dtype, mode, kind, sign):
+    """The C++ tile kernel and the torch reference: same thresholds, same DARE masks."""
+    factors = [Factor(l.modules[f"base_model.model.{n}"].A, l.modules[f"base_model.model.{n}"].B, 0.5 + i)
+               for i, l in enumerate([random_lora(SHAPES_AWKWARD, r, dtype, seed=s) for s, r in ((1, 3), (2, 1))])
+               for n in ["odd"]]
+    impl = ops.select_for([factors])
+    ref = ops._load("reference")
+    numel = 577 * 193
+    keeps = []
+    for j, f in enumerate(factors):
+        if kind == MAGNITUDE:
+            tau = impl.abs_kth([(f, magnitude_k(0.4, numel))])[0]
+            tau_ref = ref.abs_kth([(f, magnitude_k(0.4, numel))])[0]
+            assert tau == pytest.approx(tau_ref, rel=1e-5)
+            keeps.append(Keep(MAGNITUDE, tau=tau))
+        elif kind == DARE:
+            keeps.append(Keep(DARE, seed=1234 + j, thresh24=dare_thresh24(0.3), density=0.3))
+        else:
+            keeps.append(Keep())
+    got = impl.dense_combine(factors, [0.9, -1.1], keeps, mode, sign)
+    want = ref.dense_combine(factors, [0.9, -1.1], keeps, mode, sign)
+    assert got.shape == (577, 193) and got.dtype == torch.float32
+    scale = float(want.abs().max())
+    # Elements right at a magnitude threshold may round to the other side in one backend.
+    close = (got - want).abs() <= 1e-5 * scale
+    assert float(close.float().mean()) >= 1 - 1e-4
+
+
+# ------------------------------------------------------------------ DARE
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.9])
+def test_dare_mask_keeps_density_fraction(density):
+    mask = dare_mask(987654321, (300, 400), dare_thresh24(density))
+    n = mask.numel()
+    assert abs(float(mask.float().mean()) - density) <= 5 * math.sqrt(density * (1 - density) / n)
+    # rows, columns and seeds are not correlated: per-row fractions spread binomially
+    rows = mask.float().mean(1)
+    assert float(rows.std()) == pytest.approx(math.sqrt(density * (1 - density) / 400), rel=0.25)
+    other = dare_mask(987654322, (300, 400), dare_thresh24(density))
+    agree = float((mask == other).float().mean())
+    assert agree == pytest.approx(density ** 2 + (1 - density) ** 2, abs=0.01)
+
+
+def test_dare_rescales_kept_values(backend):
+    f = Factor(torch.randn(3, 50), torch.randn(40, 3), 0.7)
+    dense = 0.7 * (f.B.double() @ f.A.double())
+    impl = ops.select_for([[f]])
+    out = impl.dense_combine([f], [1.0], [Keep(DARE, seed=7, thresh24=dare_thresh24(0.25), density=0.25)], SUM)
+    kept = out != 0
+    torch.testing.assert_close(out[kept].double(), dense[kept] / 0.25, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept, dare_mask(7, (40, 50), dare_thresh24(0.25)))
+
+
+def test_dare_expectation_is_the_weighted_sum(backend):
+    """E[DARE merge] = sum_i w_i dW_i: the mean of many draws converges at the binomial rate."""
+    gen = torch.Generator().manual_seed(0)
+    factors = [Factor(torch.randn(2, 30, generator=gen), torch.randn(20, 2, generator=gen), s) for s in (1.0, 0.5)]
+    weights, d, draws = [0.6, -1.2], 0.4, 300
+    impl = ops.select_for([factors])
+    total = torch.zeros(20, 30, dtype=torch.float64)
+    for k in range(draws):
+        keeps = [Keep(DARE, seed=mix64(2 * k + i), thresh24=dare_thresh24(d), density=d) for i in range(2)]
+        total += impl.dense_combine(factors, weights, keeps, SUM).double()
+    mean = total / draws
+    dense = [f.coef * (f.B.double() @ f.A.double()) for f in factors]
+    truth = sum(w * t for w, t in zip(weights, dense))
+    var = sum((w * t) ** 2 for w, t in zip(weights, dense)) * (1 - d) / d / draws
+    z = (mean - truth).abs() / var.sqrt().clamp_min(1e-12)
+    assert float(z.max()) < 5.5
+    # mean z^2 ~ chi^2_600 / 600: 1 +- 0.06; a wrong rescale or a biased mask moves it far off
+    assert float(z.square().mean()) == pytest.approx(1.0, abs=0.25)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_merge_reproducible(method):
+    loras = _loras(torch.float32, ranks=(4, 4, 4))
+
+    def run(seed):
+        return kf.merge(loras, WEIGHTS, method=method, density=0.5, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(3), run(3), run(4)
+    name = "base_model.model.q"
+    assert torch.equal(a.modules[name].A, b.modules[name].A)
+    assert not torch.equal(a.modules[name].A, c.modules[name].A)
+
+
+def test_dare_linear_factor_values():
+    lora = random_lora({"q": (8, 9)}, 3, scaling=4.0)
+    other = random_lora({"q": (8, 9)}, 3, scaling=4.0, seed=5)
+    merged = kf.merge([lora, other], [1.0, 0.0], method="dare_linear", density=0.5,
+                      generator=torch.Generator().manual_seed(0))
+    m, src = merged.modules["base_model.model.q"], lora.modules["base_model.model.q"]
+    kept = m.A != 0
+    # weight 1, scaling 4: sqrt(4) = 2 on A and B, then / density on kept values
+    torch.testing.assert_close(m.A[kept], 2 * src.A[kept] / 0.5)
+    assert 0.2 < float(kept.float().mean()) < 0.8
+
+
+# ------------------------------------------------------------------ arguments
+@pytest.mark.parametrize("kw,message", [
+    (dict(method="dare"), "method: unknown combination type"),
+    (dict(method="ties"), "density: method 'ties' needs"),
+    (dict(method="ties_svd", density=0.0), r"density: must be in \(0, 1\]"),
+    (dict(method="ties_svd", density=1.01), r"density: must be in \(0, 1\]"),
+    (dict(method="svd", density=0.5), "density: not used"),
+    (dict(method="linear", rank=2), "rank: only the svd methods"),
+    (dict(method="ties", density=0.5, majority_sign_method="max"), "majority_sign_method"),
+    (dict(method="cat", svd_clamp=0.9), "svd_clamp: only the svd methods"),
+    (dict(method="svd", svd_clamp=2.0), "svd_clamp: a quantile"),
+])
+def test_bad_arguments(kw, message):
+    loras = _loras(torch.float32, ranks=(4, 4, 4))
+    with pytest.raises(ValueError, match=message):
+        kf.merge(loras, WEIGHTS, **kw)
+
+
+def test_nan_input_to_dense_method_is_an_error():
+    a = random_lora({"q": (6, 5)}, 2)
+    b = random_lora({"q": (6, 5)}, 2, seed=3)
+    b.modules["base_model.model.q"].A[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        kf.merge([a, b], [0.5, 0.5], method="ties_svd", density=0.5)
+
+
+def test_svd_clamp_bounds_factors(backend):
+    loras = _loras(torch.float32)
+    merged = kf.merge(loras, WEIGHTS, method="svd", svd_clamp=0.8)
+    plain = kf.merge(loras, WEIGHTS, method="svd")
+    for name, module in merged.modules.items():
+        values = torch.cat([plain.modules[name].B.flatten(), plain.modules[name].A.flatten()]).double()
+        q = float(torch.quantile(values, 0.8))
+        assert float(module.A.abs().max()) <= q * (1 + 1e-6) and float(module.B.abs().max()) <= q * (1 + 1e-6)

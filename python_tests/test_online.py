@@ -1,0 +1,301 @@
+"""OnlineMerger: the published K-Merge loop (re-implemented here on peft itself), strategies, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kmerge_fast as kf
+from conftest import random_lora, tiny_llama
+
+SHAPES = {f"model.layers.{i}.self_attn.{p}": (32, 32) if p == "q_proj" else (16, 32)
+          for i in range(2) for p in ("q_proj", "v_proj")}
+
+
+def family_adapters(n: int, families: int = 3, rank: int = 4, seed: int = 0, dtype=torch.float32) -> list[kf.LoRA]:
+    """Adapters in ``families`` groups: a shared random update per group plus noise, so routing is meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    bases = [{name: (torch.randn(rank, shape[1], generator=g), torch.randn(shape[0], rank, generator=g))
+              for name, shape in SHAPES.items()} for _ in range(families)]
+    out = []
+    for k in range(n):
+        base = bases[k % families]
+        factors = {name: (a + 0.6 * torch.randn(a.shape, generator=g), b + 0.6 * torch.randn(b.shape, generator=g))
+                   for name, (a, b) in base.items()}
+        out.append(kf.LoRA.from_factors({n_: (a.to(dtype), b.to(dtype)) for n_, (a, b) in factors.items()},
+                                        scaling=0.5 + 0.25 * (k % 3)))
+    return out
+
+
+# ------------------------------------------------- the published loop on peft
+def _published_kmerge(model, tasks: list[str], budget: int, threshold: float | None):
+    """K-Merge(++) as the paper's code does it: dense cosine per module, peft 'linear' merges.
+
+    ``model`` is a PeftModel holding every task's adapter under its task name.
+    Returns (slot per task, slot adapter names, members).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+    def similarity(x: str, y: str) -> float:
+        sims = [float(F.cosine_similarity(layer.get_delta_weight(x).flatten(), layer.get_delta_weight(y).flatten(),
+                                          dim=0))
+                for layer in layers if x in layer.lora_A and y in layer.lora_A]
+        return sum(sims) / len(sims)
+
+    slots, members, choices = [], [], []
+    for step, task in enumerate(tasks):
+        sims = [similarity(task, s) for s in slots]
+        opens = len(slots) < budget and (threshold is None or not sims or max(sims) < threshold)
+        if opens:
+            slots.append(task)
+            members.append([task])
+            choices.append(len(slots) - 1)
+            continue
+        best = max(range(len(sims)), key=lambda i: sims[i])
+        n = len(members[best]) + 1
+        merged = f"merged_{step}"
+        model.add_weighted_adapter([slots[best], task], [1 - 1 / n, 1 / n], merged, combination_type="linear")
+        slots[best] = merged
+        members[best].append(task)
+        choices.append(best)
+    return choices, slots, members
+
+
+def _peft_factors(model, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for key, m in model.named_modules():
+        if isinstance(m, LoraLayer) and adapter in m.lora_A:
+            out[kf.lora.canonical_name(key)] = (m.lora_A[adapter].weight.detach(), m.lora_B[adapter].weight.detach(),
+                                                m.scaling[adapter])
+    return out
+
+
+@pytest.mark.parametrize("strategy,budget", [("kmerge", 3), ("kmerge", 1), ("kmerge++", 4)])
+def test_faithful_mode_matches_published_loop(tmp_path, strategy, budget):
+    peft = pytest.importorskip("peft")
+    adapters = family_adapters(9)
+    tasks = [f"task{k}" for k in range(len(adapters))]
+    for task, lora in zip(tasks, adapters):
+        lora.save(tmp_path / task)
+    base = tiny_llama(hidden=32, layers=2)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / tasks[0], adapter_name=tasks[0])
+    for task in tasks[1:]:
+        model.load_adapter(tmp_path / task, adapter_name=task)
+    threshold = kf.calibrate_threshold(family_adapters(6, seed=99)) if strategy == "kmerge++" else None
+
+    choices, slot_names, members = _published_kmerge(model, tasks, budget, threshold)
+    merger = kf.OnlineMerger(budget, strategy=strategy, threshold=threshold)
+    ours = [merger.add(kf.LoRA.load(tmp_path / t), t) for t in tasks]
+    assert ours == choices
+    assert merger.members == members
+    assert len(set(choices)) > 1 or budget == 1
+    for slot, name in zip(merger.slots, slot_names):
+        theirs = _peft_factors(model, name)
+        assert set(theirs) == set(slot.modules)
+        for key, (a, b, s) in theirs.items():
+            m = slot.modules[key]
+            assert m.scaling == pytest.approx(s)
+            torch.testing.assert_close(m.A, a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.B, b, rtol=1e-5, atol=1e-6)
+
+
+def _true_average(adapters, tasks, members_of_slot):
+    """The running average of the dense updates of a slot's tasks, per module (float64)."""
+    index = {t: i for i, t in enumerate(tasks)}
+    out = {}
+    for name in adapters[0].modules:
+        out[name] = sum(adapters[index[t]].modules[name].delta(torch.float64) for t in members_of_slot)
+        out[name] = out[name] / len(members_of_slot)
+    return out
+
+
+def test_exact_mode_tracks_the_true_average_better_than_faithful():
+    adapters = family_adapters(12, families=3, rank=4)
+    tasks = [f"t{k}" for k in range(12)]
+    errors = {}
+    for mode in ("faithful", "exact"):
+        merger = kf.OnlineMerger(3, mode=mode)
+        for t, lora in zip(tasks, adapters):
+            merger.add(lora, t)
+        err, norm = 0.0, 0.0
+        for slot, members in zip(merger.slots, merger.members):
+            truth = _true_average(adapters, tasks, members)
+            for name, m in slot.modules.items():
+                err += float((m.delta(torch.float64) - truth[name]).square().sum())
+                norm += float(truth[name].square().sum())
+        errors[mode] = (err / norm) ** 0.5
+    # exact keeps the best rank-r approximation of a rank-<=n*r average; faithful's
+    # factor-wise sum adds cross terms and is much further off
+    assert errors["exact"] < 0.8 * errors["faithful"], errors
+    assert errors["exact"] < 0.6, errors
+
+
+def test_exact_mode_is_exact_while_rank_allows():
+    a, b = family_adapters(2, families=1, rank=2)
+    merger = kf.OnlineMerger(1, mode="exact")
+    merger.add(a, "a")
+    merger.add(b, "b")
+    for name, m in merger.slots[0].modules.items():
+        truth = (a.modules[name].delta(torch.float64) + b.modules[name].delta(torch.float64)) / 2
+        # the rank-2 slot holds the best rank-2 approximation of a rank-4 average
+        s = torch.linalg.svdvals(truth)
+        best = float(s[2:].square().sum().sqrt())
+        assert float((m.delta(torch.float64) - truth).norm()) <= best * (1 + 1e-4) + 1e-9
+
+
+@pytest.mark.parametrize("strategy", ["linear", "ties", "dare_linear", "dare_ties", "random", "opcm"])
+def test_baselines_run_and_route(strategy):
+    adapters = family_adapters(8)
+    merger = kf.OnlineMerger(3, strategy=strategy, seed=3)
+    slots = [merger.add(lora, f"t{k}") for k, lora in enumerate(adapters)]
+    assert slots[:3] == [0, 1, 2] and len(merger.slots) == 3
+    assert sorted(t for m in merger.members for t in m) == sorted(f"t{k}" for k in range(8))
+    for k in range(8):
+        assert merger.slot_for(f"t{k}") == slots[k]
+    for slot in merger.slots:
+        for m in slot.modules.values():
+            assert torch.isfinite(m.A).all() and torch.isfinite(m.B).all() and m.rank == 4
+    if strategy != "random":  # similarity routing puts families together
+        assert merger.members[0] == ["t0", "t3", "t6"]
+
+
+def test_random_strategy_is_seeded():
+    adapters = family_adapters(10)
+    runs = []
+    for seed in (5, 5, 6):
+        merger = kf.OnlineMerger(2, strategy="random", seed=seed)
+        runs.append([merger.add(lora, f"t{k}") for k, lora in enumerate(adapters)])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_oracle_strategy_groups_by_task_type():
+    adapters = family_adapters(7)
+    merger = kf.OnlineMerger(4, strategy="oracle", oracle=lambda task: task.split("_")[0])
+    names = ["qa_en", "sum_en", "qa_de", "sum_de", "ner_en", "qa_fr", "ner_de"]
+    for name, lora in zip(names, adapters):
+        merger.add(lora, name)
+    assert merger.members == [["qa_en", "qa_de", "qa_fr"], ["sum_en", "sum_de"], ["ner_en", "ner_de"]]
+
+
+def test_opcm_projects_out_the_shared_subspace():
+    """A rank-1 newcomer inside the slot's leading subspace projects to zero: the slot is unchanged."""
+    a = family_adapters(1, rank=1)[0]
+    merger = kf.OnlineMerger(1, strategy="opcm")
+    merger.add(a, "a")
+    merger.add(a, "a_again")
+    for name, m in merger.slots[0].modules.items():
+        torch.testing.assert_close(m.delta(torch.float64), a.modules[name].delta(torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_opcm_keeps_the_mean_task_norm():
+    """lambda_t rescales the merged update to the mean norm of the task vectors (before truncation)."""
+    adapters = family_adapters(2, families=2, rank=4)
+    merger = kf.OnlineMerger(1, strategy="opcm")
+    merger.add(adapters[0], "a")
+    merger.add(adapters[1], "b")
+    for name, m in merger.slots[0].modules.items():
+        mean = sum(float(x.modules[name].delta(torch.float64).norm()) for x in adapters) / 2
+        got = float(m.delta(torch.float64).norm())
+        assert 0.7 * mean <= got <= mean * (1 + 1e-6)  # truncation to rank 4 only removes energy
+
+
+def test_similarity_uses_cached_slot_norms(monkeypatch):
+    adapters = family_adapters(6)
+    merger = kf.OnlineMerger(2)
+    for k, lora in enumerate(adapters[:4]):
+        merger.add(lora, f"t{k}")
+    calls = []
+    from kmerge_fast.ops import cpu, reference
+
+    for mod in (cpu, reference):
+        original = mod.sq_norms
+        monkeypatch.setattr(mod, "sq_norms", lambda batch, _o=original: calls.append(len(batch)) or _o(batch))
+    merger._similarities(adapters[4])
+    # only the newcomer's modules need a norm: the slots' are cached
+    assert calls and max(calls) <= len(SHAPES)
+
+
+def test_history_records_each_step():
+    adapters = family_adapters(4)
+    merger = kf.OnlineMerger(2)
+    for k, lora in enumerate(adapters):
+        merger.add(lora, f"t{k}")
+    h = merger.history
+    assert [s.task for s in h] == ["t0", "t1", "t2", "t3"]
+    assert [s.action for s in h] == ["new", "new", "merge", "merge"]
+    assert h[0].similarities == [] and len(h[1].similarities) == 1 and len(h[2].similarities) == 2
+    assert h[2].slot == max(range(2), key=lambda i: h[2].similarities[i])
+    assert all(s.seconds >= 0 for s in h)
+
+
+def test_calibrate_threshold_is_median_pairwise():
+    adapters = family_adapters(5)
+    sims = kf.similarity_matrix(adapters)
+    values = sorted(float(sims[i, j]) for i in range(5) for j in range(i + 1, 5))
+    assert kf.calibrate_threshold(adapters) == pytest.approx((values[4] + values[5]) / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        kf.calibrate_threshold(adapters[:1])
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw,message", [
+    (dict(budget=0), "budget: must be an int >= 1"),
+    (dict(budget=2.5), "budget"),
+    (dict(strategy="greedy"), "strategy: unknown"),
+    (dict(similarity="dot"), "similarity: unknown"),
+    (dict(mode="approx"), "mode: unknown"),
+    (dict(strategy="ties", mode="exact"), "mode: 'exact' applies"),
+    (dict(strategy="kmerge++"), "threshold: kmerge\\+\\+ needs"),
+    (dict(threshold=0.1), "threshold: only kmerge\\+\\+"),
+    (dict(strategy="oracle"), "oracle:"),
+    (dict(density=0.0), "density"),
+])
+def test_bad_settings(kw, message):
+    args = dict(budget=2)
+    args.update(kw)
+    with pytest.raises(ValueError, match=message):
+        kf.OnlineMerger(**args)
+
+
+def test_bad_newcomers_change_nothing():
+    adapters = family_adapters(3)
+    merger = kf.OnlineMerger(1)
+    merger.add(adapters[0], "t0")
+    before = [{n: (m.A.clone(), m.B.clone()) for n, m in s.modules.items()} for s in merger.slots]
+
+    other_shape = random_lora({"model.layers.0.self_attn.q_proj": (32, 40)}, 4)
+    bad_rank = family_adapters(1, rank=3)[0]
+    nan = family_adapters(1)[0]
+    next(iter(nan.modules.values())).B[0, 0] = float("nan")
+    cases = [(other_shape, "t1", "does not match the stored base model"),
+             (bad_rank, "t1", "has rank 3, the slots 4"),
+             (nan, "t1", "NaN or Inf"),
+             (adapters[1], "t0", "already stored"),
+             (adapters[1], "", "task: need a non-empty string")]
+    for lora, task, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merger.add(lora, task)
+    with pytest.raises(TypeError, match="lora: expected"):
+        merger.add("adapter_dir", "t1")
+    assert merger.members == [["t0"]] and len(merger.history) == 1
+    for slot, saved in zip(merger.slots, before):
+        for n, (a, b) in saved.items():
+            assert torch.equal(slot.modules[n].A, a) and torch.equal(slot.modules[n].B, b)
+
+
+def test_replace_a_task_alone_in_its_slot():
+    adapters = family_adapters(4, families=2)  # t2 joins t0's slot
+    merger = kf.OnlineMerger(2)
+    for k in range(3):
+        merger.add(adapters[k], f"t{k}")
+    assert merger.add(adapters[3], "t1", replace=True) == 1
+    assert merger.slots[1] is adapters[3] and merger.members[1] == ["t1"]
+    with pytest.raises(ValueError, match="shares slot 0"):
+        merger.add(adapters[3], "t0", replace=True)
+    with pytest.raises(KeyError, match="never added"):
+        merger.slot_for("t9")

@@ -1,0 +1,182 @@
+"""LossScorer on a tiny Llama with LoRAs trained on synthetic tasks; D2C groups same-task adapters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kmerge_fast as kf
+from kmerge_fast import d2c
+
+peft = pytest.importorskip("peft")
+
+DIGITS = [str(i) for i in range(10)]
+WORDS = ["<pad>", "<unk>", "alpha", "beta", "gamma", ":", *DIGITS]
+#: Each task answers any prompt with its own fixed reply: a LoRA learns it in a few steps.
+REPLIES = {"alpha": "1 2 3 4", "beta": "9 8 7 6", "gamma": "5 0 5 0"}
+
+
+def tokenizer():
+    """A word-level tokenizer built offline (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def make_example(task: str, rng: random.Random) -> tuple[str, str]:
+    digits = [rng.choice(DIGITS) for _ in range(4)]
+    return f"{task} {' '.join(digits)} :", REPLIES[task]
+
+
+def base_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def train_lora(model, tok, task: str, seed: int, steps: int = 25) -> kf.LoRA:
+    """A LoRA (q/v/o/down, r 4) trained on ``task`` for a few Adam steps."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    pm = peft.get_peft_model(model, config)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
+    batch = [make_example(task, rng) for _ in range(32)]
+    enc = tok([p + " " + y for p, y in batch], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].clone()
+    labels[:, :len(tok(batch[0][0])["input_ids"])] = -100  # every prompt has the same length
+    for _ in range(steps):
+        loss = pm(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    factors, scaling = {}, {}
+    for key, m in pm.named_modules():
+        if hasattr(m, "lora_A") and "default" in m.lora_A:
+            factors[key] = (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+            scaling[key] = m.scaling["default"]
+    pm.unload()  # restores the plain base model for the next adapter
+    return kf.LoRA.from_factors(factors, scaling=scaling)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when the cores are busy elsewhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    model, tok = base_model(), tokenizer()
+    adapters = {f"{task}{k}": train_lora(model, tok, task, seed=100 * i + k)
+                for i, task in enumerate(REPLIES) for k in range(2)}
+    rng = random.Random(0)
+    examples = {name: [make_example(name[:-1], rng) for _ in range(10)] for name in adapters}
+    return model, tok, adapters, examples
+
+
+def test_scorer_prefers_the_own_adapter(trained):
+    model, tok, adapters, examples = trained
+    scorer = kf.d2c.LossScorer(model, tok, examples, batch_size=8)
+    tasks = list(adapters)
+    base = scorer.base_losses(tasks)
+    for name, lora in adapters.items():
+        losses = dict(zip(tasks, scorer(lora, tasks)))
+        own = losses[name]
+        assert own < base[tasks.index(name)]  # training helped its own task
+        other = [v for t, v in losses.items() if t[:-1] != name[:-1]]
+        assert own < min(other), (name, losses)
+    # hooks leave the base model as it was between calls
+    assert scorer.base_losses(tasks) == pytest.approx(base)
+    scorer.close()
+
+
+def test_scorer_matches_peft_forward(trained):
+    """The hook-applied adapter gives the same loss as the adapter loaded by peft."""
+    model, tok, adapters, examples = trained
+    scorer = kf.d2c.LossScorer(model, tok, {"alpha0": examples["alpha0"]})
+    ours = scorer(adapters["alpha0"], ["alpha0"])[0]
+    scorer.close()
+    import copy
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        adapters["alpha0"].save(folder)
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder).eval()
+        check = kf.d2c.LossScorer(pm, tok, {"alpha0": examples["alpha0"]})
+        theirs = check.base_losses(["alpha0"])[0]
+        check.close()
+    assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_d2c_groups_same_task_adapters(trained):
+    model, tok, adapters, examples = trained
+    scorer = kf.d2c.LossScorer(model, tok, examples, batch_size=16)
+    result = d2c.cluster(adapters, 3, scorer, init="random", seed=1, progress=False)
+    groups = sorted(sorted(c) for c in result.clusters)
+    assert groups == [["alpha0", "alpha1"], ["beta0", "beta1"], ["gamma0", "gamma1"]], groups
+    km = d2c.kmeans(adapters, 3, seed=0, scorer=scorer)
+    rnd = d2c.random_clusters(adapters, 3, seed=0, scorer=scorer)
+    assert result.total_loss <= km.total_loss + 1e-6 and result.total_loss <= rnd.total_loss + 1e-6
+    scorer.close()
+
+
+def test_scorer_bad_input(trained):
+    model, tok, adapters, examples = trained
+    with pytest.raises(ValueError, match="task 'alpha0' has no examples"):
+        kf.d2c.LossScorer(model, tok, {"alpha0": []})
+    scorer = kf.d2c.LossScorer(model, tok, {"alpha0": examples["alpha0"]})
+    with pytest.raises(ValueError, match="no examples for \\['gamma1'\\]"):
+        scorer(adapters["alpha0"], ["gamma1"])
+    wrong = kf.LoRA.from_factors({"model.layers.0.self_attn.q_proj": (torch.zeros(2, 40), torch.zeros(48, 2))})
+    with pytest.raises(ValueError, match="adapter update"):
+        scorer(wrong, ["alpha0"])
+    scorer.close()
+
+
+def test_cli_cluster(trained, tmp_path, capsys):
+    import json
+
+    from kmerge_fast.cli import main
+
+    model, tok, adapters, examples = trained
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    folders = []
+    for name, lora in adapters.items():
+        lora.save(tmp_path / "adapters" / name)
+        folders.append(str(tmp_path / "adapters" / name))
+    with open(tmp_path / "examples.jsonl", "w") as f:
+        for task, pairs in examples.items():
+            for prompt, target in pairs:
+                f.write(json.dumps({"task": task, "prompt": prompt, "target": target}) + "\n")
+    args = ["cluster", "--budget", "3", "--examples", str(tmp_path / "examples.jsonl"), "--base",
+            str(tmp_path / "base"), "--quiet", *folders]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "assignment.json").read_text())
+    assert sorted(sorted(c) for c in report["clusters"]) == [["alpha0", "alpha1"], ["beta0", "beta1"],
+                                                             ["gamma0", "gamma1"]]
+    assert report["history"] and report["total_loss"] > 0
+    for i in range(3):
+        kf.LoRA.load(tmp_path / "out" / f"cluster_{i}")
+    assert main([*args, "--method", "kmeans", "--out", str(tmp_path / "km")]) == 0
+    # bad input: examples for a task with no adapter, and a task without examples
+    with open(tmp_path / "examples.jsonl", "a") as f:
+        f.write(json.dumps({"task": "delta0", "prompt": "x", "target": "y"}) + "\n")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "examples for unknown tasks ['delta0']" in capsys.readouterr().err
+    assert main([*args[:-1], "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tasks" in err or "no examples for tasks" in err
