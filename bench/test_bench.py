@@ -3,7 +3,8 @@
 Run: ``pytest bench/`` (CI runs ``pytest python_tests`` and never collects these).
 Shapes: 4 modules of 256 x 256 (n_out x n_in), rank r = 8, float32;
 merge: SVD merge of 4 adapters (R = 32) into rank 8;
-similarity: cos of 1 newcomer vs 8 stored adapters, norms cold (reset before every round).
+similarity: cos of 1 newcomer vs 8 stored adapters, norms cold (reset before every round);
+peft: ``kf.peft.add_weighted_adapter`` (svd, 4 adapters r=8) on a 2-layer Llama of hidden 256 (skipped without peft).
 The cpp cases are skipped while ``kmerge_fast._C`` is not built.
 """
 
@@ -50,3 +51,17 @@ def test_similarity_cos_warm(benchmark, backend):
     sims = benchmark.pedantic(kf.similarity_matrix, args=([new], stored), kwargs={"metric": "cos"},
                               setup=lambda: h.reset_norm_caches([new]), rounds=50, iterations=1)
     assert sims.shape == (1, 8)
+
+
+def test_peft_add_weighted_adapter_svd(benchmark, backend):
+    """kf.peft.add_weighted_adapter (svd, 4 adapters r=8) on a tiny config-built Llama (hidden 256, 2 layers)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from .bench_peft import MERGED, build_peft_model, delete_merged
+
+    model = build_peft_model(layers=2, hidden=256, heads=4, kv_heads=2, n_adapters=4, rank=RANK, alpha=2 * RANK)
+    adapters = [f"a{i}" for i in range(4)]
+    benchmark.pedantic(kf.peft.add_weighted_adapter, args=(model, adapters, [0.25] * 4, MERGED),
+                       kwargs={"combination_type": "svd"}, setup=lambda: delete_merged(model), rounds=20,
+                       iterations=1)
+    assert MERGED in model.peft_config

@@ -25,30 +25,13 @@ import pytest
 import torch
 
 _C = pytest.importorskip("kmerge_fast._C")
+from test_cpp_core import CODES, make, mat  # noqa: E402  (one way to describe tensors to _C)
 
-CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 GOLDEN = 0x9E3779B97F4A7C15
 M64 = (1 << 64) - 1
 SUM, TIES = 0, 1
 TOTAL, FREQUENCY = 0, 1
 ALL, MAGNITUDE, DARE = 0, 1, 2
-
-
-def mat(t: torch.Tensor, coef: float = 1.0) -> tuple:
-    rows, cols = t.shape
-    rs, cs = t.stride()
-    return (t.data_ptr(), CODES[t.dtype], rows, cols, rs, cs, float(coef))
-
-
-def make(rows: int, cols: int, dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
-    """row-major, a transposed view ("col"), or a view with no unit stride ("strided")."""
-    if layout == "row":
-        return torch.randn(rows, cols, generator=gen).to(dtype)
-    if layout == "col":
-        return torch.randn(cols, rows, generator=gen).to(dtype).T
-    if layout == "strided":
-        return torch.randn(2 * rows + 1, 2 * cols, generator=gen).to(dtype)[1::2, ::2]
-    raise AssertionError(layout)
 
 
 # ---------------------------------------------------------------- DARE hash
