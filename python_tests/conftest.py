@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
-import kmerge_fast as kf
+# Without a CUDA device the Triton kernels can only run under Triton's interpreter,
+# which must be chosen before Triton is first imported (kmerge_fast imports it lazily).
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kmerge_fast as kf  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -76,6 +82,12 @@ def tiny_llama(hidden: int = 64, layers: int = 2, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                          max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_interpret: Triton kernels on CPU tensors under TRITON_INTERPRET=1")
+    config.addinivalue_line("markers", "triton_gpu: Triton kernels compiled for a CUDA device")
+    config.addinivalue_line("markers", "quality: the quality benchmark's tiny end-to-end mode")
 
 
 def pytest_report_header(config):

@@ -1,0 +1,63 @@
+"""The quality benchmark (bench/quality) end to end on a tiny config-built Llama: no downloads, < 3 minutes.
+
+Runs what ``python -m bench.quality all --tiny`` runs: tiny base pre-trained from scratch, 2 task types x
+2 languages, one LoRA each (same seed), every OnlineMerger strategy at K = 1..3 over 3 arrival orders,
+D2C vs K-Means vs random; the outputs go to a temporary folder, never bench/results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("tokenizers")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:       # `pytest` (not `python -m pytest`) does not put the repository root on the path
+    sys.path.append(str(ROOT))  # after site-packages: kmerge_fast stays the installed one
+
+pytestmark = pytest.mark.quality
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when the cores are busy elsewhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
+    from bench.quality.__main__ import RESULTS, run_tiny
+    from bench.quality.evaluate import STRATEGIES
+
+    before = {p: p.stat().st_mtime for p in RESULTS.glob("quality.*")}
+    start = time.perf_counter()
+    results = run_tiny(tmp_path, log=lambda *a: None)     # asserts every stage ran and merging beats the base
+    seconds = time.perf_counter() - start
+    assert seconds < 180, f"tiny quality run took {seconds:.0f} s (CI budget: 3 minutes)"
+
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    for key in ("model", "tasks", "n_adapters", "orders", "single", "s_score", "d2c"):
+        assert key in saved, key
+    assert saved["n_adapters"] == 4 and len(saved["orders"]) == 3
+    assert set(saved["s_score"]) == set(STRATEGIES)
+    assert all(set(row) == {"1", "2", "3"} for row in saved["s_score"].values())
+    assert {"budget", "d2c", "kmeans", "random"} <= set(saved["d2c"])
+    assert "| kmerge |" in (tmp_path / "quality.md").read_text()
+    # the adapters are cached with a manifest under the output folder
+    manifests = list((tmp_path / "adapters").glob("*/manifest.json"))
+    assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["adapters"]) == 4
+    # merging beats the zero-shot base on average (also asserted by run_tiny)
+    base = sum(results["base"].values()) / len(results["base"])
+    merged = [v for row in results["score"].values() for v in row.values()]
+    assert sum(merged) / len(merged) > base
+    # nothing written to bench/results
+    assert {p: p.stat().st_mtime for p in RESULTS.glob("quality.*")} == before
