@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .lora import LoRA
+from .lora import LoRA, all_finite
 from .merge import merge
 from .opcm import opcm_step
 from .ops.elementwise import mix64
@@ -226,7 +226,7 @@ class OnlineMerger:
             raise ValueError(f"task {task!r}: the adapter has no modules")
         for name, m in lora.modules.items():
             for label, t in (("A", m.A), ("B", m.B)):
-                if not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise ValueError(f"task {task!r}: module {name!r}: lora_{label} holds NaN or Inf")
         if self.slots:
             want = {n: m.shape for n, m in self.slots[0].modules.items()}

@@ -3,8 +3,9 @@
 Selection: chosen automatically for CUDA tensors when Triton is installed
 (``pip install 'kmerge_fast[triton]'``). Without Triton the package works as
 before and :func:`unavailable_reason` says why this backend is missing.
-Nothing here touches CUDA at import time; Triton itself is imported on the
-first use of the backend (``ops/triton/kernels.py``).
+Nothing here touches CUDA at import time; Triton itself is imported when the
+backend is about to be used (``ops/triton/kernels.py``): on a CUDA machine at
+the first dispatch, never for CPU tensors that are not forced onto it.
 
 CPU tensors: never picked automatically. With ``TRITON_INTERPRET=1`` set
 before Triton is first imported, the same kernels run on CPU tensors under
@@ -18,7 +19,8 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
 - ``inner_products`` / ``sq_norms``: one program per (module, x, y) pair
   computes both cross-Grams B_x^T B_y and A_x A_y^T tile by tile and reduces
   their elementwise product to the inner product; launches are grouped by
-  rank bucket (16 / 32 / 64-wide tiles) and layout. Fast mode: fp16 / bf16
+  rank bucket (16 / 32 / 64-wide tiles, 32 at most in float64) and layout
+  (contiguous, 16-byte aligned: vectorised loads). Fast mode: fp16 / bf16
   tensor-core products with float32 accumulation, float32 inputs without
   TF32; ``precise`` and ``sq_norms``: float64 accumulation. Symmetric
   batches compute each pair once.
@@ -39,7 +41,8 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
 - ``abs_kth``: simpler than the C++ radix select: the update coef * B A is
   formed by the ``dense_combine`` kernel (one term, so the values are
   bit-identical to the ones the merge prunes) into one float32 buffer of
-  n_out x n_in (one module at a time), then ``torch.kthvalue``.
+  n_out x n_in (one module at a time: 16 MiB for 2048 x 2048), then
+  ``torch.kthvalue``. This is the one op that stores a dense update.
 
 Inputs: float32 / float16 / bfloat16 factors; a batch mixing those dtypes
 is converted to float32 (exact) first; a batch holding any other dtype
@@ -73,6 +76,8 @@ _import_error: str | None = None
 #: tiles, rows per rebuild tile, smallest tile side (tl.dot needs 16). Under the
 #: interpreter (``_tiles``) tiles are larger and may be narrower: it pays per
 #: operation, and its dot per padded element, so few, tight programs run fastest.
+#: Tile and warp choices keep every kernel free of register spills on sm_90 (checked
+#: with ptxas through ``triton.compile``, not timed: no GPU was available).
 GPU_TILES = {"gram_bk": 64, "dense": 64, "copy": 64, "apply_bk": 64, "min": 16}
 INTERPRETER_TILES = {"gram_bk": 512, "dense": 256, "copy": 128, "apply_bk": 512, "min": 1}
 
@@ -271,15 +276,16 @@ def _run_pairs(items: list[tuple], dtype: torch.dtype, device: torch.device, out
     """Launch pair_gram_kernel over ``_pair_item``s, one launch per (tile bucket, layout)."""
     tl = _kernels.tl
     groups = defaultdict(list)
-    for row, coef, r, contig, aligned in items:
-        groups[_bucket(r), contig, aligned].append((row, coef))
+    for row, coef, r, contig, aligned in items:  # float64 tiles past 32 x 32 spill registers
+        groups[_bucket(r, hi=32 if precise else 64), contig, aligned].append((row, coef))
     dot_dt, acc_dt = (tl.float64, tl.float64) if precise else (_fast_dot(dtype), tl.float32)
     dummy = out if out is not None else torch.empty(1, dtype=torch.float64, device=device)
     for (br, contig, aligned), group in groups.items():
         itab = _table([row for row, _ in group], device)
         ftab = _table([coef for _, coef in group], device, torch.float64)
         _launch(_kernels.pair_gram_kernel, (len(group),), device, itab, ftab, dummy, DT=_tl_dtype(dtype),
-                STORE=store, CONTIG=contig, ALIGN=aligned, BR=br, BK=_tiles()["gram_bk"], DOT_DT=dot_dt, ACC_DT=acc_dt)
+                STORE=store, CONTIG=contig, ALIGN=aligned, BR=br, BK=_tiles()["gram_bk"], DOT_DT=dot_dt, ACC_DT=acc_dt,
+                num_warps=4 if precise else 8)
 
 
 # ---------------------------------------------------------------------- ops
@@ -377,7 +383,7 @@ def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
         _launch(_kernels.diff_stats_kernel, (len(group), split), device, _table([g[1] for g in group], device),
                 _table([g[2] for g in group], device, torch.float32), sums, peaks, SPLIT=split,
                 DT=_tl_dtype(dtype), BM=bm, BN=bn, BR=_bucket(max(g[3] for g in group), hi=32),
-                DOT_DT=_fast_dot(dtype))
+                DOT_DT=_fast_dot(dtype), num_warps=8)
         index = torch.tensor([g[0] for g in group], device=device)
         total[index] = sums.sum(1)
         peak[index] = peaks.amax(1).double()
@@ -520,7 +526,7 @@ def _dense(factors: list[Factor], weights: list[float], keeps: list[Keep], mode:
     _launch(_kernels.dense_combine_kernel, grid, device, _table(rows, device), _table(floats, device, torch.float32),
             out, len(factors), n_out, n_in, out.stride(0), out.stride(1), DT=_tl_dtype(dtype), MODE=int(mode),
             SIGN=sign, BM=bm, BN=bn, BR=_bucket(max(f.A.shape[0] for f in factors), hi=32),
-            DOT_DT=_fast_dot(dtype))
+            DOT_DT=_fast_dot(dtype), num_warps=8)
     return out
 
 
