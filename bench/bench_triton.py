@@ -35,7 +35,6 @@ Targets (printed with PASS / MISS): triton >= 100x faster than the dense path,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -56,7 +55,9 @@ TARGET_SIMILARITY_MS = 1.0
 
 def why_not_runnable() -> str | None:
     """None if this machine can run the benchmark, else the reason."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from kmerge_fast.ops.triton import _interpret_env
+
+    if _interpret_env():
         return "TRITON_INTERPRET is set: the benchmark times compiled kernels (unset it)"
     if not torch.cuda.is_available():
         return "no CUDA device: this benchmark runs on a GPU only"

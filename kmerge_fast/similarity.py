@@ -88,10 +88,15 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     # l2 subtracts nearly equal terms when adapters are close: it needs float64 Grams.
     backend = ops.select_for([f for pair in batch for f in pair])
     inner = backend.inner_products(batch, precise=metric == "l2")
+    # every module's norm in one backend call (cached ones are not recomputed)
+    groups = [[m for _, m in table_x[name]] for name in names]
+    if not symmetric:
+        groups += [[m for _, m in table_y[name]] for name in names]
+    flat = iter(_sq_norms([m for group in groups for m in group], backend))
+    norms = [torch.tensor([next(flat) for _ in group], dtype=torch.float64) for group in groups]
+    norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
     out = []
-    for name, dots in zip(names, inner):
-        nx = torch.tensor(_sq_norms([m for _, m in table_x[name]], backend), dtype=torch.float64)
-        ny = nx if symmetric else torch.tensor(_sq_norms([m for _, m in table_y[name]], backend), dtype=torch.float64)
+    for dots, nx, ny in zip(inner, norms_x, norms_y):
         if metric == "cos":
             denom = (nx[:, None] * ny[None, :]).sqrt()
             sim = torch.where(denom > 0, dots / denom.clamp_min(math.ulp(0.0)), torch.zeros_like(dots))
