@@ -244,6 +244,7 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
     _check_merge(merge)
     if not callable(scorer):
         raise TypeError(f"scorer: must be callable, got {type(scorer).__name__}")
+    _check_scorer_tasks(scorer, tasks)
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters: must be an int >= 1, got {max_iters!r}")
     merge_kwargs = dict(merge_kwargs or {})
@@ -289,6 +290,18 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
     total, assignment = best
     groups = _clusters(assignment, budget)
     return Result(assignment, [merges[frozenset(g)] for g in groups], history, total)
+
+
+def _check_scorer_tasks(scorer, tasks: list[str]) -> None:
+    """A scorer that knows its tasks (LossScorer.tasks) must hold examples for exactly the adapters' tasks."""
+    known = getattr(scorer, "tasks", None)
+    if known is None:
+        return
+    missing, unknown = sorted(set(tasks) - set(known)), sorted(set(known) - set(tasks))
+    if missing:
+        raise ValueError(f"scorer: no examples for tasks {missing[:5]}")
+    if unknown:
+        raise ValueError(f"scorer: examples for unknown tasks {unknown[:5]} (no adapter of that name)")
 
 
 def _initial(adapters, tasks, budget, init, seed) -> dict[str, int]:

@@ -139,6 +139,12 @@ def test_scorer_bad_input(trained):
     scorer = kf.d2c.LossScorer(model, tok, {"alpha0": examples["alpha0"]})
     with pytest.raises(ValueError, match="no examples for \\['gamma1'\\]"):
         scorer(adapters["alpha0"], ["gamma1"])
+    with pytest.raises(ValueError, match="scorer: no examples for tasks"):
+        d2c.cluster(adapters, 2, scorer)
+    extra = kf.d2c.LossScorer(model, tok, {**examples, "delta0": examples["alpha0"]})
+    with pytest.raises(ValueError, match="examples for unknown tasks \\['delta0'\\]"):
+        d2c.cluster(adapters, 2, extra)
+    extra.close()
     wrong = kf.LoRA.from_factors({"model.layers.0.self_attn.q_proj": (torch.zeros(2, 40), torch.zeros(48, 2))})
     with pytest.raises(ValueError, match="adapter update"):
         scorer(wrong, ["alpha0"])
