@@ -42,7 +42,7 @@ Paths (rows), each over the whole stream, timed per step with
 
 Memory: before each store/published path, ``gc.collect()`` + ``malloc_trim(0)``,
 VmRSS read, peak reset (``echo 5 > /proc/self/clear_refs``); after, VmHWM.
-``peak extra MiB`` = VmHWM - VmRSS before (``bench_peft.peak_call``), compared
+``peak extra MiB`` = VmHWM - VmRSS before (``harness.peak_call``), compared
 with the bytes of K + 1 float16 adapters (the K slots and the newcomer).
 """
 
@@ -62,7 +62,6 @@ import torch.nn.functional as F
 import kmerge_fast as kf
 
 from . import harness as h
-from .bench_peft import peak_call
 
 RANK = h.LLAMA_1B_RANK
 SCALING = h.LLAMA_1B_SCALING
@@ -277,9 +276,9 @@ def main(argv=None) -> None:
         warm_up(folders[0], tmp)
 
         box = {}
-        _, kf_peak, _ = peak_call(lambda: box.update(kf=run_store(folders, tasks, k, tmp / "store")))
+        _, kf_peak, _ = h.peak_call(lambda: box.update(kf=run_store(folders, tasks, k, tmp / "store")))
         print(f"[bench_online] kmerge_fast (store) done: {step_stats(box['kf'])['total']:.1f} s", flush=True)
-        _, pub_peak, _ = peak_call(lambda: box.update(pub=run_published(folders, tasks, k, tmp / "published")))
+        _, pub_peak, _ = h.peak_call(lambda: box.update(pub=run_published(folders, tasks, k, tmp / "published")))
         print(f"[bench_online] published done: {step_stats(box['pub'])['total']:.1f} s", flush=True)
         modes = {}
         for mode in ("faithful", "exact"):

@@ -65,7 +65,6 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import time
@@ -131,52 +130,6 @@ def delete_merged(model) -> None:
 
 
 # ----------------------------------------------------------------- memory
-_LIBC = None
-
-
-def _trim() -> None:
-    """glibc ``malloc_trim(0)``: give freed heap pages back, so the next call's peak is its own."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_call(fn) -> tuple[float, float | None, float]:
-    """(seconds, peak extra MiB or None when the peak cannot be reset, retained MiB) of one ``fn()``."""
-    gc.collect()
-    _trim()
-    before = _status_kib("VmRSS")
-    can_peak = _reset_peak()
-    t0 = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t0
-    hwm = _status_kib("VmHWM")
-    gc.collect()
-    _trim()
-    after = _status_kib("VmRSS")
-    return seconds, (hwm - before) / 1024 if can_peak else None, (after - before) / 1024
 
 
 # ---------------------------------------------------------------- checks
@@ -248,7 +201,7 @@ def run_kf(model, backend, adapters, weights, ct, check, budget_s, min_runs, max
     """(Timing or None, why, peak MiB, retained MiB, products of the checked modules)."""
     call = kf_call(model, adapters, weights, ct)
     delete_merged(model)
-    first, why = h.try_backend(backend, lambda: peak_call(call))  # warm-up + memory run
+    first, why = h.try_backend(backend, lambda: h.peak_call(call))  # warm-up + memory run
     if why:
         delete_merged(model)
         return None, why, None, None, None
@@ -272,7 +225,7 @@ def run_case(ct: str, k: int, peft_model, kf_models: list, backend: str, quick: 
     print(f"[bench] {case} k={k}: peft on {peft_layers} layers ...", flush=True)
 
     delete_merged(peft_model)
-    t_peft, peak_peft, kept_peft = peak_call(peft_call(peft_model, adapters, weights, ct))
+    t_peft, peak_peft, kept_peft = h.peak_call(peft_call(peft_model, adapters, weights, ct))
     peft_products = merged_products(peft_model, check)
     delete_merged(peft_model)
     dense = dense_targets(peft_model, check, adapters, weights, ct)

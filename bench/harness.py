@@ -13,7 +13,9 @@ rewrites ``bench/results/<name>.md`` with the latest table.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -249,3 +251,52 @@ def report(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequenc
         f.write(json.dumps(record, default=str) + "\n")
     (RESULTS_DIR / f"{name}.md").write_text(text)
     return text
+
+
+# ---------------------------------------------------------------- memory
+_LIBC = None
+
+
+def _trim() -> None:
+    """glibc ``malloc_trim(0)``: give freed heap pages back, so the next call's peak is its own."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_call(fn) -> tuple[float, float | None, float]:
+    """(seconds, peak extra MiB or None when the peak cannot be reset, retained MiB) of one ``fn()``."""
+    gc.collect()
+    _trim()
+    before = _status_kib("VmRSS")
+    can_peak = _reset_peak()
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    hwm = _status_kib("VmHWM")
+    gc.collect()
+    _trim()
+    after = _status_kib("VmRSS")
+    return seconds, (hwm - before) / 1024 if can_peak else None, (after - before) / 1024
