@@ -14,13 +14,11 @@ import torch
 
 from . import Factor, compute_dtype
 from .elementwise import SIGN_METHODS, Keep
+from .gram_svd import core_transforms
 
 NAME = "cpp"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-#: Eigenvalues of the A-Gram below this fraction of the largest are treated as
-#: zero: they are float64 rounding noise (rank-deficient or repeated adapters).
-RANK_TOL = 1e-12
 
 try:
     from .. import _C
@@ -138,13 +136,9 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
 def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Best rank-r approximation from float64 Grams, without QR of the tall stacks.
 
-    With Ga = A A^T = Va La Va^T and Ra = La^{1/2} Va^T (so A^T = Qa Ra,
-    Qa = A^T Va La^{-1/2} orthonormal), M = B A = (B Ra^T) Qa^T. The SVD of
-    M follows from the R x R matrix K = Ra Gb Ra^T = W S^2 W^T:
-    B' = U_r S_r = B Ra^T W_r and A' = V_r^T = W_r^T La^{-1/2} Va^T A.
-    The tall stacks are touched twice: once for the Grams, once to apply
-    the R x r transforms. Eigen-directions of Ga below ``RANK_TOL`` are
-    dropped, so rank-deficient stacks give zeros, never NaN.
+    The tall stacks are touched twice: once for the Grams Gb = B^T B and
+    Ga = A A^T, once to apply the R x r transforms of ``ops/gram_svd.py``
+    (B' = B T_B, A'^T = A^T T_A).
     """
     # 1. Grams of both stacks in float64 (the only O(n R^2) work).
     grams = []
@@ -166,7 +160,7 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     for big_r, idx in by_rank.items():
         g_b = torch.stack([grams[k][0] for k in idx])
         g_a = torch.stack([grams[k][1] for k in idx])
-        t_b, t_a = _core_transforms(g_b, g_a, rank)
+        t_b, t_a = core_transforms(g_b, g_a, rank)
         for j, k in enumerate(idx):
             transforms[k] = (t_b[j].contiguous(), t_a[j].contiguous())
 
@@ -181,24 +175,6 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
         out.append((new_a, new_b))
     _C.apply(tasks, True, 0)
     return out
-
-
-def _core_transforms(g_b: torch.Tensor, g_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T_B, T_A), each (batch, R, rank) float64, from the Grams (batch, R, R)."""
-    la, va = torch.linalg.eigh(g_a)
-    keep = la > RANK_TOL * la[..., -1:].clamp_min(0)
-    sqrt_la = torch.where(keep, la.clamp_min(0).sqrt(), torch.zeros_like(la))
-    inv_sqrt_la = torch.where(keep, 1.0 / sqrt_la.where(keep, torch.ones_like(la)), torch.zeros_like(la))
-    r_a = sqrt_la.unsqueeze(-1) * va.mT  # Ra = La^{1/2} Va^T
-    k = r_a @ g_b @ r_a.mT
-    k = 0.5 * (k + k.mT)  # exact symmetry for eigh
-    _, w = torch.linalg.eigh(k)
-    w = w.flip(-1)[..., :rank]  # descending singular values
-    if w.shape[-1] < rank:  # the stacked rank is below the requested rank: zero columns
-        w = torch.nn.functional.pad(w, (0, rank - w.shape[-1]))
-    t_b = r_a.mT @ w
-    t_a = (va * inv_sqrt_la.unsqueeze(-2)) @ w
-    return t_b, t_a
 
 
 def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:

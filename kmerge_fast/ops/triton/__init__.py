@@ -26,8 +26,8 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
   batches compute each pair once.
 - ``truncate``: float64 Grams Gb = B^T B, Ga = A A^T of the stacks (block
   pairs i <= j, mirrored), the R x R core algebra of the C++ backend
-  (``cpu._core_transforms``: batched ``torch.linalg.eigh`` in float64 on the
-  device, grouped by stacked rank), then one launch rebuilds every B' =
+  (``ops/gram_svd.py``: batched Cholesky and ``torch.linalg.eigh`` in float64
+  on the device, grouped by stacked rank), then one launch rebuilds every B' =
   [c_i B_i] T_B and A'^T = [A_i^T] T_A (float64 accumulation, one rounding
   to the output dtype).
 - ``stack``: one copy launch for every block of every module.
@@ -63,7 +63,7 @@ import torch
 from ...errors import BackendError
 from .. import Factor, forced_backend
 from .. import reference as _reference
-from ..cpu import _core_transforms
+from ..gram_svd import core_transforms
 from ..elementwise import DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Keep
 
 NAME = "triton"
@@ -462,7 +462,7 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     # 2. The R x R algebra in float64 on the device, batched over modules of equal R.
     transforms = {}
     for big_r, idx in by_rank.items():
-        t_b, t_a = _core_transforms(*grams[big_r], rank)
+        t_b, t_a = core_transforms(*grams[big_r], rank)
         transforms[big_r] = (t_b.contiguous(), t_a.contiguous())
 
     # 3. Rebuild: B' = [c_i B_i] T_B and A'^T = [A_i^T] T_A, one launch per layout class.

@@ -1,0 +1,104 @@
+"""The R x R algebra of truncation (``ops/gram_svd.py``): both routes, and the check that picks between them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kmerge_fast.ops import gram_svd
+
+
+def stacks(n_out: int, n_in: int, big_r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_out, big_r, generator=g, dtype=torch.float64), \
+        torch.randn(big_r, n_in, generator=g, dtype=torch.float64)
+
+
+def near_dependent(n_out: int, n_in: int, r: int, eps: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two adapters whose A rows differ by ``eps``-sized noise: cond(A A^T) ~ 1 / eps^2."""
+    b, a = stacks(n_out, n_in, 2 * r, seed)
+    a[r:] = a[:r] + eps * a[r:]
+    return b, a
+
+
+def truncate(bs: list[torch.Tensor], as_: list[torch.Tensor], rank: int):
+    g_b = torch.stack([b.T @ b for b in bs])
+    g_a = torch.stack([a @ a.T for a in as_])
+    t_b, t_a = gram_svd.core_transforms(g_b, g_a, rank)
+    return [(t_a[i].T @ a, b @ t_b[i]) for i, (a, b) in enumerate(zip(as_, bs))]
+
+
+def excess_error(b, a, new_a, new_b, rank) -> float:
+    """(||M - B'A'||_F - optimal) / ||M||_F, M = B A, in float64."""
+    m = b @ a
+    s = torch.linalg.svdvals(m)
+    best = float(s[rank:].pow(2).sum().sqrt())
+    return (float((m - new_b @ new_a).norm()) - best) / float(m.norm())
+
+
+@pytest.fixture
+def eigen_calls(monkeypatch):
+    """Counts the modules that took the eigen route."""
+    calls = []
+    original = gram_svd._eigen_route
+
+    def counting(g_b, g_a, rank):
+        calls.append(g_a.shape[0])
+        return original(g_b, g_a, rank)
+
+    monkeypatch.setattr(gram_svd, "_eigen_route", counting)
+    return calls
+
+
+def test_well_conditioned_stacks_take_the_cholesky_route(eigen_calls):
+    pairs = [stacks(40, 33, 12, seed=s) for s in range(3)]
+    out = truncate([b for b, _ in pairs], [a for _, a in pairs], 5)
+    assert eigen_calls == []
+    for (b, a), (new_a, new_b) in zip(pairs, out):
+        assert excess_error(b, a, new_a, new_b, 5) <= 1e-12
+        # A' = V_r^T has orthonormal rows
+        torch.testing.assert_close(new_a @ new_a.T, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_ill_conditioned_stack_is_caught_by_the_orthonormality_check(eigen_calls):
+    b, a = near_dependent(30, 50, 4, eps=1e-7, seed=1)  # cond(Ga) ~ 1e14: Cholesky succeeds but is inaccurate
+    g_b, g_a = (b.T @ b)[None], (a @ a.T)[None]
+    _, info = torch.linalg.cholesky_ex(g_a)
+    assert int(info) == 0  # the factorisation alone does not flag it
+    t_b, t_a, failed = gram_svd._cholesky_route(g_b, g_a, 6)
+    assert not bool(failed) and not bool(gram_svd._orthonormal(t_a, g_a))
+    (new_a, new_b), = truncate([b], [a], 6)
+    assert eigen_calls == [1]
+    assert excess_error(b, a, new_a, new_b, 6) <= 1e-7
+
+
+def test_singular_stacks_take_the_eigen_route_without_nan(eigen_calls):
+    b, a = stacks(20, 15, 3, seed=2)
+    twice_a = torch.cat([a, a])  # the same adapter twice: Ga singular
+    twice_b = torch.cat([b, 0.5 * b], dim=1)
+    zero_a, zero_b = torch.zeros(6, 15, dtype=torch.float64), torch.zeros(20, 6, dtype=torch.float64)
+    out = truncate([twice_b, zero_b], [twice_a, zero_a], 4)
+    assert eigen_calls == [2]
+    for t in (x for pair in out for x in pair):
+        assert torch.isfinite(t).all()
+    (new_a, new_b), (zero_new_a, zero_new_b) = out
+    assert excess_error(twice_b, twice_a, new_a, new_b, 4) <= 1e-12
+    assert float((zero_new_b @ zero_new_a).abs().max()) == 0.0
+
+
+def test_mixed_batch_routes_each_module(eigen_calls):
+    good = [stacks(25, 18, 8, seed=s) for s in range(2)]
+    bad = near_dependent(25, 18, 4, eps=1e-8, seed=3)  # Cholesky fails or is caught: either way, eigen route
+    pairs = [good[0], bad, good[1]]
+    out = truncate([b for b, _ in pairs], [a for _, a in pairs], 3)
+    assert eigen_calls == [1]
+    for (b, a), (new_a, new_b) in zip(pairs, out):
+        assert excess_error(b, a, new_a, new_b, 3) <= 1e-7
+
+
+def test_rank_above_stacked_rank_pads_with_zero_columns(eigen_calls):
+    b, a = stacks(12, 9, 3, seed=4)
+    (new_a, new_b), = truncate([b], [a], 5)
+    assert eigen_calls == []
+    assert float(new_b[:, 3:].abs().max()) == 0.0 and float(new_a[3:].abs().max()) == 0.0
+    torch.testing.assert_close(new_b @ new_a, b @ a, rtol=0, atol=1e-12 * float((b @ a).norm()))
