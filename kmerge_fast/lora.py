@@ -85,22 +85,24 @@ class LoRAModule:
             dtype = torch.promote_types(self.A.dtype, torch.float32)
         return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))
 
-    def _norm_key(self, backend: str) -> tuple:
-        return (backend, self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version, self.scaling)
+    def _norm_key(self, arithmetic: str) -> tuple:
+        return (arithmetic, self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version, self.scaling)
 
-    def cached_sq_norm(self, backend: str) -> float | None:
-        """The cached ``||dW||_F^2`` if ``backend`` computed it and the factors did not change since.
+    def cached_sq_norm(self, arithmetic: str) -> float | None:
+        """The cached ``||dW||_F^2`` if ``arithmetic`` computed it and the factors did not change since.
 
-        Keyed per backend because l2 distances subtract the norms from inner
-        products: both must come from the same arithmetic, or an adapter's
-        distance to itself is rounding noise magnified by a square root.
+        ``arithmetic`` names how it was computed (similarity uses
+        ``"<backend>/<precise|fast>"``). Keyed that way because l2 distances
+        subtract the norms from inner products: both must come from the same
+        arithmetic, or an adapter's distance to itself is rounding noise
+        magnified by a square root.
         """
-        if self._norm_cache is not None and self._norm_cache[0] == self._norm_key(backend):
+        if self._norm_cache is not None and self._norm_cache[0] == self._norm_key(arithmetic):
             return self._norm_cache[1]
         return None
 
-    def cache_sq_norm(self, value: float, backend: str) -> None:
-        self._norm_cache = (self._norm_key(backend), float(value))
+    def cache_sq_norm(self, value: float, arithmetic: str) -> None:
+        self._norm_cache = (self._norm_key(arithmetic), float(value))
 
 
 def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "") -> None:
@@ -139,14 +141,14 @@ def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, wh
 def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` holds no NaN or Inf.
 
-    A finite float64 sum proves it (any NaN or Inf makes the sum NaN or Inf) at
-    the cost of one reduction; only an overflowing sum needs the elementwise check.
+    One fused min/max reduction proves it: NaN propagates into both, and an
+    Inf is the min or the max. It never overflows and is ~5x cheaper than
+    ``isfinite(t).all()`` (it runs on every factor of every adapter built).
     """
     if not t.numel():
         return True
-    if math.isfinite(float(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def canonical_name(name: str) -> str:

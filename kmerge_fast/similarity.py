@@ -9,8 +9,9 @@ a per-module similarity of the updates dW_X and dW_Y:
 
 cos and l2 come from r x r cross-Grams and never form dW; l1 and linf need
 the dense values and stream tiles of dW_X - dW_Y through a fixed buffer.
-Squared norms of every module are cached on the LoRAModule, so a stored slot
-pays for its norm once.
+Squared norms of every module are cached on the LoRAModule (per backend and
+precision), so a stored slot pays for its norm once; missing ones are computed
+in the same backend call as the inner products.
 """
 
 from __future__ import annotations
@@ -30,18 +31,6 @@ METRICS = ("cos", "l2", "l1", "linf")
 
 def _factor(module) -> Factor:
     return Factor(module.A, module.B, module.scaling)
-
-
-def _sq_norms(modules: list, backend) -> list[float]:
-    """||dW||_F^2 of each module by ``backend``, from the cache where it is fresh."""
-    values = [m.cached_sq_norm(backend.NAME) for m in modules]
-    todo = [m for m, v in zip(modules, values) if v is None]
-    if todo:
-        fresh = backend.sq_norms([[_factor(m)] for m in todo])
-        for m, v in zip(todo, fresh):
-            m.cache_sq_norm(float(v[0]), backend.NAME)
-        values = [m.cached_sq_norm(backend.NAME) if v is None else v for m, v in zip(modules, values)]
-    return values
 
 
 def similarity_matrix(xs: Sequence[LoRA], ys: Sequence[LoRA] | None = None, metric: str = "cos") -> torch.Tensor:
@@ -72,11 +61,15 @@ def similarity_matrix(xs: Sequence[LoRA], ys: Sequence[LoRA] | None = None, metr
         per_module = _gram_similarities(table_x, table_y, names, metric, symmetric)
     else:
         per_module = _dense_similarities(table_x, table_y, names, metric)
+    # modules held by the same adapters add up as one block (usually all of them)
+    blocks: dict[tuple, list[torch.Tensor]] = {}
     for name, sim in zip(names, per_module):
-        ix = torch.tensor([i for i, _ in table_x[name]])
-        iy = torch.tensor([j for j, _ in table_y[name]])
-        total[ix[:, None], iy[None, :]] += sim
-        count[ix[:, None], iy[None, :]] += 1
+        layout = (tuple(i for i, _ in table_x[name]), tuple(j for j, _ in table_y[name]))
+        blocks.setdefault(layout, []).append(sim)
+    for (ix, iy), sims in blocks.items():
+        rows, cols = torch.tensor(ix)[:, None], torch.tensor(iy)[None, :]
+        total[rows, cols] += torch.stack(sims).sum(0)
+        count[rows, cols] += len(sims)
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
@@ -87,13 +80,20 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
         batch.append((xs, xs) if symmetric else (xs, [_factor(m) for _, m in table_y[name]]))
     # l2 subtracts nearly equal terms when adapters are close: it needs float64 Grams.
     backend = ops.select_for([f for pair in batch for f in pair])
-    inner = backend.inner_products(batch, precise=metric == "l2")
-    # every module's norm in one backend call (cached ones are not recomputed)
+    precise = metric == "l2"
+    key = f"{backend.NAME}/{'precise' if precise else 'fast'}"
     groups = [[m for _, m in table_x[name]] for name in names]
     if not symmetric:
         groups += [[m for _, m in table_y[name]] for name in names]
-    flat = iter(_sq_norms([m for group in groups for m in group], backend))
-    norms = [torch.tensor([next(flat) for _ in group], dtype=torch.float64) for group in groups]
+    # Norms not cached yet are the diagonals of self-pairs ([f], [f]) in the same backend
+    # call (one launch, the same arithmetic as the inner products they divide).
+    missing = list({id(m): m for group in groups for m in group if m.cached_sq_norm(key) is None}.values())
+    selves = [[_factor(m)] for m in missing]
+    results = backend.inner_products(batch + [(f, f) for f in selves], precise=precise)
+    inner = results[:len(batch)]
+    for m, self_dot in zip(missing, results[len(batch):]):
+        m.cache_sq_norm(float(self_dot[0, 0]), key)
+    norms = [torch.tensor([m.cached_sq_norm(key) for m in group], dtype=torch.float64) for group in groups]
     norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
     out = []
     for dots, nx, ny in zip(inner, norms_x, norms_y):

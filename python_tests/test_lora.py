@@ -211,3 +211,19 @@ def test_save_replaces_files_whole(tmp_path, saved):
     shutil.copytree(saved, copy)
     kf.LoRA.load(copy).save(copy)
     assert kf.LoRA.load(copy).names == kf.LoRA.load(saved).names
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from kmerge_fast.lora import all_finite
+
+    big = torch.finfo(dtype).max
+    base = torch.full((7, 300), big, dtype=dtype)  # a float32 sum of these would overflow
+    base[::2] = -big
+    assert all_finite(base) and all_finite(base.T) and all_finite(base[:, ::3])
+    assert all_finite(torch.empty(0, 5, dtype=dtype))
+    for value in (math.nan, math.inf, -math.inf):
+        for pos in (0, 1049, 2099):
+            t = base.clone()
+            t.view(-1)[pos] = value
+            assert not all_finite(t) and not all_finite(t.T), (value, pos)

@@ -78,6 +78,16 @@ def test_factor_wise_matches_peft_math(backend, dtype, method, density, sign):
         torch.testing.assert_close(module.B.double(), b, rtol=tol, atol=tol * float(b.abs().max()))
 
 
+def test_weighted_sum_rounds_like_peft():
+    """``combine(SUM)`` skips peft's stack for 1-2 terms but must keep its roundings: bit-equal in float32."""
+    g = torch.Generator().manual_seed(3)
+    for k, shape in [(1, (33, 70)), (2, (33, 70)), (2, (32, 2048)), (3, (33, 70)), (5, (33, 70)), (5, (64, 2048))]:
+        tensors = [torch.randn(*shape, generator=g) for _ in range(k)]
+        weights = [float(w) for w in torch.randn(k, generator=g, dtype=torch.float64)]
+        want = merge_utils.task_arithmetic(tensors, torch.tensor(weights))
+        assert torch.equal(ops.elementwise.combine(tensors, weights, SUM), want)
+
+
 def test_factor_wise_needs_equal_ranks():
     loras = _loras(torch.float32)
     with pytest.raises(ValueError, match="needs equal ranks"):

@@ -214,11 +214,17 @@ def test_similarity_uses_cached_slot_norms(monkeypatch):
     from kmerge_fast.ops import cpu, reference
 
     for mod in (cpu, reference):
-        original = mod.sq_norms
-        monkeypatch.setattr(mod, "sq_norms", lambda batch, _o=original: calls.append(len(batch)) or _o(batch))
+        original = mod.inner_products
+        monkeypatch.setattr(mod, "inner_products",
+                            lambda batch, precise=False, _o=original: calls.append(batch) or _o(batch, precise))
     merger._similarities(adapters[4])
-    # one batched call, for the newcomer's modules only: the slots' norms are cached
-    assert calls == [len(SHAPES)]
+    # one backend call: per module the newcomer vs the 2 slots, then the self-pairs of the
+    # newcomer's modules only (the slots' norms are cached)
+    assert len(calls) == 1
+    batch = calls[0]
+    assert [(len(xs), len(ys)) for xs, ys in batch] == [(1, 2)] * len(SHAPES) + [(1, 1)] * len(SHAPES)
+    newcomer = {id(m.A) for m in adapters[4].modules.values()}
+    assert all(xs is ys and id(xs[0].A) in newcomer for xs, ys in batch[len(SHAPES):])
 
 
 def test_history_records_each_step():

@@ -93,7 +93,7 @@ def test_norm_cache_invalidated_by_inplace_change(backend):
     a, b = random_lora({"q": (9, 7)}, 3, seed=1), random_lora({"q": (9, 7)}, 3, seed=2)
     first = kf.similarity_matrix([a], [b])
     module = b.modules["base_model.model.q"]
-    assert module.cached_sq_norm(backend) is not None
+    assert module.cached_sq_norm(f"{backend}/fast") is not None  # cos: the fast arithmetic
     module.B.mul_(-2.0)  # cos flips sign; a stale norm would also rescale it
     torch.testing.assert_close(kf.similarity_matrix([a], [b]), -first, rtol=0, atol=ACCUM_TOL)
 

@@ -8,8 +8,6 @@ same ops on *batches of modules*; a batch entry is a list of
   (xs, ys) of factor lists; returns per entry the float64 (len(xs), len(ys))
   matrix of Frobenius inner products <coef_i B_i A_i, coef_j B_j A_j>_F,
   from the r x r cross-Grams (B_i^T B_j) * (A_i A_j^T), never forming dW.
-- ``sq_norms(batch) -> list[Tensor]``: per entry the float64 vector of
-  ||coef_i B_i A_i||_F^2.
 - ``diff_stats(batch) -> Tensor``: batch entries are pairs (x, y) of factors;
   returns float64 (len(batch), 2): [sum |dW_x - dW_y|, max |dW_x - dW_y|],
   streaming tiles of the difference (it is needed densely for l1 / linf).

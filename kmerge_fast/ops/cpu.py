@@ -8,6 +8,7 @@ over modules of equal stacked rank. See ``ops/__init__.py`` for the op contracts
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -65,43 +66,41 @@ def _empty(*shape: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------- ops
 def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
-    tasks, grams = [], []
-    for xs, ys in batch:
-        rx, ry = sum(f.A.shape[0] for f in xs), sum(f.A.shape[0] for f in ys)
-        g_b, g_a = _empty(rx, ry), _empty(rx, ry)
-        same = xs is ys
-        tasks.append((_b_stack(xs), _b_stack(ys), g_b.data_ptr(), same))
-        tasks.append((_at_stack(xs), _at_stack(ys), g_a.data_ptr(), same))
-        grams.append((g_b, g_a))
+    # Modules with the same rank layout share one (n, Rx, Ry) Gram buffer and one batched block reduction.
+    groups = defaultdict(list)
+    for k, (xs, ys) in enumerate(batch):
+        groups[_ranks(xs), _ranks(ys)].append(k)
+    tasks, buffers = [], []
+    for (rx, ry), idx in groups.items():
+        g_b, g_a = _empty(len(idx), sum(rx), sum(ry)), _empty(len(idx), sum(rx), sum(ry))
+        for j, k in enumerate(idx):
+            xs, ys = batch[k]
+            same = xs is ys
+            tasks.append((_b_stack(xs), _b_stack(ys), g_b[j].data_ptr(), same))
+            tasks.append((_at_stack(xs), _at_stack(ys), g_a[j].data_ptr(), same))
+        buffers.append((g_b, g_a))
     _C.gram(tasks, precise, 0)
-    out = []
-    for (xs, ys), (g_b, g_a) in zip(batch, grams):
+    out: list = [None] * len(batch)
+    for ((rx, ry), idx), (g_b, g_a) in zip(groups.items(), buffers):
         # Sum each (r_i x r_j) block of the elementwise product: S_x^T (Gb * Ga) S_y
         # with S the 0/1 matrices mapping stacked rank rows to adapters.
-        out.append(_block_indicator(xs).T @ (g_b * g_a) @ _block_indicator(ys))
+        dots = _block_indicator(rx).T @ (g_b * g_a) @ _block_indicator(ry)
+        for j, k in enumerate(idx):
+            out[k] = dots[j]
     return out
 
 
-def _block_indicator(factors: list[Factor]) -> torch.Tensor:
-    ranks = torch.tensor([f.A.shape[0] for f in factors], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(factors)), ranks)
-    s = torch.zeros(int(ranks.sum()), len(factors), dtype=torch.float64)
+def _ranks(factors: list[Factor]) -> tuple[int, ...]:
+    return tuple(f.A.shape[0] for f in factors)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_indicator(ranks: tuple[int, ...]) -> torch.Tensor:
+    """(sum(ranks), len(ranks)) float64: 1 where stacked rank row i belongs to adapter j (do not modify)."""
+    owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks, dtype=torch.long))
+    s = torch.zeros(sum(ranks), len(ranks), dtype=torch.float64)
     s[torch.arange(owner.numel()), owner] = 1.0
     return s
-
-
-def sq_norms(batch: list[list[Factor]]) -> list[torch.Tensor]:
-    tasks, grams = [], []
-    for factors in batch:
-        for f in factors:
-            r = f.A.shape[0]
-            g_b, g_a = _empty(r, r), _empty(r, r)
-            tasks.append(([_mat(f.B, f.coef)], [_mat(f.B, f.coef)], g_b.data_ptr(), True))
-            tasks.append(([_mat(f.A, 1.0, True)], [_mat(f.A, 1.0, True)], g_a.data_ptr(), True))
-            grams.append((g_b, g_a))
-    _C.gram(tasks, True, 0)
-    values = iter([float((g_b * g_a).sum()) for g_b, g_a in grams])
-    return [torch.tensor([next(values) for _ in factors], dtype=torch.float64) for factors in batch]
 
 
 def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:

@@ -138,6 +138,11 @@ def apply_keep(t: torch.Tensor, keep: Keep) -> torch.Tensor:
 
 def combine(pruned: list[torch.Tensor], weights: list[float], mode: int, sign_method: str = "total") -> torch.Tensor:
     """Combine pruned tensors p_i (same shape) with weights w_i: SUM or TIES."""
+    if mode == SUM and len(pruned) <= 2:
+        # The online mergers' case, without the stack. Two products have one sum, so the
+        # roundings are peft's (stack * w).sum(0); with more terms its reduction order varies.
+        out = pruned[0] * weights[0]
+        return out + pruned[1] * weights[1] if len(pruned) == 2 else out
     stacked = torch.stack(pruned)
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     if mode == SUM:

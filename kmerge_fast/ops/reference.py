@@ -51,13 +51,6 @@ def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool
     return out
 
 
-def sq_norms(batch: list[list[Factor]]) -> list[torch.Tensor]:
-    return [
-        torch.tensor([_inner_ref(f, f, torch.float64) for f in factors], dtype=torch.float64)
-        for factors in batch
-    ]
-
-
 def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     out = torch.zeros(len(batch), 2, dtype=torch.float64)
     for k, (x, y) in enumerate(batch):

@@ -16,13 +16,13 @@ the kernels are tested on machines without a GPU.
 How each op runs (every launch covers the whole batch; work items are rows
 of an int64 table of addresses, sizes and strides, see ``kernels.py``):
 
-- ``inner_products`` / ``sq_norms``: one program per (module, x, y) pair
+- ``inner_products``: one program per (module, x, y) pair
   computes both cross-Grams B_x^T B_y and A_x A_y^T tile by tile and reduces
   their elementwise product to the inner product; launches are grouped by
   rank bucket (16 / 32 / 64-wide tiles, 32 at most in float64) and layout
   (contiguous, 16-byte aligned: vectorised loads). Fast mode: fp16 / bf16
   tensor-core products with float32 accumulation, float32 inputs without
-  TF32; ``precise`` and ``sq_norms``: float64 accumulation. Symmetric
+  TF32; ``precise``: float64 accumulation. Symmetric
   batches compute each pair once.
 - ``truncate``: float64 Grams Gb = B^T B, Ga = A A^T of the stacks (block
   pairs i <= j, mirrored), the R x R core algebra of the C++ backend
@@ -328,28 +328,6 @@ def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool
         result.append(out[k:k + n * m].reshape(n, m))
         k += n * m
     return result
-
-
-def sq_norms(batch: list[list[Factor]]) -> list[torch.Tensor]:
-    _require()
-    if not batch:
-        return []
-    dtype = _common_dtype(t for factors in batch for f in factors for t in (f.A, f.B))
-    if dtype is None:
-        return _reference.sq_norms(batch)
-    device = _device_of(batch)
-    items, sizes, k, alive = [], [], 0, []
-    for factors in batch:
-        for f in factors:
-            f = _conv(f, dtype)
-            alive.append(f)
-            d = _Desc(f)
-            items.append(_pair_item(d, d, [k, -1], float(f.coef) ** 2))
-            k += 1
-        sizes.append(len(factors))
-    out = torch.zeros(k, dtype=torch.float64, device=device)
-    _run_pairs(items, dtype, device, out, store=False, precise=True)
-    return list(out.cpu().split(sizes))
 
 
 def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
