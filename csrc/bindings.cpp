@@ -385,9 +385,15 @@ PYBIND11_MODULE(_C, m) {
 #else
             d["native"] = false;
 #endif
+#ifdef KMF_F16C
+            d["f16c"] = true;
+#else
+            d["f16c"] = false;
+#endif
             d["threads"] = kmf::hardware_threads();
             d["version"] = KMERGE_FAST_VERSION;
             return d;
         },
-        "info() -> dict: build facts: simd (vector ISA targeted), native (-march=native), threads, version.");
+        "info() -> dict: build facts: simd (vector ISA targeted), native (-march=native), f16c (hardware half\n"
+          "conversions in contiguous runs), threads, version.");
 }

@@ -458,6 +458,50 @@ def test_half_and_bfloat16_conversions_are_exact_and_round_to_nearest_even():
             assert torch.equal(dst[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+def _double_rounding_traps(gen: torch.Generator, n: int) -> torch.Tensor:
+    """float64 values near fp16 rounding boundaries: random halves +- half an fp16 ulp +- tiny offsets
+    (rounding them to float32 first, then to fp16, would be wrong on the ties)."""
+    h = torch.randint(0, 0x7bff, (n,), generator=gen, dtype=torch.int32).to(torch.int16).view(torch.float16).double()
+    ulp = torch.where(h.abs() < 2.0**-14, torch.full_like(h, 2.0**-24), h.abs() * 2.0**-10)
+    tiny = torch.ldexp(torch.ones_like(h), torch.randint(-45, -30, (n,), generator=gen)) * h.abs().clamp_min(2.0**-24)
+    sign = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+    return sign * (h.abs() + 0.5 * ulp + torch.randint(-1, 2, (n,), generator=gen).double() * tiny)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 9, 61, 4096])
+def test_double_to_half_rounds_once(n):
+    """float64 -> fp16 stores (copy: the vector F16C runs where built, the portable code on the tail and on
+    strided runs) give numpy's correctly rounded float64 -> float16, bit for bit."""
+    gen = torch.Generator().manual_seed(n)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65520.0, 65519.999, 1e300, -1e-300,
+                            2.0**-25, 2.0**-25 + 2.0**-60, 1 + 2.0**-11 + 2.0**-40, 1 + 2.0**-11 - 2.0**-40],
+                           dtype=torch.float64)
+    values = torch.cat([special, _double_rounding_traps(gen, 4 * n)])
+    values = values[torch.randint(0, values.numel(), (16 * n,), generator=gen)].reshape(16, n)
+    values += torch.randn(values.shape, generator=gen, dtype=torch.float64) * 2.0**-50 * values.abs()
+    with np.errstate(over="ignore"):
+        want = torch.from_numpy(values.numpy().astype(np.float16))
+    for dst in (torch.empty(values.shape, dtype=torch.float16), torch.empty(values.T.shape, dtype=torch.float16).T):
+        _C.copy([(mat(values), mat(dst))], 1)
+        nan = want.isnan()
+        assert torch.equal(dst.isnan(), nan)
+        assert torch.equal(dst[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_float_to_half_stores_in_apply():
+    """apply in float (precise=False) stores fp16 rows straight from float: X @ I must equal X.to(fp16)."""
+    gen = torch.Generator().manual_seed(5)
+    raw = torch.randint(0, 2**31 - 1, (37, 24), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = raw.view(torch.float32).clone()
+    x = torch.ldexp(torch.frexp(x).mantissa, torch.randint(-30, 18, x.shape, generator=gen).float())
+    x[(x == 0) | ~x.isfinite()] = 1.0  # X @ I adds 0 * x terms: no signed zeros, no inf or NaN
+    x *= torch.randint(0, 2, x.shape, generator=gen).float() * 2 - 1
+    eye = torch.eye(24, dtype=torch.float64)
+    out = torch.empty(37, 24, dtype=torch.float16)
+    _C.apply([([mat(x)], eye.data_ptr(), 24, mat(out))], False, 1)
+    assert torch.equal(out, x.to(torch.float16))
+
+
 # ---------------------------------------------------------------- errors
 def test_bad_descriptions_raise_value_error():
     x = torch.randn(10, 4)

@@ -85,6 +85,7 @@ def build_config(args) -> Config:
             r.append(f"evaluation stopped starting new cells at {args.deadline} UTC (cells not reached: '-')")
         if set(cfg.strategies) != set(full.strategies):
             r.append(f"strategies {cfg.strategies} only")
+        r += args.note or []
         cfg.reductions = r
     return cfg
 
@@ -147,6 +148,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, help="decoding batch size")
     p.add_argument("--deadline", help="eval: UTC HH:MM after which no new (strategy, K) cell starts; "
                    "the cells not reached are left out of the results (and listed)")
+    p.add_argument("--note", action="append", help="eval: a line for the report's list of reductions (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or (1 if args.tiny else 2))

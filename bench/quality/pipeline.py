@@ -180,11 +180,15 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, test, out_dir: P
     try:
         orders = arrival_orders(cfg.tasks, cfg.orders)
         budgets = [k for k in cfg.budgets if k <= len(cfg.tasks)]
+        online = run_online(ev, adapters, single, budgets, orders, cfg.strategies, cfg.deadline, log=log)
         d2c = None
         if cfg.d2c_budget and cfg.d2c_budget <= len(cfg.tasks):
-            examples = {t: train[t][:cfg.d2c_examples] for t in cfg.tasks}
-            d2c = run_d2c(ev, model, tok, adapters, single, examples, cfg.d2c_budget, log=log)
-        online = run_online(ev, adapters, single, budgets, orders, cfg.strategies, cfg.deadline, log=log)
+            if cfg.deadline is not None and time.time() > cfg.deadline:
+                online["skipped"].append(f"D2C / K-Means / random K={cfg.d2c_budget}")
+                log("deadline reached: D2C skipped")
+            else:
+                examples = {t: train[t][:cfg.d2c_examples] for t in cfg.tasks}
+                d2c = run_d2c(ev, model, tok, adapters, single, examples, cfg.d2c_budget, log=log)
     finally:
         ev.close()
     results = {
