@@ -102,3 +102,37 @@ def test_rank_above_stacked_rank_pads_with_zero_columns(eigen_calls):
     assert eigen_calls == []
     assert float(new_b[:, 3:].abs().max()) == 0.0 and float(new_a[3:].abs().max()) == 0.0
     torch.testing.assert_close(new_b @ new_a, b @ a, rtol=0, atol=1e-12 * float((b @ a).norm()))
+
+
+def spectrum_stacks(n_out: int, n_in: int, s: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (n_out x R), A (R x n_in) with B A = U diag(s) V^T, each factor mixed by a random R x R rotation."""
+    g = torch.Generator().manual_seed(seed)
+    big_r = s.numel()
+    u = torch.linalg.qr(torch.randn(n_out, big_r, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n_in, big_r, generator=g, dtype=torch.float64)).Q
+    mix = torch.randn(big_r, big_r, generator=g, dtype=torch.float64)
+    return u * s @ torch.linalg.inv(mix), mix @ v.T
+
+
+@pytest.mark.parametrize("case", ["random", "near_tie_at_r", "rank_below_r", "steep"])
+def test_large_stacks_refine_a_float32_eigh_to_float64_accuracy(case, eigen_calls, monkeypatch):
+    big_r, rank = 192, 32
+    assert big_r > max(gram_svd.REFINE_ABOVE, rank + gram_svd.OVERSAMPLE)  # the refined path runs
+    g = torch.Generator().manual_seed(7)
+    if case == "random":
+        b, a = stacks(300, 260, big_r, seed=5)
+    else:
+        s = {"near_tie_at_r": torch.cat([torch.linspace(10, 2, rank - 1), torch.tensor([1 + 1e-9, 1.0]),
+                                         torch.rand(big_r - rank - 1, generator=g)]),
+             "rank_below_r": torch.cat([torch.rand(20, generator=g) + 0.5, torch.zeros(big_r - 20)]),
+             "steep": torch.logspace(0, -12, big_r)}[case].double()
+        b, a = spectrum_stacks(300, 260, s, seed=6)
+    (new_a, new_b), = truncate([b], [a], rank)
+    assert eigen_calls == []
+    assert excess_error(b, a, new_a, new_b, rank) <= 1e-10
+    # the same product as the all-float64 eigendecomposition
+    monkeypatch.setattr(gram_svd, "REFINE_ABOVE", 10**6)
+    (exact_a, exact_b), = truncate([b], [a], rank)
+    m = b @ a
+    if case in ("rank_below_r", "steep"):  # elsewhere sigma_r ~ sigma_{r+1}: the rank-r subspace is ill-posed
+        assert float((new_b @ new_a - exact_b @ exact_a).norm()) <= 1e-7 * float(m.norm())  # first order in the angle
