@@ -85,15 +85,23 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     groups = [[m for _, m in table_x[name]] for name in names]
     if not symmetric:
         groups += [[m for _, m in table_y[name]] for name in names]
-    # Norms not cached yet are the diagonals of self-pairs ([f], [f]) in the same backend
-    # call (one launch, the same arithmetic as the inner products they divide).
-    missing = list({id(m): m for group in groups for m in group if m.cached_sq_norm(key) is None}.values())
+    # Norms: a symmetric matrix has them on its diagonals. Otherwise those not cached yet
+    # come from self-pairs ([f], [f]) in the same backend call (one launch, the same
+    # arithmetic as the inner products they divide).
+    missing = [] if symmetric else \
+        list({id(m): m for group in groups for m in group if m.cached_sq_norm(key) is None}.values())
     selves = [[_factor(m)] for m in missing]
     results = backend.inner_products(batch + [(f, f) for f in selves], precise=precise)
     inner = results[:len(batch)]
     for m, self_dot in zip(missing, results[len(batch):]):
         m.cache_sq_norm(float(self_dot[0, 0]), key)
-    norms = [torch.tensor([m.cached_sq_norm(key) for m in group], dtype=torch.float64) for group in groups]
+    if symmetric:
+        norms = [dots.diagonal().clone() for dots in inner]
+        for group, values in zip(groups, norms):
+            for m, v in zip(group, values.tolist()):
+                m.cache_sq_norm(v, key)
+    else:
+        norms = [torch.tensor([m.cached_sq_norm(key) for m in group], dtype=torch.float64) for group in groups]
     norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
     out = []
     for dots, nx, ny in zip(inner, norms_x, norms_y):

@@ -118,3 +118,21 @@ def test_properties(shape, r1, r2, seed, scale, backend_name):
         # cosine is invariant to positive scaling of either adapter
         y.modules["base_model.model.m"].scaling *= scale
         assert abs(float(kf.similarity_matrix([x], [y])[0, 0] - sims[0, 1])) < 1e-6
+
+
+def test_symmetric_matrix_takes_norms_from_its_diagonal(backend, monkeypatch):
+    from kmerge_fast import ops
+
+    loras = [random_lora({"q": (9, 7), "v": (5, 7)}, 3, seed=s) for s in range(3)]
+    impl = ops.select(torch.device("cpu"), torch.float32)
+    calls = []
+    original = impl.inner_products
+    monkeypatch.setattr(impl, "inner_products", lambda batch, precise=False: calls.append(batch) or original(batch, precise))
+    for metric in ("cos", "l2"):
+        sims = kf.similarity_matrix(loras, metric=metric)
+        torch.testing.assert_close(sims.diagonal(), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    # one call per metric, one entry per module: no self-pairs for norms
+    assert [len(batch) for batch in calls] == [2, 2]
+    module = loras[1].modules["base_model.model.q"]
+    assert module.cached_sq_norm(f"{backend}/precise") == pytest.approx(float(module.delta(torch.float64).norm()) ** 2,
+                                                                         rel=1e-12)
