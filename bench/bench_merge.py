@@ -24,11 +24,12 @@ n_out + n_in = n), used for its GFLOP/s:
 
 - the two float64 Grams B^T B (R x R over n_out) and A A^T (over n_in), symmetric:
   n_out R^2 + n_in R^2;
-- two R x R symmetric eigen-decompositions, ~9 R^3 each: 18 R^3;
+- the R x R core (``ops/gram_svd.py``): a Cholesky factor of A A^T (R^3 / 3),
+  K = L^T (B^T B) L (4 R^3) and its symmetric eigen-decomposition (~9 R^3): ~13 R^3;
 - the two rebuild products [c_i B_i] T_B (n_out x R x r) and [A_i^T] T_A (n_in x R x r):
   2 n_out R r + 2 n_in R r.
 
-  flops = n R^2 + 18 R^3 + 2 n R r (the small R x R products of the core are not counted).
+  flops = n R^2 + 13 R^3 + 2 n R r (the O(R^2 r) products of the core are not counted).
 
 Columns: ``x (cpp)`` is this row's time over the cpp row's time (> 1: cpp is
 faster); ``% fp64 peak`` compares the cpp GFLOP/s with the measured fp64
@@ -85,8 +86,8 @@ def peft_dense_svd_merge(loras: list[kf.LoRA], weights: list[float], rank: int,
 
 
 def cpp_merge_flops(shapes: list[tuple[int, int]], big_r: int, r: int) -> float:
-    """sum over modules of (n_out + n_in) R^2 + 18 R^3 + 2 (n_out + n_in) R r."""
-    return float(sum((n_out + n_in) * big_r ** 2 + 18 * big_r ** 3 + 2 * (n_out + n_in) * big_r * r
+    """sum over modules of (n_out + n_in) R^2 + 13 R^3 + 2 (n_out + n_in) R r."""
+    return float(sum((n_out + n_in) * big_r ** 2 + 13 * big_r ** 3 + 2 * (n_out + n_in) * big_r * r
                      for n_out, n_in in shapes))
 
 
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
 SVD merge of k adapters (r={RANK}, weights 1/k) into rank {RANK}, over the 64 Llama-3.2-1B attention modules
 (16 layers x q/k/v/o: 2048x2048, 512x2048, 512x2048, 2048x2048); {scope}.
 `time ms`: median over `runs` (the dense path: one run, no warm-up). `x (cpp)`: row time / cpp time.
-cpp flops per module: (n_out+n_in) R^2 + 18 R^3 + 2 (n_out+n_in) R r, R = k r.
+cpp flops per module: (n_out+n_in) R^2 + 13 R^3 + 2 (n_out+n_in) R r, R = k r.
 `rel. err vs dense`: max_module ||B'A' - B_d A_d||_F / ||B_d A_d||_F against the dense path's factors.
 """
     h.report("merge-quick" if args.quick else "merge", "SVD merge: peft dense vs kmerge_fast", headers, rows,

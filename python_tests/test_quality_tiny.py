@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,29 @@ def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
     assert sum(merged) / len(merged) > base
     # nothing written to bench/results
     assert {p: p.stat().st_mtime for p in RESULTS.glob("quality.*")} == before
+
+
+def test_deadline_keeps_every_cell_on_the_first_order(monkeypatch):
+    """Orders outermost: a run cut short has each (strategy, K) on order 0 before any gets order 1."""
+    from conftest import random_lora
+
+    from bench.quality import evaluate
+
+    class Scores:  # stands in for the decoding Evaluator: a score per task, no model
+        def score(self, lora, tasks):
+            return {t: 0.5 for t in tasks}
+
+    adapters = {f"{kind}_{lang}": random_lora({"q": (6, 5)}, 2, seed=i)
+                for i, (kind, lang) in enumerate([("date", "en"), ("date", "de"), ("typo", "en"), ("typo", "de")])}
+    single = {t: 1.0 for t in adapters}
+    orders = evaluate.arrival_orders(list(adapters), 3)
+    cells = 2 * 2  # strategies x budgets
+    clock = iter(range(10_000))
+    # evaluate's own clock only: one tick per deadline check
+    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: next(clock), perf_counter=time.perf_counter))
+    out = evaluate.run_online(Scores(), adapters, single, [1, 2], orders, ["kmerge", "linear"],
+                              deadline=cells + 1.5, log=lambda *_: None)  # every cell once, then 2 more
+    done = [out["orders_done"][label][k] for k in ("1", "2") for label in ("kmerge", "linear")]
+    assert sorted(done) == [1, 1, 2, 2] and done[:2] == [2, 2]  # K=1 cells got the second order first
+    assert all(out["s_score"][label][k] == pytest.approx(0.5) for label in ("kmerge", "linear") for k in ("1", "2"))
+    assert len(out["skipped"]) == 3 * cells - 6 and all("order" in s for s in out["skipped"])

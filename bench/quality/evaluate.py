@@ -140,28 +140,27 @@ def arrival_orders(tasks: list[str], n: int, seed: int = 0) -> list[list[str]]:
 
 def run_online(ev: Evaluator, adapters: dict[str, kf.LoRA], single: dict[str, float], budgets: list[int],
                orders: list[list[str]], strategies: list[str], deadline: float | None = None, log=print) -> dict:
-    """S-score and mean score per strategy and budget, averaged over the arrival orders.
+    """S-score and mean score per strategy and budget, averaged over the arrival orders each cell reached.
 
-    Budgets outermost, so a run cut short by ``deadline`` (a ``time.time()`` value) still compares
-    every strategy at the budgets it reached; the cells not reached are left out.
+    Orders outermost, then budgets, then strategies: a run cut short by ``deadline`` (a
+    ``time.time()`` value) has every (strategy, K) cell on the first order before any cell
+    gets a second one; ``orders_done`` says how many orders each cell averages.
     """
     threshold = kf.calibrate_threshold(list(adapters.values()))
-    s_out: dict[str, dict[str, float]] = {label: {} for label in strategies}
-    abs_out: dict[str, dict[str, float]] = {label: {} for label in strategies}
-    slots_out: dict[str, dict[str, list]] = {label: {} for label in strategies}
+    cells: dict[tuple[str, int], dict[str, list]] = {
+        (label, k): {"s": [], "score": [], "members": []} for k in budgets for label in strategies}
     skipped = []
-    for k in budgets:
-        for label in strategies:
-            if deadline is not None and time.time() > deadline:
-                skipped.append(f"{label} K={k}")
-                continue
-            kwargs = dict(STRATEGIES[label])
-            if kwargs["strategy"] == "kmerge++":
-                kwargs["threshold"] = threshold
-            if kwargs["strategy"] == "oracle":
-                kwargs["oracle"] = lambda task: split(task)[0]       # by task type
-            s_vals, a_vals, members = [], [], []
-            for i, order in enumerate(orders):
+    for i, order in enumerate(orders):
+        for k in budgets:
+            for label in strategies:
+                if deadline is not None and time.time() > deadline:
+                    skipped.append(f"{label} K={k} order {i}")
+                    continue
+                kwargs = dict(STRATEGIES[label])
+                if kwargs["strategy"] == "kmerge++":
+                    kwargs["threshold"] = threshold
+                if kwargs["strategy"] == "oracle":
+                    kwargs["oracle"] = lambda task: split(task)[0]       # by task type
                 start = time.perf_counter()
                 merger = kf.OnlineMerger(budget=k, seed=i, **kwargs)
                 for task in order:
@@ -170,17 +169,26 @@ def run_online(ev: Evaluator, adapters: dict[str, kf.LoRA], single: dict[str, fl
                 scores = {}
                 for slot, tasks in enumerate(merger.members):
                     scores.update(ev.score(merger.slots[slot], tasks))
-                s_vals.append(s_score(scores, single))
-                a_vals.append(sum(scores.values()) / len(scores))
-                members.append([list(m) for m in merger.members])
-                log(f"  {label:12s} K={k} order {i}: S={s_vals[-1]:.3f} mean={a_vals[-1]:.3f} "
+                cell = cells[label, k]
+                cell["s"].append(s_score(scores, single))
+                cell["score"].append(sum(scores.values()) / len(scores))
+                cell["members"].append([list(m) for m in merger.members])
+                log(f"  {label:12s} K={k} order {i}: S={cell['s'][-1]:.3f} mean={cell['score'][-1]:.3f} "
                     f"slots={len(merger.slots)} merge {merge_s:.1f}s total {time.perf_counter() - start:.1f}s")
-            s_out[label][str(k)] = sum(s_vals) / len(s_vals)
-            abs_out[label][str(k)] = sum(a_vals) / len(a_vals)
-            slots_out[label][str(k)] = members
     if skipped:
         log(f"deadline reached: skipped {skipped}")
-    return {"s_score": s_out, "score": abs_out, "members": slots_out, "threshold": threshold, "skipped": skipped}
+    out = {"s_score": {}, "score": {}, "members": {}, "orders_done": {}}
+    for label in strategies:
+        for key in out:
+            out[key][label] = {}
+        for k in budgets:
+            cell = cells[label, k]
+            if cell["s"]:
+                out["s_score"][label][str(k)] = sum(cell["s"]) / len(cell["s"])
+                out["score"][label][str(k)] = sum(cell["score"]) / len(cell["score"])
+                out["members"][label][str(k)] = cell["members"]
+                out["orders_done"][label][str(k)] = len(cell["s"])
+    return {**out, "threshold": threshold, "skipped": skipped}
 
 
 def run_d2c(ev: Evaluator, model, tok, adapters: dict[str, kf.LoRA], single: dict[str, float],

@@ -203,6 +203,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, test, out_dir: P
         "base": manifest["base"],
         "score": online["score"],
         "members": online["members"],
+        "orders_done": online["orders_done"],
         "kmerge++_threshold": online["threshold"],
         "skipped": online["skipped"],
         "config": cfg.to_dict(),

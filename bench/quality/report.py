@@ -21,6 +21,15 @@ def _clean(x):
     return x
 
 
+def _orders_text(r: dict) -> str:
+    done = sorted({n for row in r.get("orders_done", {}).values() for n in row.values()})
+    planned = len(r["orders"])
+    if not done or done == [planned]:
+        return f"{planned} arrival order(s)"
+    return (f"the arrival orders each cell reached before the deadline ({' to '.join(map(str, [done[0], done[-1]]))} "
+            f"of {planned} planned; per cell in quality.json `orders_done`)")
+
+
 def markdown(r: dict) -> str:
     cfg = r["config"]
     budgets = sorted({int(k) for v in r["s_score"].values() for k in v})
@@ -32,7 +41,7 @@ def markdown(r: dict) -> str:
              f"batch {cfg['recipe']['batch_size']}, lr {cfg['recipe']['lr']}, the same seed for every adapter. "
              f"{cfg['n_test']} test examples per task, greedy decoding, token F1 (exact match for one-token answers). "
              f"S-score = mean over tasks of (score with its slot / its single-adapter score), "
-             f"averaged over {len(r['orders'])} arrival order(s).", ""]
+             f"averaged over {_orders_text(r)}.", ""]
     if cfg.get("reductions"):
         lines += ["**Reduced run** (not the full protocol of issue 7):", ""]
         lines += [f"- {x}" for x in cfg["reductions"]] + [""]
@@ -80,7 +89,7 @@ def plot(r: dict, path: Path) -> bool:
         ax.plot(ks, [row[str(k)] for k in ks], marker="o", label=label)
     ax.set_xlabel("budget K (slots)")
     ax.set_ylabel("S-score")
-    ax.set_title(f"{r['model'].split(' (')[0]}: {r['n_adapters']} adapters, {len(r['orders'])} order(s)")
+    ax.set_title(f"{r['model'].split(' (')[0]}: {r['n_adapters']} adapters, {_orders_text(r)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
