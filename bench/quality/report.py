@@ -42,6 +42,10 @@ def markdown(r: dict) -> str:
              f"{cfg['n_test']} test examples per task, greedy decoding, token F1 (exact match for one-token answers). "
              f"S-score = mean over tasks of (score with its slot / its single-adapter score), "
              f"averaged over {_orders_text(r)}.", ""]
+    if r.get("machine"):
+        m = r["machine"]
+        lines += [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch {m['torch']}; "
+                  f"kmerge_fast @ {m['commit']}.", ""]
     if cfg.get("reductions"):
         lines += ["**Reduced run** (not the full protocol of issue 7):", ""]
         lines += [f"- {x}" for x in cfg["reductions"]] + [""]
