@@ -2,8 +2,8 @@
 
 The compiled core works on raw pointers, sizes and strides; this module turns
 tensors into those descriptions (no copies: transposed views are passed as
-strides) and does the small R x R float64 algebra with torch.linalg, batched
-over modules of equal stacked rank. See ``ops/__init__.py`` for the op contracts.
+strides); truncation's small R x R algebra is ``ops/gram_svd.py`` (torch.linalg,
+batched over modules of equal stacked rank). See ``ops/__init__.py`` for the op contracts.
 """
 
 from __future__ import annotations
