@@ -84,8 +84,6 @@ def build_config(args) -> Config:
             r.append(f"budgets K = {cfg.budgets} instead of {full.budgets}")
         if not cfg.d2c_budget:
             r.append("D2C vs K-Means vs random skipped (--d2c-budget 0); the tiny mode runs it")
-        if cfg.deadline is not None:
-            r.append(f"evaluation stopped starting new cells at {args.deadline} UTC (cells not reached: '-')")
         if set(cfg.strategies) != set(full.strategies):
             r.append(f"strategies {cfg.strategies} only")
         r += args.note or []
