@@ -139,27 +139,25 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     Ga = A A^T, once to apply the R x r transforms of ``ops/gram_svd.py``
     (B' = B T_B, A'^T = A^T T_A).
     """
-    # 1. Grams of both stacks in float64 (the only O(n R^2) work).
-    grams = []
-    tasks = []
-    for factors in batch:
-        big_r = sum(f.A.shape[0] for f in factors)
-        g_b, g_a = _empty(big_r, big_r), _empty(big_r, big_r)
-        bs, ats = _b_stack(factors), _at_stack(factors)
-        tasks.append((bs, bs, g_b.data_ptr(), True))
-        tasks.append((ats, ats, g_a.data_ptr(), True))
-        grams.append((g_b, g_a))
+    # 1. Grams of both stacks in float64 (the only O(n R^2) work), written straight
+    #    into one (n, R, R) buffer per stacked rank R for the batched algebra.
+    by_rank = defaultdict(list)
+    for k, factors in enumerate(batch):
+        by_rank[sum(_ranks(factors))].append(k)
+    tasks, buffers = [], {}
+    for big_r, idx in by_rank.items():
+        g_b, g_a = _empty(len(idx), big_r, big_r), _empty(len(idx), big_r, big_r)
+        for j, k in enumerate(idx):
+            bs, ats = _b_stack(batch[k]), _at_stack(batch[k])
+            tasks.append((bs, bs, g_b[j].data_ptr(), True))
+            tasks.append((ats, ats, g_a[j].data_ptr(), True))
+        buffers[big_r] = (g_b, g_a)
     _C.gram(tasks, True, 0)
 
     # 2. The R x R algebra, batched over modules with the same stacked rank.
     transforms: list = [None] * len(batch)
-    by_rank = defaultdict(list)
-    for k, (g_b, _) in enumerate(grams):
-        by_rank[g_b.shape[0]].append(k)
     for big_r, idx in by_rank.items():
-        g_b = torch.stack([grams[k][0] for k in idx])
-        g_a = torch.stack([grams[k][1] for k in idx])
-        t_b, t_a = core_transforms(g_b, g_a, rank)
+        t_b, t_a = core_transforms(*buffers[big_r], rank)
         for j, k in enumerate(idx):
             transforms[k] = (t_b[j].contiguous(), t_a[j].contiguous())
 
