@@ -23,6 +23,7 @@
 #include "core/gram.h"
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "core/weighted_sum.h"
 
 namespace py = pybind11;
 
@@ -234,6 +235,34 @@ void copy(py::handle tasks, int threads) {
     kmf::copy(parsed, threads);
 }
 
+void weighted_sum(py::handle tasks, bool precise, int threads) {
+    check_threads(threads);
+    std::vector<kmf::WeightedSumTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "weighted_sum task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 2, w, "(srcs: list of Mat, dst: Mat)");
+        kmf::WeightedSumTask ws;
+        ws.dst = parse_mat(t[1], w + " dst");
+        if (!py::isinstance<py::sequence>(t[0]) || py::isinstance<py::str>(t[0])) fail(w + " srcs: expected a list of Mat");
+        py::sequence srcs = py::reinterpret_borrow<py::sequence>(t[0]);
+        if (srcs.size() == 0) fail(w + ": srcs is empty (need at least one term)");
+        for (std::size_t k = 0; k < srcs.size(); ++k) {
+            const std::string what = w + " src " + std::to_string(k);
+            kmf::Mat m = parse_mat(srcs[k], what);
+            if (m.rows != ws.dst.rows || m.cols != ws.dst.cols)
+                fail(what + " is " + std::to_string(m.rows) + " x " + std::to_string(m.cols) + ", dst is " +
+                     std::to_string(ws.dst.rows) + " x " + std::to_string(ws.dst.cols));
+            if (!precise && m.dtype == kmf::kF64) fail(what + ": a float64 source needs precise=True");
+            ws.srcs.push_back(m);
+        }
+        if (ws.dst.coef != 1.0) fail(w + ": dst coef must be 1");
+        parsed.push_back(std::move(ws));
+    }
+    py::gil_scoped_release release;
+    kmf::weighted_sum(parsed, precise, threads);
+}
+
 /// A Python int in [0, 2^64) (e.g. a 64-bit seed).
 std::uint64_t get_u64(py::handle h, const std::string& what) {
     if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr()))
@@ -358,6 +387,12 @@ PYBIND11_MODULE(_C, m) {
           "copy(tasks, threads=0) -> None\n\n"
           "tasks: list of (src: Mat, dst: Mat) of equal shape. dst = src.coef * src converted to dst's\n"
           "dtype (one rounding, nearest even); dst coef must be 1.");
+    m.def("weighted_sum", &weighted_sum, py::arg("tasks"), py::arg("precise"), py::arg("threads") = 0,
+          "weighted_sum(tasks, precise, threads=0) -> None\n\n"
+          "tasks: list of (srcs: list of Mat, dst: Mat), all of one shape. dst = ((c_0 s_0) + c_1 s_1) + ...\n"
+          "with c_k = srcs[k].coef: every product and sum rounded to float32 (float64 if precise), left\n"
+          "to right, no fused multiply-add, then rounded to dst's dtype (nearest even): torch's roundings\n"
+          "of t0 * w0 + t1 * w1 on tensors converted to that type. float64 sources need precise.");
     m.def("dense_merge", &dense_merge, py::arg("terms"), py::arg("out"), py::arg("mode"), py::arg("sign_method"),
           py::arg("threads") = 0,
           "dense_merge(terms, out, mode, sign_method, threads=0) -> None\n\n"

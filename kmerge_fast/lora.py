@@ -346,7 +346,7 @@ class LoRA:
         keep = {k: cfg[k] for k in ("base_model_name_or_path", "task_type") if k in cfg}
         return cls(modules, keep, str(weights_path))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, atomic: bool = True) -> None:
         """Write the adapter as a peft adapter folder (created if needed).
 
         ``PeftModel.from_pretrained(base, path)`` loads it with identical factors
@@ -354,6 +354,8 @@ class LoRA:
         as peft's ``rank_pattern`` / ``alpha_pattern`` (alpha = scaling * r).
         Each file is written to a temporary name, flushed and fsynced, then
         renamed into place, so a failure never leaves a half-written file.
+        ``atomic=False`` writes the files in place and does not fsync them: for a
+        caller that makes a fresh folder durable itself (the online store).
         """
         from safetensors.torch import save_file
 
@@ -374,8 +376,11 @@ class LoRA:
             with open(tmp, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
 
-        atomic_write(path / WEIGHTS_NAME, write_weights)
-        atomic_write(path / CONFIG_NAME, write_config)
+        for name, write in ((WEIGHTS_NAME, write_weights), (CONFIG_NAME, write_config)):
+            if atomic:
+                atomic_write(path / name, write)
+            else:
+                write(str(path / name))
 
     def peft_config(self) -> dict:
         """The ``adapter_config.json`` contents describing this adapter for peft."""
@@ -416,14 +421,19 @@ def atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """fsync a file: its contents reach the disk before this returns."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:

@@ -148,8 +148,12 @@ def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method:
     names = list(table)
     seeds = _Seeds(generator) if keep_kind == DARE and density < 1 else None
     if method in FACTOR_WISE:
-        pairs = [_factor_wise(name, table[name], weights, method, density, majority_sign_method, seeds, dtype)
-                 for name in names]
+        mode, kind = FACTOR_WISE[method]
+        if mode == SUM and (kind == ALL or density >= 1.0) and len(loras) <= 2:
+            pairs = _factor_sums(names, table, weights, method, dtype)
+        else:
+            pairs = [_factor_wise(name, table[name], weights, method, density, majority_sign_method, seeds, dtype)
+                     for name in names]
     else:
         if rank is None and method != "cat":
             rank = max(max(lora.ranks.values(), default=1) for lora in loras)
@@ -199,16 +203,38 @@ def _keep(kind: int, density: float, seeds: _Seeds | None, tau: float = 0.0) -> 
     return Keep(DARE, seed=seeds.next(), thresh24=dare_thresh24(density), density=density)
 
 
-def _factor_wise(name: str, entries, weights, method, density, sign_method, seeds, dtype):
-    """peft's factor-wise merge of one module: the rule on the A's and on the B's separately."""
-    ranks = {m.rank for _, m in entries}
-    if len(ranks) > 1:
+def _factor_weights(name: str, entries, weights, method) -> tuple[list[float], list[float]]:
+    """peft's factor-wise weights of one module: sign(w s) sqrt(|w s|) on the A's, sqrt(|w s|) on the B's.
+
+    Raises ValueError unless every entry has the same rank (peft's requirement).
+    """
+    if len({m.rank for _, m in entries}) > 1:
         raise ValueError(f"method {method!r} needs equal ranks, but module {name!r} has ranks "
                          f"{[m.rank for _, m in entries]} (use 'cat' or an svd method)")
-    mode, kind = FACTOR_WISE[method]
     signed = [weights[i] * m.scaling for i, m in entries]
     w_a = [math.copysign(math.sqrt(abs(ws)), ws) if ws != 0 else 0.0 for ws in signed]
     w_b = [math.sqrt(abs(ws)) for ws in signed]
+    return w_a, w_b
+
+
+def _factor_sums(names, table, weights, method, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The factor-wise SUM without pruning over at most two adapters: every module's A and B
+    sums in one backend call (``weighted_sum``, peft's roundings); the online mergers' step."""
+    batch, factors = [], []
+    for name in names:
+        entries = table[name]
+        w_a, w_b = _factor_weights(name, entries, weights, method)
+        batch.append(([m.A for _, m in entries], w_a))
+        batch.append(([m.B for _, m in entries], w_b))
+        factors.append([Factor(m.A, m.B, 1.0) for _, m in entries])
+    sums = ops.select_for(factors).weighted_sum(batch, dtype)
+    return [(sums[2 * k], sums[2 * k + 1]) for k in range(len(names))]
+
+
+def _factor_wise(name: str, entries, weights, method, density, sign_method, seeds, dtype):
+    """peft's factor-wise merge of one module: the rule on the A's and on the B's separately."""
+    w_a, w_b = _factor_weights(name, entries, weights, method)
+    mode, kind = FACTOR_WISE[method]
     out = []
     for tensors, w in (([m.A for _, m in entries], w_a), ([m.B for _, m in entries], w_b)):
         work = ops.compute_dtype(dtype)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,7 +53,7 @@ from .lora import LoRA, all_finite
 from .merge import merge
 from .opcm import opcm_step
 from .ops.elementwise import mix64
-from .similarity import METRICS, similarity_matrix
+from .similarity import METRICS, cache_norms, similarity_matrix
 from .store import Store, StoreError
 
 STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
@@ -310,7 +311,10 @@ class OnlineMerger:
         history = self.history + [step]
         if self._store is not None:
             meta = [{"tasks": m, "rank": max(s.ranks.values()), "extra": e} for m, s, e in zip(members, slots, extras)]
-            self._store.commit({slot: adapter}, meta, [asdict(h) for h in history])
+            # The next step needs the new slot's norms; compute them while the commit mostly
+            # waits on the disk (the kernels release the GIL).
+            self._store.commit({slot: adapter}, meta, [asdict(h) for h in history],
+                               while_syncing=lambda: cache_norms([adapter], self.similarity))
         self.slots, self.members, self._extra, self.history = slots, members, extras, history
         return slot
 

@@ -17,6 +17,7 @@ in the same backend call as the inner products.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Sequence
 
 import torch
@@ -31,6 +32,44 @@ METRICS = ("cos", "l2", "l1", "linf")
 
 def _factor(module) -> Factor:
     return Factor(module.A, module.B, module.scaling)
+
+
+def cache_norms(loras: Sequence[LoRA], metric: str = "cos") -> None:
+    """Compute and cache every module norm a later ``similarity_matrix(..., metric)`` call needs.
+
+    A no-op for ``l1`` / ``linf`` (they use no norms) and for modules whose norm
+    is cached already. The online merger calls it for a freshly merged slot
+    while the store writes that slot, so the next step does not pay for it.
+    """
+    if metric not in ("cos", "l2"):
+        return
+    modules = [m for lora in loras for m in lora.modules.values()]
+    if not modules:
+        return
+    backend = ops.select_for([[_factor(m) for m in modules]])
+    precise = metric == "l2"
+    missing = _missing_norms(modules, _norm_key(backend, precise))
+    _cache_self_dots(missing, backend.inner_products(_self_pairs(missing), precise=precise), _norm_key(backend, precise))
+
+
+def _norm_key(backend, precise: bool) -> str:
+    return f"{backend.NAME}/{'precise' if precise else 'fast'}"
+
+
+def _missing_norms(modules, key: str) -> list:
+    """The modules (each once) whose squared norm under ``key`` is not cached."""
+    return list({id(m): m for m in modules if m.cached_sq_norm(key) is None}.values())
+
+
+def _self_pairs(modules) -> list[tuple[list[Factor], list[Factor]]]:
+    """inner_products batch entries (xs, xs), xs = [f]: the modules' squared norms (one list
+    object on both sides, so a backend can compute the symmetric Gram once)."""
+    return [(xs, xs) for xs in ([_factor(m)] for m in modules)]
+
+
+def _cache_self_dots(modules, self_dots, key: str) -> None:
+    for m, dots in zip(modules, self_dots):
+        m.cache_sq_norm(float(dots[0, 0]), key)
 
 
 def similarity_matrix(xs: Sequence[LoRA], ys: Sequence[LoRA] | None = None, metric: str = "cos") -> torch.Tensor:
@@ -81,38 +120,41 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     # l2 subtracts nearly equal terms when adapters are close: it needs float64 Grams.
     backend = ops.select_for([f for pair in batch for f in pair])
     precise = metric == "l2"
-    key = f"{backend.NAME}/{'precise' if precise else 'fast'}"
+    key = _norm_key(backend, precise)
     groups = [[m for _, m in table_x[name]] for name in names]
     if not symmetric:
         groups += [[m for _, m in table_y[name]] for name in names]
     # Norms: a symmetric matrix has them on its diagonals. Otherwise those not cached yet
-    # come from self-pairs ([f], [f]) in the same backend call (one launch, the same
-    # arithmetic as the inner products they divide).
-    missing = [] if symmetric else \
-        list({id(m): m for group in groups for m in group if m.cached_sq_norm(key) is None}.values())
-    selves = [[_factor(m)] for m in missing]
-    results = backend.inner_products(batch + [(f, f) for f in selves], precise=precise)
+    # come from self-pairs in the same backend call (one launch, the same arithmetic
+    # as the inner products they divide).
+    missing = [] if symmetric else _missing_norms([m for group in groups for m in group], key)
+    results = backend.inner_products(batch + _self_pairs(missing), precise=precise)
     inner = results[:len(batch)]
-    for m, self_dot in zip(missing, results[len(batch):]):
-        m.cache_sq_norm(float(self_dot[0, 0]), key)
+    _cache_self_dots(missing, results[len(batch):], key)
     if symmetric:
-        norms = [dots.diagonal().clone() for dots in inner]
-        for group, values in zip(groups, norms):
-            for m, v in zip(group, values.tolist()):
+        for group, dots in zip(groups, inner):
+            for m, v in zip(group, dots.diagonal().tolist()):
                 m.cache_sq_norm(v, key)
-    else:
-        norms = [torch.tensor([m.cached_sq_norm(key) for m in group], dtype=torch.float64) for group in groups]
+    norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
     norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
-    out = []
-    for dots, nx, ny in zip(inner, norms_x, norms_y):
+    # The per-module similarities, batched over modules of the same (len(xs), len(ys)).
+    out: list = [None] * len(names)
+    by_shape = defaultdict(list)
+    for k, dots in enumerate(inner):
+        by_shape[tuple(dots.shape)].append(k)
+    for idx in by_shape.values():
+        dots = torch.stack([inner[k] for k in idx])                                      # (n, X, Y)
+        nx = torch.tensor([norms_x[k] for k in idx], dtype=torch.float64)[:, :, None]  # (n, X, 1)
+        ny = torch.tensor([norms_y[k] for k in idx], dtype=torch.float64)[:, None, :]  # (n, 1, Y)
         if metric == "cos":
-            denom = (nx[:, None] * ny[None, :]).sqrt()
+            denom = (nx * ny).sqrt()
             sim = torch.where(denom > 0, dots / denom.clamp_min(math.ulp(0.0)), torch.zeros_like(dots))
             sim = sim.clamp(-1.0, 1.0)  # rounding can step past |cos| = 1 for parallel updates
         else:
-            dist = (nx[:, None] + ny[None, :] - 2 * dots).clamp_min(0).sqrt()
+            dist = (nx + ny - 2 * dots).clamp_min(0).sqrt()
             sim = 1.0 / (1.0 + dist)
-        out.append(sim)
+        for k, one in zip(idx, sim.unbind(0)):
+            out[k] = one
     return out
 
 

@@ -13,7 +13,9 @@ by an atomic rename and fsyncs the store folder. A crash at any moment
 therefore leaves either the old manifest (which names only old, complete
 folders) or the new one (whose folders were durable before it existed).
 Folders no manifest names are leftovers of an interrupted commit or of
-replaced slot versions; the writer deletes them after its next commit.
+replaced slot versions; the writer deletes them after its next commit, in a
+background thread (the commit is durable before they go; :meth:`Store.close`
+waits for the deletions).
 
 ``Store.open`` verifies the manifest's SHA-256 of every file it names and
 raises :class:`StoreError` on any mismatch: nothing is silently repaired.
@@ -26,10 +28,12 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from .errors import KMergeError
-from .lora import LoRA, atomic_write, fsync_dir
+from .lora import LoRA, atomic_write, fsync_dir, fsync_file
 
 FORMAT = "kmerge_fast.store"
 VERSION = 1
@@ -50,6 +54,28 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_slot(lora: LoRA, path: Path, while_syncing: Callable[[], object] | None = None) -> dict[str, str]:
+    """Write ``lora`` as a peft adapter into the new folder ``path`` and make it durable.
+
+    The files are written in place (the folder is fresh and no manifest names
+    it yet, so no per-file rename is needed), fsynced by a worker thread while
+    this one hashes them (both mostly wait on I/O or run outside the GIL),
+    then the folder is fsynced. ``while_syncing`` runs in a second worker
+    meanwhile. Returns {file name: SHA-256 hex digest}.
+    """
+    lora.save(path, atomic=False)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    with ThreadPoolExecutor(2) as pool:
+        synced = pool.submit(lambda: [fsync_file(p) for p in files])
+        extra = pool.submit(while_syncing) if while_syncing is not None else None
+        digests = {p.name: sha256(p) for p in files}
+        synced.result()
+        if extra is not None:
+            extra.result()
+    fsync_dir(path)
+    return digests
+
+
 class Store:
     """The files of an online merger's state. One writer at a time (an exclusive flock).
 
@@ -61,6 +87,7 @@ class Store:
         self.root = root
         self._lock_fd = lock_fd
         self.manifest = manifest
+        self._cleaner: ThreadPoolExecutor | None = None  # deletes superseded slot folders
 
     # ----------------------------------------------------------- open / create
     @staticmethod
@@ -128,7 +155,10 @@ class Store:
         return manifest
 
     def close(self) -> None:
-        """Release the writer lock (idempotent)."""
+        """Wait for pending deletions, then release the writer lock (idempotent)."""
+        if self._cleaner is not None:
+            self._cleaner.shutdown(wait=True)
+            self._cleaner = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -146,7 +176,8 @@ class Store:
         return self.root / SLOTS / self.manifest["slots"][index]["dir"]
 
     # ----------------------------------------------------------------- commit
-    def commit(self, changed: dict[int, LoRA], slot_meta: list[dict], history: list[dict]) -> None:
+    def commit(self, changed: dict[int, LoRA], slot_meta: list[dict], history: list[dict],
+               while_syncing: Callable[[], object] | None = None) -> None:
         """Write a new state atomically.
 
         Args:
@@ -155,6 +186,9 @@ class Store:
             slot_meta: per slot (all of them, in order) a JSON-able dict of
                 metadata (members, counts) stored in the manifest.
             history: the full JSON-able history list.
+            while_syncing: optional callable, run in a worker thread while the
+                first changed slot's files are fsynced (the CPU is mostly idle
+                then); not run when no slot changed. Its exception fails the commit.
         """
         if not self.is_open:
             raise StoreError(f"{self.root}: the store is closed")
@@ -169,9 +203,8 @@ class Store:
                 path = slots_root / folder
                 if path.exists():  # a leftover of an interrupted commit of this same generation
                     shutil.rmtree(path)
-                changed[index].save(path)
-                fsync_dir(path)
-                files = {p.name: sha256(p) for p in sorted(path.iterdir()) if p.is_file()}
+                files = write_slot(changed[index], path, while_syncing)
+                while_syncing = None  # once
                 entries.append({"dir": folder, "files": files, **meta})
             else:
                 entries.append({"dir": old[index]["dir"], "files": old[index]["files"], **meta})
@@ -183,9 +216,16 @@ class Store:
         self._remove_unreferenced()
 
     def _remove_unreferenced(self) -> None:
+        """Queue the slot folders no manifest names for deletion in the background.
+
+        The list is taken now: later commits write folders of later generations,
+        which are never on it. Deleting a large file can take milliseconds
+        (the filesystem may discard its blocks), time a commit need not wait for.
+        """
         live = {slot["dir"] for slot in self.manifest["slots"]}
         slots_root = self.root / SLOTS
-        if slots_root.is_dir():
-            for path in slots_root.iterdir():
-                if path.name not in live:
-                    shutil.rmtree(path, ignore_errors=True)
+        dead = [p for p in slots_root.iterdir() if p.name not in live] if slots_root.is_dir() else []
+        if dead:
+            if self._cleaner is None:
+                self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="kmerge-store-cleanup")
+            self._cleaner.submit(lambda: [shutil.rmtree(p, ignore_errors=True) for p in dead])

@@ -88,6 +88,70 @@ def test_weighted_sum_rounds_like_peft():
         assert torch.equal(ops.elementwise.combine(tensors, weights, SUM), want)
 
 
+def _bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Same dtype, shape and values, NaN where NaN and the sign of every zero."""
+    return (got.dtype == want.dtype and got.shape == want.shape
+            and bool(((got == want) | (got.isnan() & want.isnan())).all())
+            and torch.equal(torch.signbit(got), torch.signbit(want)))
+
+
+def _sum_terms(dtype, shape, k, seed, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for _ in range(k):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, shape, generator=g)
+        t = t.to(dtype)
+        tensors.append(t.T.contiguous().T if strided else t)  # strided: column-major storage
+    weights = [float(w) for w in torch.randn(k, generator=g, dtype=torch.float64) * 3]
+    return tensors, weights
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 257), (33, 70), (70, 33), (32, 2048)])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_weighted_sum_backend_bit_equal_to_reference(backend, dtype, shape, k):
+    """Every backend's weighted_sum rounds exactly as the torch reference (peft's roundings)."""
+    impl, ref = ops._load(backend), ops._load("reference")
+    batch = [_sum_terms(dtype, shape, k, seed=7 * k + j, strided=j == 1) for j in range(3)]
+    for got, want in zip(impl.weighted_sum(batch, dtype), ref.weighted_sum(batch, dtype)):
+        assert _bits_equal(got, want)
+    # and against float64 truth: one rounding per operation
+    for (tensors, weights), got in zip(batch, impl.weighted_sum(batch, dtype)):
+        truth = sum(w * t.double() for t, w in zip(tensors, weights))
+        scale = sum(abs(w) * t.double().abs() for t, w in zip(tensors, weights))
+        eps = torch.finfo(dtype).eps if dtype == torch.float64 else torch.finfo(torch.float32).eps
+        bound = k * 2 * eps * scale + torch.finfo(dtype).eps * truth.abs() + torch.finfo(dtype).tiny
+        assert bool(((got.double() - truth).abs() <= bound).all())
+
+
+def test_weighted_sum_special_values_and_mixed_dtypes(backend):
+    """NaN, +-inf, -0, float16 overflow and subnormals, and a float16 + float32 pair promoted to float32."""
+    impl, ref = ops._load(backend), ops._load("reference")
+    special = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 6e-8, 65504.0, 1e-3]])
+    other = torch.tensor([[1.0, -float("inf"), 2.0, -0.0, -0.0, 6e-8, 65504.0, -1e-3]])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        batch = [([special.to(dtype), other.to(dtype)], [0.5, 1.5]), ([special.to(dtype)], [-0.0])]
+        for got, want in zip(impl.weighted_sum(batch, dtype), ref.weighted_sum(batch, dtype)):
+            assert _bits_equal(got, want), (dtype, got, want)
+    mixed = [([special.to(torch.float16), other], [0.3, -0.7])]
+    got, want = impl.weighted_sum(mixed, torch.float32)[0], ref.weighted_sum(mixed, torch.float32)[0]
+    assert _bits_equal(got, want)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_linear_merge_bit_equal_to_peft(backend, in_dtype):
+    """kf.merge(method="linear") of two adapters: exactly peft's task_arithmetic on the factors, cast back."""
+    loras = _loras(in_dtype, k=2, ranks=(4, 4), shared_only=True)
+    weights = [0.75, 0.25]
+    merged = kf.merge(loras, weights, method="linear")
+    for name, module in merged.modules.items():
+        ms = [l.modules[name] for l in loras]
+        ws = [w * m.scaling for m, w in zip(ms, weights)]
+        w_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in ws])
+        w_b = torch.tensor([math.sqrt(abs(x)) for x in ws])
+        assert _bits_equal(module.A, merge_utils.task_arithmetic([m.A for m in ms], w_a).to(in_dtype))
+        assert _bits_equal(module.B, merge_utils.task_arithmetic([m.B for m in ms], w_b).to(in_dtype))
+
+
 def test_factor_wise_needs_equal_ranks():
     loras = _loras(torch.float32)
     with pytest.raises(ValueError, match="needs equal ranks"):

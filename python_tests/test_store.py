@@ -89,6 +89,26 @@ def test_manifest_records_settings_members_and_checksums(tmp_path):
     assert len(list((tmp_path / "s" / "slots").iterdir())) == len(manifest["slots"])
 
 
+def test_commit_caches_the_new_slot_norms(tmp_path, monkeypatch):
+    """With a store, a merged slot's norms are computed during its commit: the next step's
+    similarity call computes only the newcomer's (without a store, the next call pays for both)."""
+    adapters = family_adapters(5)
+    with kf.OnlineMerger(2, store=tmp_path / "s") as m:
+        for k, lora in enumerate(adapters[:4]):
+            m.add(lora, f"t{k}")
+        assert m.history[-1].action == "merge"
+        calls = []
+        from kmerge_fast.ops import cpu, reference
+        for mod in (cpu, reference):
+            original = mod.inner_products
+            monkeypatch.setattr(mod, "inner_products",
+                                lambda batch, precise=False, _o=original: calls.append(batch) or _o(batch, precise))
+        m._similarities(adapters[4])
+    newcomer = {id(mod.A) for mod in adapters[4].modules.values()}
+    selves = [xs for xs, ys in calls[0] if len(xs) == 1 and len(ys) == 1]
+    assert len(calls) == 1 and selves and all(id(xs[0].A) in newcomer for xs in selves)
+
+
 def test_second_writer_is_refused(tmp_path):
     with kf.OnlineMerger(2, store=tmp_path / "s") as m:
         m.add(family_adapters(1)[0], "t0")
@@ -155,7 +175,7 @@ def test_failed_commit_changes_nothing(tmp_path, monkeypatch):
         before = _files(tmp_path / "s")
         members = [list(x) for x in m.members]
 
-        def disk_full(self, path):
+        def disk_full(self, path, atomic=True):
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(kf.LoRA, "save", disk_full)

@@ -170,7 +170,11 @@ inline void pack_row_panels(T* __restrict dst, std::int64_t Wrt, const Stack& s,
                 const S* row = reinterpret_cast<const S*>(row_ptr);
                 if (k < ahead && cs == 1) prefetch_range(row_ptr + kc * row_step, cnt * es);
                 if (cs == 1) {
-                    for (std::int64_t t = 0; t < cnt; ++t) rowbuf[t] = Src::get(row[t], coef);
+                    std::int64_t t0 = 0;
+#ifdef KMF_F16C
+                    if constexpr (std::is_same_v<Src, SrcF16>) t0 = f16c_load(rowbuf, row, cnt, coef);
+#endif
+                    for (std::int64_t t = t0; t < cnt; ++t) rowbuf[t] = Src::get(row[t], coef);
                     if (aligned) {
                         T* d = dst + p0 * ps + k * W;
                         for (std::int64_t j = 0; j < cnt; j += W, d += ps) std::memcpy(d, rowbuf + j, sizeof(T) * W);

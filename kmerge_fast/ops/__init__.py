@@ -19,6 +19,11 @@ same ops on *batches of modules*; a batch entry is a list of
   A = V_r^T (rank x n_in), zero-padded where the sum has lower rank.
 - ``abs_kth(batch) -> list[float]``: batch entries are (factor, k); the k-th
   largest |coef B A| over all elements (+inf for k = 0), without storing dW.
+- ``weighted_sum(batch, dtype) -> list[Tensor]``: batch entries are
+  (tensors, weights), same-shape 2-D tensors; returns per entry
+  ((w_0 t_0) + w_1 t_1) + ... with every product and sum rounded in
+  ``compute_dtype(dtype)``, left to right, then cast to ``dtype``: for one or
+  two terms bit-equal to peft's ``task_arithmetic`` (factor-wise ``linear``).
 - ``dense_combine(factors, weights, keeps, mode, sign_method) -> Tensor``: one
   module; the dense (n_out, n_in) result of pruning each dW_i = coef_i B_i A_i
   by ``keeps[i]`` and combining with ``weights`` (SUM or TIES, see

@@ -9,6 +9,8 @@ batched over modules of equal stacked rank). See ``ops/__init__.py`` for the op 
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from collections import defaultdict
 
 import torch
@@ -64,6 +66,34 @@ def _empty(*shape: int) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.float64)
 
 
+#: Largest scratch buffer a thread keeps between calls (float64 elements: 32 MiB).
+SCRATCH_KEEP = 4 << 20
+_scratch_local = threading.local()
+
+
+def _scratch(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Float64 buffers of these shapes, carved from one buffer this thread reuses across calls.
+
+    Only for temporaries that never leave the op. Fresh allocations of megabytes
+    come from new pages, and touching a new page costs a fault (expensive in
+    virtual machines: ~0.7 ms per MiB measured): the online merger's similarity
+    step would pay that for its Gram buffers at every call. Buffers over
+    SCRATCH_KEEP elements are allocated per call and not kept.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    total = sum(sizes)
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or buf.numel() < total:
+        buf = torch.empty(total, dtype=torch.float64)
+        if total <= SCRATCH_KEEP:
+            _scratch_local.buf = buf
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(buf[start:start + size].view(shape))
+        start += size
+    return out
+
+
 # ------------------------------------------------------------------- ops
 def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
     # Modules with the same rank layout share one (n, Rx, Ry) Gram buffer and one batched block reduction.
@@ -71,8 +101,10 @@ def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool
     for k, (xs, ys) in enumerate(batch):
         groups[_ranks(xs), _ranks(ys)].append(k)
     tasks, buffers = [], []
+    shapes = [(len(idx), sum(rx), sum(ry)) for (rx, ry), idx in groups.items()]
+    scratch = iter(_scratch(*[s for shape in shapes for s in (shape, shape)]))
     for (rx, ry), idx in groups.items():
-        g_b, g_a = _empty(len(idx), sum(rx), sum(ry)), _empty(len(idx), sum(rx), sum(ry))
+        g_b, g_a = next(scratch), next(scratch)  # temporaries: only the block sums below leave
         for j, k in enumerate(idx):
             xs, ys = batch[k]
             same = xs is ys
@@ -84,7 +116,7 @@ def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool
     for ((rx, ry), idx), (g_b, g_a) in zip(groups.items(), buffers):
         # Sum each (r_i x r_j) block of the elementwise product: S_x^T (Gb * Ga) S_y
         # with S the 0/1 matrices mapping stacked rank rows to adapters.
-        dots = _block_indicator(rx).T @ (g_b * g_a) @ _block_indicator(ry)
+        dots = _block_indicator(rx).T @ g_b.mul_(g_a) @ _block_indicator(ry)
         for j, k in enumerate(idx):
             out[k] = dots[j]
     return out
@@ -176,6 +208,16 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
 
 def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:
     return list(_C.abs_kth([(_mat(f.B), _mat(f.A, f.coef), int(k)) for f, k in batch], 0))
+
+
+def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: torch.dtype) -> list[torch.Tensor]:
+    out, tasks = [], []
+    for tensors, weights in batch:
+        result = torch.empty(tensors[0].shape, dtype=dtype)
+        tasks.append(([_mat(t, w) for t, w in zip(tensors, weights)], _mat(result)))
+        out.append(result)
+    _C.weighted_sum(tasks, compute_dtype(dtype) == torch.float64, 0)
+    return out
 
 
 def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,

@@ -136,13 +136,22 @@ def apply_keep(t: torch.Tensor, keep: Keep) -> torch.Tensor:
     raise ValueError(f"keep kind: unknown {keep.kind}")
 
 
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """((w_0 t_0) + w_1 t_1) + ...: each product and sum rounded in the tensors' dtype, left to right.
+
+    For one or two terms these are the roundings of peft's ``(stack * w).sum(0)``
+    (two products have one sum); with more terms its reduction order varies.
+    """
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        out = out + t * w
+    return out
+
+
 def combine(pruned: list[torch.Tensor], weights: list[float], mode: int, sign_method: str = "total") -> torch.Tensor:
     """Combine pruned tensors p_i (same shape) with weights w_i: SUM or TIES."""
     if mode == SUM and len(pruned) <= 2:
-        # The online mergers' case, without the stack. Two products have one sum, so the
-        # roundings are peft's (stack * w).sum(0); with more terms its reduction order varies.
-        out = pruned[0] * weights[0]
-        return out + pruned[1] * weights[1] if len(pruned) == 2 else out
+        return weighted_sum(pruned, weights)  # the online mergers' case, without the stack
     stacked = torch.stack(pruned)
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     if mode == SUM:

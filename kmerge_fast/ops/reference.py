@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import Factor, compute_dtype
-from .elementwise import Keep, apply_keep, combine, kth_largest_abs
+from .elementwise import Keep, apply_keep, combine, kth_largest_abs, weighted_sum as _weighted_sum
 
 NAME = "reference"
 #: Rows of the dense difference materialised at once by :func:`diff_stats`.
@@ -99,6 +99,11 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
         new_a[:k] = vh[:k] @ q_a.T
         out.append((new_a.to(dtype), new_b.to(dtype)))
     return out
+
+
+def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: torch.dtype) -> list[torch.Tensor]:
+    work = compute_dtype(dtype)
+    return [_weighted_sum([t.to(work) for t in tensors], weights).to(dtype) for tensors, weights in batch]
 
 
 def _dense(f: Factor) -> torch.Tensor:

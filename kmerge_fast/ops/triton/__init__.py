@@ -38,6 +38,8 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
   applies its keep rule (magnitude threshold or the DARE counter hash in
   uint64, bit-exact with ``elementwise.dare_mask``) and combines (SUM, or
   TIES in two passes: election, then merge); only the result is stored.
+- ``weighted_sum``: the reference's torch ops on the device (elementwise and
+  memory-bound: a kernel would only fuse the passes).
 - ``abs_kth``: simpler than the C++ radix select: the update coef * B A is
   formed by the ``dense_combine`` kernel (one term, so the values are
   bit-identical to the ones the merge prunes) into one float32 buffer of
@@ -367,6 +369,11 @@ def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
         peak[index] = peaks.amax(1).double()
     peak = torch.where(total.isnan(), total, peak)  # NaN in the difference: both statistics are NaN
     return torch.stack([total, peak], dim=1).cpu()
+
+
+def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: torch.dtype) -> list[torch.Tensor]:
+    _require()
+    return _reference.weighted_sum(batch, dtype)
 
 
 def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
