@@ -244,17 +244,14 @@ void weighted_sum(py::handle tasks, bool precise, int threads) {
         py::sequence t = task_tuple(list[i], 2, w, "(srcs: list of Mat, dst: Mat)");
         kmf::WeightedSumTask ws;
         ws.dst = parse_mat(t[1], w + " dst");
-        if (!py::isinstance<py::sequence>(t[0]) || py::isinstance<py::str>(t[0])) fail(w + " srcs: expected a list of Mat");
-        py::sequence srcs = py::reinterpret_borrow<py::sequence>(t[0]);
-        if (srcs.size() == 0) fail(w + ": srcs is empty (need at least one term)");
-        for (std::size_t k = 0; k < srcs.size(); ++k) {
+        ws.srcs = parse_stack(t[0], w + " srcs").blocks;  // one or more Mats (a stack's parse)
+        for (std::size_t k = 0; k < ws.srcs.size(); ++k) {
+            const kmf::Mat& m = ws.srcs[k];
             const std::string what = w + " src " + std::to_string(k);
-            kmf::Mat m = parse_mat(srcs[k], what);
             if (m.rows != ws.dst.rows || m.cols != ws.dst.cols)
                 fail(what + " is " + std::to_string(m.rows) + " x " + std::to_string(m.cols) + ", dst is " +
                      std::to_string(ws.dst.rows) + " x " + std::to_string(ws.dst.cols));
             if (!precise && m.dtype == kmf::kF64) fail(what + ": a float64 source needs precise=True");
-            ws.srcs.push_back(m);
         }
         if (ws.dst.coef != 1.0) fail(w + ": dst coef must be 1");
         parsed.push_back(std::move(ws));

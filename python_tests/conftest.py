@@ -92,3 +92,15 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return f"kmerge_fast backends: {kf.backends()}; KMERGE_FAST_BACKEND={os.environ.get('KMERGE_FAST_BACKEND')}"
+
+
+def spy_inner_products(monkeypatch) -> list:
+    """Record the batch of every cpu / reference ``inner_products`` call (the calls still run)."""
+    from kmerge_fast.ops import cpu, reference
+
+    calls = []
+    for mod in (cpu, reference):
+        original = mod.inner_products
+        monkeypatch.setattr(mod, "inner_products",
+                            lambda batch, precise=False, _o=original: calls.append(batch) or _o(batch, precise))
+    return calls

@@ -509,6 +509,7 @@ def test_bad_descriptions_raise_value_error():
     short = torch.randn(9, 3)
     out = torch.empty(4, 3, dtype=torch.float64)
     good = mat(x)
+    x64 = x.double()
 
     def gram(tasks, precise=False, threads=0):
         _C.gram(tasks, precise, threads)
@@ -534,6 +535,10 @@ def test_bad_descriptions_raise_value_error():
         "stats R": lambda: _C.dense_stats([([good], [mat(y)], out.data_ptr())], 0),
         "stats null": lambda: _C.dense_stats([([good], [mat(x)], 0)], 0),
         "copy shape": lambda: _C.copy([(good, mat(y))], 0),
+        "wsum shape": lambda: _C.weighted_sum([([good, mat(torch.randn(10, 3))], mat(torch.empty(10, 4)))], False, 0),
+        "wsum empty": lambda: _C.weighted_sum([([], mat(torch.empty(10, 4)))], False, 0),
+        "wsum f64": lambda: _C.weighted_sum([([mat(x64)], mat(torch.empty(10, 4)))], False, 0),
+        "wsum coef": lambda: _C.weighted_sum([([good], mat(torch.empty(10, 4), 2.0))], False, 0),
         "tasks type": lambda: _C.gram("abc", False, 0),
     }
     for name, call in cases.items():

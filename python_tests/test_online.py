@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kmerge_fast as kf
-from conftest import random_lora, tiny_llama
+from conftest import random_lora, spy_inner_products, tiny_llama
 
 SHAPES = {f"model.layers.{i}.self_attn.{p}": (32, 32) if p == "q_proj" else (16, 32)
           for i in range(2) for p in ("q_proj", "v_proj")}
@@ -210,13 +210,7 @@ def test_similarity_uses_cached_slot_norms(monkeypatch):
     for k, lora in enumerate(adapters[:4]):
         merger.add(lora, f"t{k}")
     merger._similarities(adapters[5])  # the last merged slot's norms get computed (and cached) here
-    calls = []
-    from kmerge_fast.ops import cpu, reference
-
-    for mod in (cpu, reference):
-        original = mod.inner_products
-        monkeypatch.setattr(mod, "inner_products",
-                            lambda batch, precise=False, _o=original: calls.append(batch) or _o(batch, precise))
+    calls = spy_inner_products(monkeypatch)
     merger._similarities(adapters[4])
     # one backend call: per module the newcomer vs the 2 slots, then the self-pairs of the
     # newcomer's modules only (the slots' norms are cached)

@@ -17,6 +17,7 @@ import torch
 
 import kmerge_fast as kf
 from kmerge_fast.store import StoreError
+from conftest import spy_inner_products
 from test_online import family_adapters
 
 
@@ -97,12 +98,7 @@ def test_commit_caches_the_new_slot_norms(tmp_path, monkeypatch):
         for k, lora in enumerate(adapters[:4]):
             m.add(lora, f"t{k}")
         assert m.history[-1].action == "merge"
-        calls = []
-        from kmerge_fast.ops import cpu, reference
-        for mod in (cpu, reference):
-            original = mod.inner_products
-            monkeypatch.setattr(mod, "inner_products",
-                                lambda batch, precise=False, _o=original: calls.append(batch) or _o(batch, precise))
+        calls = spy_inner_products(monkeypatch)
         m._similarities(adapters[4])
     newcomer = {id(mod.A) for mod in adapters[4].modules.values()}
     selves = [xs for xs, ys in calls[0] if len(xs) == 1 and len(ys) == 1]
