@@ -56,18 +56,19 @@ def module_table(loras: Sequence[LoRA], arg: str = "loras") -> dict[str, list[tu
     if not isinstance(loras, (list, tuple)):
         raise TypeError(f"{arg}: expected a list of LoRA, got {type(loras).__name__}")
     table: dict[str, list[tuple[int, LoRAModule]]] = {}
+    shapes: dict[str, tuple[int, int]] = {}  # of each module's first holder
     for i, lora in enumerate(loras):
         if not isinstance(lora, LoRA):
             raise TypeError(f"{arg}[{i}]: expected a kmerge_fast.LoRA, got {type(lora).__name__}")
         for name, module in lora.modules.items():
-            entries = table.setdefault(name, [])
-            if entries and entries[0][1].shape != module.shape:
-                j = entries[0][0]
+            shape = module.shape
+            if shapes.setdefault(name, shape) != shape:
+                j = table[name][0][0]
                 raise AdapterError(
-                    f"module {name!r}: {arg}[{i}] updates a {module.shape} weight but {arg}[{j}] a "
-                    f"{entries[0][1].shape} one (different base models?)"
+                    f"module {name!r}: {arg}[{i}] updates a {shape} weight but {arg}[{j}] a "
+                    f"{shapes[name]} one (different base models?)"
                 )
-            entries.append((i, module))
+            table.setdefault(name, []).append((i, module))
     return table
 
 

@@ -48,17 +48,18 @@ def cache_norms(loras: Sequence[LoRA], metric: str = "cos") -> None:
         return
     backend = ops.select_for([[_factor(m) for m in modules]])
     precise = metric == "l2"
-    missing = _missing_norms(modules, _norm_key(backend, precise))
-    _cache_self_dots(missing, backend.inner_products(_self_pairs(missing), precise=precise), _norm_key(backend, precise))
+    key = _norm_key(backend, precise)
+    missing = _missing_norms(modules, [m.cached_sq_norm(key) for m in modules])
+    _cache_self_dots(missing, backend.inner_products(_self_pairs(missing), precise=precise), key)
 
 
 def _norm_key(backend, precise: bool) -> str:
     return f"{backend.NAME}/{'precise' if precise else 'fast'}"
 
 
-def _missing_norms(modules, key: str) -> list:
-    """The modules (each once) whose squared norm under ``key`` is not cached."""
-    return list({id(m): m for m in modules if m.cached_sq_norm(key) is None}.values())
+def _missing_norms(modules, norms) -> list:
+    """The modules (each once) whose cached squared norm in ``norms`` (one per module) is None."""
+    return list({id(m): m for m, v in zip(modules, norms) if v is None}.values())
 
 
 def _self_pairs(modules) -> list[tuple[list[Factor], list[Factor]]]:
@@ -127,7 +128,9 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     # Norms: a symmetric matrix has them on its diagonals. Otherwise those not cached yet
     # come from self-pairs in the same backend call (one launch, the same arithmetic
     # as the inner products they divide).
-    missing = [] if symmetric else _missing_norms([m for group in groups for m in group], key)
+    norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
+    missing = [] if symmetric else \
+        _missing_norms([m for group in groups for m in group], [v for values in norms for v in values])
     results = backend.inner_products(batch + _self_pairs(missing), precise=precise)
     inner = results[:len(batch)]
     _cache_self_dots(missing, results[len(batch):], key)
@@ -135,7 +138,8 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
         for group, dots in zip(groups, inner):
             for m, v in zip(group, dots.diagonal().tolist()):
                 m.cache_sq_norm(v, key)
-    norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
+    if symmetric or missing:
+        norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
     norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
     # The per-module similarities, batched over modules of the same (len(xs), len(ys)).
     out: list = [None] * len(names)
