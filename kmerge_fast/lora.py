@@ -105,10 +105,12 @@ class LoRAModule:
         self._norm_cache = (self._norm_key(arithmetic), float(value))
 
 
-def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "") -> None:
+def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "",
+                 values: bool = True) -> None:
     """Raise :class:`AdapterError` unless (A, B, scaling) is a valid LoRA module.
 
-    ``where`` names the file (or other source) for the message.
+    ``where`` names the file (or other source) for the message. ``values=False``
+    checks the structure only (types, shapes, dtypes, devices), not NaN / Inf.
     """
     src = f"{where}: " if where else ""
     for label, t in (("A", A), ("B", B)):
@@ -133,7 +135,7 @@ def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, wh
         raise AdapterError(f"{src}module {name!r}: lora_A is on {A.device} but lora_B on {B.device}")
     if not math.isfinite(float(scaling)):
         raise AdapterError(f"{src}module {name!r}: scaling is {scaling}")
-    for label, t in (("A", A), ("B", B)):
+    for label, t in (("A", A), ("B", B)) if values else ():
         if not all_finite(t):
             raise AdapterError(f"{src}module {name!r}: lora_{label} contains NaN or Inf")
 
@@ -335,7 +337,7 @@ class LoRA:
             module_path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
             r = _pattern_value(rank_pattern, module_path, r_default)
             alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
-            check_module(name, ab["A"], ab["B"], 1.0, str(weights_path))
+            check_module(name, ab["A"], ab["B"], 1.0, str(weights_path), values=False)  # values: in cls() below
             if ab["A"].shape[0] != r:
                 raise AdapterError(
                     f"{weights_path}: module {name!r}: lora_A has rank {ab['A'].shape[0]} but the config "
