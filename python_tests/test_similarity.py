@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import kmerge_fast as kf
+from kmerge_fast import ops
 from conftest import ACCUM_TOL, SHAPES_AWKWARD, SHAPES_SMALL, dense64, random_lora
 
 
@@ -78,6 +81,21 @@ def test_no_shared_module_and_empty_lists(backend):
     b = random_lora({"v": (4, 4)}, 2)
     assert kf.similarity_matrix([a], [b])[0, 0] == 0
     assert kf.similarity_matrix([], [a]).shape == (0, 1)
+
+
+def test_diff_stats_propagate_nan_and_inf(backend):
+    """A NaN (or Inf) in one factor makes both statistics NaN (Inf) on every backend, whatever tile holds it."""
+    from kmerge_fast.ops import Factor
+    g = torch.Generator().manual_seed(5)
+    x = Factor(torch.randn(3, 7, generator=g), torch.randn(600, 3, generator=g), 1.0)  # several row tiles
+    y = Factor(torch.randn(3, 7, generator=g), torch.randn(600, 3, generator=g), 0.5)
+    impl = ops._load(backend)
+    for value, check in ((float("nan"), math.isnan), (float("inf"), math.isinf)):
+        bad_b = x.B.clone()
+        bad_b[300, 1] = value  # not in the first tile
+        stats = impl.diff_stats([(Factor(x.A, bad_b, 1.0), y), (x, y)])
+        assert all(check(v) for v in stats[0].tolist()), (backend, stats[0])
+        assert all(math.isfinite(v) for v in stats[1].tolist())
 
 
 def test_shape_mismatch_and_bad_metric():

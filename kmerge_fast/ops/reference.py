@@ -8,6 +8,8 @@ the op contracts.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import Factor, compute_dtype
@@ -62,7 +64,8 @@ def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
             tile = x.coef * (bx[r0:r0 + DIFF_TILE_ROWS] @ ax) - y.coef * (by[r0:r0 + DIFF_TILE_ROWS] @ ay)
             if tile.numel():
                 total += float(tile.abs().sum(dtype=torch.float64))
-                peak = max(peak, float(tile.abs().max()))
+                tile_max = float(tile.abs().max())
+                peak = math.nan if math.isnan(tile_max) else max(peak, tile_max)  # max() would drop a NaN
         out[k, 0], out[k, 1] = total, peak
     return out
 
