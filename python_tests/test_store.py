@@ -196,12 +196,16 @@ CHILD = textwrap.dedent("""
     for k in range(n):
         if f"t{k}" not in done:
             m.add(kf.LoRA.load(folder / f"t{k}"), f"t{k}")
+            print(k, flush=True)
     m.close()
 """)
 
 
 def test_sigkill_leaves_a_prefix_state(tmp_path):
-    """Kill a writer at random moments; every reopened store equals the state after some prefix of the adds."""
+    """Kill a writer at random moments; every reopened store equals the state after some prefix of the adds.
+
+    Each kill comes a random 1-4 completed adds into a run (the child reports them), plus a random
+    fraction of one add's duration: the moments do not depend on how fast this machine's disk is."""
     n = 24
     adapters = family_adapters(n)
     for k, lora in enumerate(adapters):
@@ -222,7 +226,13 @@ def test_sigkill_leaves_a_prefix_state(tmp_path):
         child = subprocess.Popen([sys.executable, str(script), str(store), str(tmp_path), str(n)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert child.stdout.readline().strip() == b"ready", child.stderr.read().decode()
-        time.sleep(rng.uniform(0.0, 0.15))
+        step, last = 0.02, None  # seconds per add, measured from the child's reports
+        for _ in range(rng.randrange(1, 5)):
+            if not child.stdout.readline():  # the child finished (or died)
+                break
+            now = time.perf_counter()
+            step, last = (now - last if last is not None else step), now
+        time.sleep(rng.uniform(0.0, step))  # somewhere inside the next add
         child.send_signal(signal.SIGKILL)
         child.wait()
         kills += child.returncode == -signal.SIGKILL
