@@ -556,3 +556,17 @@ def test_error_messages_name_the_problem():
         _C.gram([([(x.data_ptr(), 9, 10, 4, 4, 1, 1.0)], [mat(x)], 1 << 12, False)], False, 0)
     with pytest.raises(ValueError, match=r"null pointer"):
         _C.dense_stats([([(0, 0, 3, 4, 4, 1, 1.0)], [mat(x)], 1 << 12)], 0)
+
+
+@pytest.mark.parametrize("dst_layout", ["row", "col"])
+def test_weighted_sum_any_layout(dst_layout):
+    """_C.weighted_sum on row- and column-major sources and destinations (walked along the
+    destination's contiguous direction): torch's roundings, bit for bit, into float16."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 53, generator=g)
+    y = torch.randn(53, 37, generator=g).half().T  # column-major float16 source
+    out = torch.empty(37, 53, dtype=torch.float16) if dst_layout == "row" else \
+        torch.empty(53, 37, dtype=torch.float16).T
+    _C.weighted_sum([([mat(x, 0.3), mat(y, -1.7)], mat(out))], False, 2)
+    want = (x * 0.3 + y.float() * -1.7).half()
+    assert torch.equal(out, want)

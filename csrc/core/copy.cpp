@@ -19,9 +19,7 @@ void copy(const std::vector<CopyTask>& tasks, int threads) {
     parallel_for(static_cast<std::int64_t>(tasks.size()), threads, [&](std::int64_t n, int w) {
         const CopyTask& t = tasks[static_cast<std::size_t>(n)];
         Mat s = t.src, d = t.dst;
-        // Run along the dimension where the destination (else the source) is contiguous.
-        const bool by_cols = !(d.cs == 1 || (d.rs != 1 && s.cs == 1)) && (d.rs == 1 || s.rs == 1);
-        if (by_cols) {
+        if (walk_by_columns(d, s)) {
             std::swap(s.rows, s.cols), std::swap(s.rs, s.cs);
             std::swap(d.rows, d.cols), std::swap(d.rs, d.cs);
         }

@@ -25,6 +25,13 @@ struct Mat {
     void* at_mut(std::int64_t i, std::int64_t j) const { return const_cast<void*>(at(i, j)); }
 };
 
+/// True when an elementwise pass from src to dst (same shape) should run along
+/// columns: dst is contiguous along columns and not along rows (else the same
+/// for src), so the inner loop is unit-stride where it matters most.
+inline bool walk_by_columns(const Mat& dst, const Mat& src) {
+    return !(dst.cs == 1 || (dst.rs != 1 && src.cs == 1)) && (dst.rs == 1 || src.rs == 1);
+}
+
 /// Blocks with equal row counts, concatenated along columns: rows x sum(cols).
 struct Stack {
     std::vector<Mat> blocks;

@@ -25,10 +25,7 @@ struct Item {
 /// The task with rows and columns swapped where the destination is contiguous
 /// along columns, so runs are unit-stride in the destination (else the sources).
 WeightedSumTask oriented(const WeightedSumTask& t) {
-    const Mat& d = t.dst;
-    const Mat& s = t.srcs[0];
-    const bool by_cols = !(d.cs == 1 || (d.rs != 1 && s.cs == 1)) && (d.rs == 1 || s.rs == 1);
-    if (!by_cols) return t;
+    if (!walk_by_columns(t.dst, t.srcs[0])) return t;
     WeightedSumTask o = t;
     std::swap(o.dst.rows, o.dst.cols), std::swap(o.dst.rs, o.dst.cs);
     for (Mat& m : o.srcs) std::swap(m.rows, m.cols), std::swap(m.rs, m.cs);
