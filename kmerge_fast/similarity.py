@@ -50,7 +50,8 @@ def cache_norms(loras: Sequence[LoRA], metric: str = "cos") -> None:
     precise = metric == "l2"
     key = _norm_key(backend, precise)
     missing = _missing_norms(modules, [m.cached_sq_norm(key) for m in modules])
-    _cache_self_dots(missing, backend.inner_products(_self_pairs(missing), precise=precise), key)
+    if missing:
+        _cache_self_dots(missing, backend.inner_products(_self_pairs(missing), precise=precise), key)
 
 
 def _norm_key(backend, precise: bool) -> str:
