@@ -23,6 +23,8 @@
 #include "core/gram.h"
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "core/sym_eig.h"
+#include "core/truncate.h"
 #include "core/weighted_sum.h"
 
 namespace py = pybind11;
@@ -355,6 +357,63 @@ py::list abs_kth(py::handle tasks, int threads) {
     return result;
 }
 
+/// A pointer argument that must be non-null and aligned for float64.
+double* f64_ptr(py::handle h, const std::string& what) {
+    const std::uintptr_t p = get_ptr(h, what);
+    if (p == 0) fail(what + ": null pointer");
+    if (p % alignof(double) != 0) fail(what + ": not aligned for float64");
+    return reinterpret_cast<double*>(p);
+}
+
+py::list truncate_modules(py::handle tasks, std::int64_t rank, int threads) {
+    check_threads(threads);
+    if (rank < 1) fail("rank: must be >= 1, got " + std::to_string(rank));
+    std::vector<kmf::TruncateTask> parsed;
+    const auto list = task_list(tasks);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string w = "truncate task " + std::to_string(i);
+        py::sequence t = task_tuple(list[i], 4, w, "(B: Stack, At: Stack, out_B: Mat, out_At: Mat)");
+        kmf::TruncateTask tr;
+        tr.b = parse_stack(t[0], w + " B");
+        tr.at = parse_stack(t[1], w + " At");
+        tr.out_b = parse_mat(t[2], w + " out_B");
+        tr.out_at = parse_mat(t[3], w + " out_At");
+        if (tr.b.cols != tr.at.cols)
+            fail(w + ": B has " + std::to_string(tr.b.cols) + " stacked columns, At has " + std::to_string(tr.at.cols));
+        if (tr.b.cols > (std::int64_t(1) << 16)) fail(w + ": stacked rank above 65536");
+        if (tr.out_b.rows != tr.b.rows || tr.out_b.cols != rank)
+            fail(w + ": out_B is " + shape_str(tr.out_b) + ", expected " + std::to_string(tr.b.rows) + " x " + std::to_string(rank));
+        if (tr.out_at.rows != tr.at.rows || tr.out_at.cols != rank)
+            fail(w + ": out_At is " + shape_str(tr.out_at) + ", expected " + std::to_string(tr.at.rows) + " x " +
+                 std::to_string(rank));
+        if (tr.out_b.coef != 1.0 || tr.out_at.coef != 1.0) fail(w + ": out coefs must be 1");
+        parsed.push_back(std::move(tr));
+    }
+    {
+        py::gil_scoped_release release;
+        kmf::truncate(parsed, rank, threads);
+    }
+    py::list routes;
+    for (const kmf::TruncateTask& t : parsed) routes.append(t.route);
+    return routes;
+}
+
+int sym_eig(std::uintptr_t a_ptr, std::int64_t n, std::int64_t k, std::uintptr_t w_ptr, std::uintptr_t v_ptr) {
+    if (n < 0 || n > (std::int64_t(1) << 16)) fail("n: must be in [0, 65536], got " + std::to_string(n));
+    if (k < 0 || k > n) fail("k: must be in [0, n], got " + std::to_string(k));
+    if (n == 0) return 0;
+    double* a = f64_ptr(py::int_(a_ptr), "a_ptr");
+    double* w = k > 0 ? f64_ptr(py::int_(w_ptr), "w_ptr") : nullptr;
+    double* v = k > 0 ? f64_ptr(py::int_(v_ptr), "v_ptr") : nullptr;
+    for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t j = i; j < n; ++j)
+            if (!std::isfinite(a[i * n + j])) fail("a: entries must be finite");
+    py::gil_scoped_release release;
+    kmf::SymEig eig(n, a, n);
+    eig.top_values(k, w);
+    return eig.vectors(k, w, v, k);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -407,6 +466,20 @@ PYBIND11_MODULE(_C, m) {
           "tasks: list of (B: Mat, A: Mat, k: int). For each, the k-th largest |t| over the out x in elements of\n"
           "t = (B.coef B)(A.coef A), computed exactly as dense_merge computes it (radix select over the bit\n"
           "patterns, t is never stored). k = 0 gives inf; 0 <= k <= out*in. NaN counts as larger than inf.");
+    m.def("truncate", &truncate_modules, py::arg("tasks"), py::arg("rank"), py::arg("threads") = 0,
+          "truncate(tasks, rank, threads=0) -> list[int]\n\n"
+          "tasks: list of (B: Stack, At: Stack, out_B: Mat, out_At: Mat) for M = B A, B = [c_i B_i] (n_out x R),\n"
+          "At = [A_i^T] (n_in x R). Writes B' = U_r S_r into out_B (n_out x rank) and A'^T = V_r into out_At\n"
+          "(n_in x rank), M's best rank-r approximation B'A', from float64 Grams and their R x R algebra\n"
+          "(Cholesky route, else eigen route), rebuilt in float64 and rounded to the outputs' dtypes.\n"
+          "Returns per task the route: 0 Cholesky, 1 eigen (Ga numerically singular or ill conditioned),\n"
+          "2 failed (non-finite Grams or an eigenproblem that did not converge: outputs left unwritten).");
+    m.def("sym_eig", &sym_eig, py::arg("a_ptr"), py::arg("n"), py::arg("k"), py::arg("w_ptr"), py::arg("v_ptr"),
+          "sym_eig(a_ptr, n, k, w_ptr, v_ptr) -> int\n\n"
+          "The k largest eigenvalues (descending, into w: k float64) and unit eigenvectors (into v: n x k\n"
+          "float64 row-major, column c for w[c]) of the symmetric n x n float64 row-major matrix at a_ptr\n"
+          "(its upper triangle is read). Returns the number of eigenvectors\n"
+          "whose inverse iteration did not converge (0 on success).");
     m.def(
         "info",
         []() {

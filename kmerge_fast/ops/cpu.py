@@ -22,6 +22,8 @@ from .gram_svd import core_transforms
 NAME = "cpp"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+#: ``_C.gram_svd``'s route codes.
+ROUTE_CHOLESKY, ROUTE_EIGEN, ROUTE_FAILED = 0, 1, 2
 
 try:
     from .. import _C
@@ -167,43 +169,36 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
 def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Best rank-r approximation from float64 Grams, without QR of the tall stacks.
 
-    The tall stacks are touched twice: once for the Grams Gb = B^T B and
-    Ga = A A^T, once to apply the R x r transforms of ``ops/gram_svd.py``
-    (B' = B T_B, A'^T = A^T T_A).
+    One ``_C.truncate`` call, one module per thread: the Grams Gb = B^T B and
+    Ga = A A^T, their R x R algebra (the two routes of ``ops/gram_svd.py``, in
+    C++), and the rebuild B' = B T_B, A'^T = A^T T_A. The tall stacks are read
+    twice and the R x R Grams never leave the worker's scratch. A module the
+    C++ algebra cannot settle (non-finite Grams, an eigenproblem that did not
+    converge) is redone with the torch algebra of ``ops/gram_svd.py``.
     """
-    # 1. Grams of both stacks in float64 (the only O(n R^2) work), written straight
-    #    into one (n, R, R) buffer per stacked rank R for the batched algebra.
-    by_rank = defaultdict(list)
-    for k, factors in enumerate(batch):
-        by_rank[sum(_ranks(factors))].append(k)
-    tasks, buffers = [], {}
-    for big_r, idx in by_rank.items():
-        g_b, g_a = _empty(len(idx), big_r, big_r), _empty(len(idx), big_r, big_r)
-        for j, k in enumerate(idx):
-            bs, ats = _b_stack(batch[k]), _at_stack(batch[k])
-            tasks.append((bs, bs, g_b[j].data_ptr(), True))
-            tasks.append((ats, ats, g_a[j].data_ptr(), True))
-        buffers[big_r] = (g_b, g_a)
-    _C.gram(tasks, True, 0)
-
-    # 2. The R x R algebra, batched over modules with the same stacked rank.
-    transforms: list = [None] * len(batch)
-    for big_r, idx in by_rank.items():
-        t_b, t_a = core_transforms(*buffers[big_r], rank)
-        for j, k in enumerate(idx):
-            transforms[k] = (t_b[j].contiguous(), t_a[j].contiguous())
-
-    # 3. Rebuild the factors: B' = [c_i B_i] T_B, A'^T = [A_i^T] T_A.
     out, tasks = [], []
-    for factors, (t_b, t_a) in zip(batch, transforms):
+    for factors in batch:
         n_out, n_in = factors[0].B.shape[0], factors[0].A.shape[1]
         new_b = torch.empty(n_out, rank, dtype=dtype)
         new_a = torch.empty(rank, n_in, dtype=dtype)
-        tasks.append((_b_stack(factors), t_b.data_ptr(), rank, _mat(new_b)))
-        tasks.append((_at_stack(factors), t_a.data_ptr(), rank, _mat(new_a, 1.0, transpose=True)))
+        tasks.append((_b_stack(factors), _at_stack(factors), _mat(new_b), _mat(new_a, 1.0, transpose=True)))
         out.append((new_a, new_b))
-    _C.apply(tasks, True, 0)
+    routes = _C.truncate(tasks, rank, 0)
+    for factors, (new_a, new_b), route in zip(batch, out, routes):
+        if route == ROUTE_FAILED:
+            _truncate_with_torch_algebra(factors, rank, new_a, new_b)
     return out
+
+
+def _truncate_with_torch_algebra(factors: list[Factor], rank: int, new_a: torch.Tensor, new_b: torch.Tensor) -> None:
+    """``truncate`` of one module with the R x R algebra of ``ops/gram_svd.py`` (torch.linalg), into new_a / new_b."""
+    big_r = sum(_ranks(factors))
+    g_b, g_a = _empty(1, big_r, big_r), _empty(1, big_r, big_r)
+    bs, ats = _b_stack(factors), _at_stack(factors)
+    _C.gram([(bs, bs, g_b.data_ptr(), True), (ats, ats, g_a.data_ptr(), True)], True, 0)
+    t_b, t_a = (t[0].contiguous() for t in core_transforms(g_b, g_a, rank))
+    _C.apply([(bs, t_b.data_ptr(), rank, _mat(new_b)), (ats, t_a.data_ptr(), rank, _mat(new_a, 1.0, transpose=True))],
+             True, 0)
 
 
 def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:

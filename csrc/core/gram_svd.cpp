@@ -1,0 +1,237 @@
+// Both routes of the truncation core (see gram_svd.h), one module per thread.
+// The O(R^3) products run on the shared register-blocked micro-kernel and
+// skip the zero half of triangular operands; the eigenproblems go to SymEig.
+#include "gram_svd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "blas1.h"
+#include "kernels.h"
+#include "parallel.h"
+#include "sym_eig.h"
+
+namespace kmf {
+namespace {
+
+/// Which zeros of the operands xty may skip, and which part of C it writes.
+struct XtyShape {
+    bool x_lower = false;     // X[k][i] = 0 for k < i
+    bool y_lower = false;     // Y[k][j] = 0 for k < j
+    bool upper_only = false;  // write only C[i][j] with j >= i
+    bool subtract = false;    // C -= X^T Y instead of C = X^T Y
+};
+
+/// C (m x n) = X^T Y for row-major float64 X (kd x m) and Y (kd x n): both are
+/// packed into the micro-kernel's k-major panels, and each MR x NR tile sums
+/// only over the k where neither operand is known to be zero.
+void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
+         std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, GramSvdWork& wk) {
+    constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
+    const std::int64_t nq = (m + MR - 1) / MR, np = (n + NR - 1) / NR;
+    double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
+    double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
+    double* tile = wk.tile.get<double>(MR * NR);
+    for (std::int64_t q = 0; q < nq; ++q) {
+        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
+        double* dst = ap + q * MR * kd;
+        for (std::int64_t k = 0; k < kd; ++k) {
+            const double* src = x + k * ldx + i0;
+            if (ni == MR) {
+                std::copy(src, src + MR, dst + k * MR);
+            } else {
+                for (std::int64_t i = 0; i < MR; ++i) dst[k * MR + i] = i < ni ? src[i] : 0.0;
+            }
+        }
+    }
+    for (std::int64_t p = 0; p < np; ++p) {
+        const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
+        double* dst = bp + p * NR * kd;
+        for (std::int64_t k = 0; k < kd; ++k) {
+            const double* src = y + k * ldy + j0;
+            if (nj == NR) {
+                std::copy(src, src + NR, dst + k * NR);
+            } else {
+                for (std::int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < nj ? src[j] : 0.0;
+            }
+        }
+    }
+    for (std::int64_t q = 0; q < nq; ++q) {
+        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
+        for (std::int64_t p = 0; p < np; ++p) {
+            const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
+            if (shape.upper_only && j0 + nj <= i0) continue;  // the tile lies below the diagonal
+            std::int64_t kb = 0;
+            if (shape.x_lower) kb = std::max(kb, i0);
+            if (shape.y_lower) kb = std::max(kb, j0);
+            kb = std::min(kb, kd);
+            micro_kernel<double, true>(kd - kb, ap + q * MR * kd + kb * MR, 0, bp + p * NR * kd + kb * NR, tile);
+            for (std::int64_t i = 0; i < ni; ++i) {
+                double* ci = c + (i0 + i) * ldc + j0;
+                const std::int64_t jb = shape.upper_only ? std::max<std::int64_t>(0, i0 + i - j0) : 0;
+                const double* ti = tile + i * NR;
+                if (shape.subtract)
+                    for (std::int64_t j = jb; j < nj; ++j) ci[j] -= ti[j];
+                else
+                    for (std::int64_t j = jb; j < nj; ++j) ci[j] = ti[j];
+            }
+        }
+    }
+}
+
+/// Ga = L L^T (row-major L, its upper triangle zeroed); false if a pivot is
+/// not positive (Ga not numerically positive definite). Computed as U = L^T
+/// in row-major upper storage, right-looking in panels of kPanel rows: a
+/// panel is factored with row operations, then the trailing block takes the
+/// rank-kPanel update A22 -= U12^T U12 on the micro-kernel.
+bool cholesky(std::int64_t n, const double* g, double* l, GramSvdWork& wk) {
+    constexpr std::int64_t kPanel = 32;
+    double* u = wk.u.get<double>(static_cast<std::size_t>(n * n));
+    for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t j = i; j < n; ++j) u[i * n + j] = g[i * n + j];
+    for (std::int64_t k0 = 0; k0 < n; k0 += kPanel) {
+        const std::int64_t k1 = std::min(n, k0 + kPanel);
+        for (std::int64_t k = k0; k < k1; ++k) {
+            double* uk = u + k * n;
+            if (!(uk[k] > 0.0)) return false;
+            const double ukk = std::sqrt(uk[k]), inv = 1.0 / ukk;
+            uk[k] = ukk;
+            for (std::int64_t j = k + 1; j < n; ++j) uk[j] *= inv;
+            for (std::int64_t i = k + 1; i < k1; ++i) {  // the rest of the panel
+                double* __restrict ui = u + i * n;
+                const double f = uk[i];
+                for (std::int64_t j = i; j < n; ++j) ui[j] -= f * uk[j];
+            }
+        }
+        const std::int64_t m = n - k1;
+        if (m > 0)
+            xty(k1 - k0, m, m, u + k0 * n + k1, n, u + k0 * n + k1, n, u + k1 * n + k1, n,
+                {false, false, true, true}, wk);
+    }
+    for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t j = 0; j < n; ++j) l[i * n + j] = j <= i ? u[j * n + i] : 0.0;
+    return true;
+}
+
+/// The kk leading eigenvectors of the symmetric k_mat (n x n, upper triangle
+/// read) into w (n x ldw, columns 0..kk); false if inverse iteration failed.
+bool leading_vectors(std::int64_t n, const double* k_mat, std::int64_t kk, double* w, std::int64_t ldw) {
+    SymEig eig(n, k_mat, n);
+    std::vector<double> values(static_cast<std::size_t>(kk));
+    eig.top_values(kk, values.data());
+    return eig.vectors(kk, values.data(), w, ldw) == 0;
+}
+
+/// Cholesky route; false if Cholesky or the orthonormality check rejects the module.
+bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
+    const std::int64_t R = t.big_r, kk = std::min(rank, R);
+    double* l = wk.l.get<double>(static_cast<std::size_t>(R * R));
+    if (!cholesky(R, t.ga, l, wk)) return false;
+    // K = L^T (Gb L): only the upper triangle, which is all SymEig reads.
+    double* u = wk.u.get<double>(static_cast<std::size_t>(R * R));
+    double* k_mat = wk.k.get<double>(static_cast<std::size_t>(R * R));
+    xty(R, R, R, t.gb, R, l, R, u, R, {false, true, false}, wk);      // Gb^T L = Gb L
+    xty(R, R, R, l, R, u, R, k_mat, R, {true, false, true}, wk);      // L^T U
+    double* w = wk.w.get<double>(static_cast<std::size_t>(R * rank));
+    std::fill(w, w + R * rank, 0.0);
+    if (!leading_vectors(R, k_mat, kk, w, rank)) return false;
+    // T_B = L W; T_A = L^{-T} W by back substitution (row i of L holds column i of L^T).
+    std::fill(t.t_b, t.t_b + R * rank, 0.0);
+    for (std::int64_t i = 0; i < R; ++i) {
+        double* __restrict out = t.t_b + i * rank;
+        for (std::int64_t k = 0; k <= i; ++k) {
+            const double lik = l[i * R + k];
+            const double* wk_row = w + k * rank;
+            for (std::int64_t c = 0; c < kk; ++c) out[c] += lik * wk_row[c];
+        }
+    }
+    std::copy(w, w + R * rank, t.t_a);
+    for (std::int64_t i = R - 1; i >= 0; --i) {
+        double* __restrict xi = t.t_a + i * rank;
+        const double inv = 1.0 / l[i * R + i];
+        for (std::int64_t c = 0; c < kk; ++c) xi[c] *= inv;
+        for (std::int64_t k = 0; k < i; ++k) {
+            const double lik = l[i * R + k];
+            double* __restrict xk = t.t_a + k * rank;
+            for (std::int64_t c = 0; c < kk; ++c) xk[c] -= lik * xi[c];
+        }
+    }
+    // The check: A' A'^T = T_A^T Ga T_A = I on the kk live columns (the rest are zero).
+    double* g1 = wk.g1.get<double>(static_cast<std::size_t>(R * rank));
+    double* chk = wk.chk.get<double>(static_cast<std::size_t>(rank * rank));
+    xty(R, R, rank, t.ga, R, t.t_a, rank, g1, rank, {}, wk);
+    xty(R, rank, rank, t.t_a, rank, g1, rank, chk, rank, {}, wk);
+    double dev = 0.0;
+    for (std::int64_t i = 0; i < rank; ++i)
+        for (std::int64_t j = 0; j < rank; ++j) {
+            const double want = (i == j && i < kk) ? 1.0 : 0.0;
+            dev = std::max(dev, std::fabs(chk[i * rank + j] - want));
+        }
+    return dev <= kOrthTol;  // false for NaN too
+}
+
+/// Eigen route; false if an eigenproblem failed.
+bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
+    const std::int64_t R = t.big_r;
+    SymEig eig_a(R, t.ga, R);
+    std::vector<double> la(static_cast<std::size_t>(R));
+    eig_a.top_values(R, la.data());
+    const double cut = kRankTol * std::max(la[0], 0.0);
+    std::int64_t nk = 0;
+    while (nk < R && la[static_cast<std::size_t>(nk)] > cut) ++nk;
+    std::fill(t.t_b, t.t_b + R * rank, 0.0);
+    std::fill(t.t_a, t.t_a + R * rank, 0.0);
+    if (nk == 0) return true;  // Ga = 0: the product is zero
+    double* va = wk.l.get<double>(static_cast<std::size_t>(R * nk));
+    if (eig_a.vectors(nk, la.data(), va, nk) != 0) return false;
+    // S = Va La^{1/2} (R x nk); K = S^T (Gb S) (nk x nk, upper triangle).
+    double* s = wk.g1.get<double>(static_cast<std::size_t>(R * nk));
+    for (std::int64_t i = 0; i < R; ++i)
+        for (std::int64_t c = 0; c < nk; ++c) s[i * nk + c] = va[i * nk + c] * std::sqrt(la[static_cast<std::size_t>(c)]);
+    double* u = wk.u.get<double>(static_cast<std::size_t>(R * nk));
+    double* k_mat = wk.chk.get<double>(static_cast<std::size_t>(nk * nk));
+    xty(R, R, nk, t.gb, R, s, nk, u, nk, {}, wk);
+    xty(R, nk, nk, s, nk, u, nk, k_mat, nk, {false, false, true}, wk);
+    const std::int64_t kk = std::min(rank, nk);
+    double* w = wk.w.get<double>(static_cast<std::size_t>(nk * kk));
+    if (!leading_vectors(nk, k_mat, kk, w, kk)) return false;
+    for (std::int64_t i = 0; i < R; ++i) {
+        double* __restrict tb = t.t_b + i * rank;
+        double* __restrict ta = t.t_a + i * rank;
+        for (std::int64_t q = 0; q < nk; ++q) {
+            const double root = std::sqrt(la[static_cast<std::size_t>(q)]);
+            const double sb = va[i * nk + q] * root, sa = va[i * nk + q] / root;
+            const double* wq = w + q * kk;
+            for (std::int64_t c = 0; c < kk; ++c) {
+                tb[c] += sb * wq[c];
+                ta[c] += sa * wq[c];
+            }
+        }
+    }
+    return true;
+}
+
+bool all_finite(const double* p, std::int64_t n) {
+    double acc = 0.0;
+    for (std::int64_t i = 0; i < n; ++i) acc += p[i] * 0.0;  // NaN or inf makes it NaN
+    return acc == 0.0;
+}
+
+}  // namespace
+
+void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
+    const std::int64_t R = t.big_r;
+    if (R == 0) {
+        t.route = kRouteCholesky;
+    } else if (!all_finite(t.gb, R * R) || !all_finite(t.ga, R * R)) {
+        t.route = kRouteFailed;
+    } else if (cholesky_route(t, rank, wk)) {
+        t.route = kRouteCholesky;
+    } else {
+        t.route = eigen_route(t, rank, wk) ? kRouteEigen : kRouteFailed;
+    }
+}
+
+}  // namespace kmf

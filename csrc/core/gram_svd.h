@@ -1,0 +1,50 @@
+// The R x R algebra of truncation: the best rank-r factors of M = B A from the
+// float64 Grams Gb = B^T B and Ga = A A^T (the C++ twin of ops/gram_svd.py).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+
+namespace kmf {
+
+/// One module: Gb, Ga (R x R float64, row-major, symmetric) in; the
+/// transforms T_B, T_A (R x rank float64, row-major) out, so that
+/// B' = B T_B = U_r S_r and A'^T = A^T T_A = V_r. Columns beyond R (or, on
+/// the eigen route, beyond the numerical rank of Ga) are zero.
+struct GramSvdTask {
+    const double* gb = nullptr;
+    const double* ga = nullptr;
+    std::int64_t big_r = 0;
+    double* t_b = nullptr;
+    double* t_a = nullptr;
+    /// Out: kRouteCholesky, kRouteEigen, or kRouteFailed (T_B, T_A unspecified:
+    /// the caller must solve this module another way).
+    int route = 0;
+};
+
+constexpr int kRouteCholesky = 0;
+constexpr int kRouteEigen = 1;
+constexpr int kRouteFailed = 2;
+
+/// Eigenvalues of Ga below this fraction of the largest are dropped on the eigen route.
+constexpr double kRankTol = 1e-12;
+/// Largest |A' A'^T - I| accepted from the Cholesky route.
+constexpr double kOrthTol = 1e-6;
+
+/// Per-thread workspace of gram_svd_one, reused across modules.
+struct GramSvdWork {
+    Scratch pa, pb, tile, l, k, u, w, g1, chk;
+};
+
+/// Cholesky route: Ga = L L^T, K = L^T Gb L = W S^2 W^T (leading rank
+/// eigenpairs only), T_B = L W, T_A = L^{-T} W; accepted when
+/// T_A^T Ga T_A = I within kOrthTol. Otherwise the eigen route:
+/// Ga = Va La Va^T without the directions below kRankTol, S = Va La^{1/2},
+/// K = S^T Gb S = W S^2 W^T, T_B = S W, T_A = Va La^{-1/2} W.
+/// One module, on the calling thread; sets t.route.
+void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk);
+
+
+}  // namespace kmf
