@@ -51,6 +51,8 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
     // The broadcast operand A packs as row panels (k-major) from contiguous
     // rows, as column panels from contiguous columns: a straight copy either way.
     const bool a_kmajor = A.rows_contiguous() || !A.cols_contiguous();
+    // A symmetric Gram packs its one stack once when MR-wide tiles fall inside NR-wide panels.
+    const bool shared = t.symmetric && NR % MR == 0;
     const std::int64_t na = (RA + MR - 1) / MR, nb = (RB + NR - 1) / NR;
     constexpr std::int64_t KC = ChunkRows<T>::value;
     T* ap = s.a.get<T>(static_cast<std::size_t>(na * MR * KC));
@@ -67,7 +69,9 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
         // While packing this chunk, prefetch the same rows of the next one.
         const std::int64_t ahead = std::min<std::int64_t>(KC, ke - k0 - kc);
         pack_row_panels<T, NR>(bp, NR, B, k0, kc, 0, RB, s.tmp, ahead);
-        if (a_kmajor) {
+        if (shared) {
+            // X = Y: the broadcast operand's MR columns are read out of B's NR-wide panels.
+        } else if (a_kmajor) {
             pack_row_panels<T, MR>(ap, MR, A, k0, kc, 0, RA, s.tmp, ahead);
         } else {
             for (std::int64_t q = 0; q < na; ++q)
@@ -80,7 +84,9 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
                 const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, RA - i0);
                 if (t.symmetric && j0 + nj - 1 < i0) continue;  // entirely below the diagonal
                 const T* a = ap + q * kc * MR;
-                if (a_kmajor)
+                if (shared)
+                    micro_kernel<T, true>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR, bp + p * kc * NR, tile);
+                else if (a_kmajor)
                     micro_kernel<T, true>(kc, a, 0, bp + p * kc * NR, tile);
                 else
                     micro_kernel<T, false>(kc, a, kc, bp + p * kc * NR, tile);

@@ -3,7 +3,7 @@
 //   tile[i][j] = sum_{k < kc} a(k, i) * b(k, j),   i < MR, j < NR = NV * lanes
 //
 // b is a packed row panel (b[k * NR + j]); a is either a packed row panel
-// (a[k * MR + i], "k-major") or column panel (a[i * lda + k]). The MR x NV
+// (a[k * lda + i], "k-major"; lda = 0 means MR) or column panel (a[i * lda + k]). The MR x NV
 // accumulator vectors stay in registers across the k loop: each step loads NV
 // vectors of b, broadcasts MR scalars of a, and issues MR * NV FMAs.
 #pragma once
@@ -37,11 +37,12 @@ inline void micro_kernel(std::int64_t kc, const T* __restrict a, std::int64_t ld
     constexpr int MR = TileShape<T>::MR, NV = TileShape<T>::NV, L = TileShape<T>::L, NR = TileShape<T>::NR;
     V acc[MR][NV];
     KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    const std::int64_t ks = lda > 0 ? lda : MR;  // k-major: the row stride of a
     for (std::int64_t k = 0; k < kc; ++k) {
         V bv[NV];
         KMF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = vload<V>(b + k * NR + v * L);
         KMF_UNROLL for (int i = 0; i < MR; ++i) {
-            const T ai = AKMajor ? a[k * MR + i] : a[i * lda + k];
+            const T ai = AKMajor ? a[k * ks + i] : a[i * lda + k];
             KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
         }
     }
