@@ -9,77 +9,12 @@
 #include <vector>
 
 #include "blas1.h"
-#include "kernels.h"
+#include "xty.h"
 #include "parallel.h"
 #include "sym_eig.h"
 
 namespace kmf {
 namespace {
-
-/// Which zeros of the operands xty may skip, and which part of C it writes.
-struct XtyShape {
-    bool x_lower = false;     // X[k][i] = 0 for k < i
-    bool y_lower = false;     // Y[k][j] = 0 for k < j
-    bool upper_only = false;  // write only C[i][j] with j >= i
-    bool subtract = false;    // C -= X^T Y instead of C = X^T Y
-};
-
-/// C (m x n) = X^T Y for row-major float64 X (kd x m) and Y (kd x n): both are
-/// packed into the micro-kernel's k-major panels, and each MR x NR tile sums
-/// only over the k where neither operand is known to be zero.
-void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
-         std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, GramSvdWork& wk) {
-    constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
-    const std::int64_t nq = (m + MR - 1) / MR, np = (n + NR - 1) / NR;
-    double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
-    double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
-    double* tile = wk.tile.get<double>(MR * NR);
-    for (std::int64_t q = 0; q < nq; ++q) {
-        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
-        double* dst = ap + q * MR * kd;
-        for (std::int64_t k = 0; k < kd; ++k) {
-            const double* src = x + k * ldx + i0;
-            if (ni == MR) {
-                std::copy(src, src + MR, dst + k * MR);
-            } else {
-                for (std::int64_t i = 0; i < MR; ++i) dst[k * MR + i] = i < ni ? src[i] : 0.0;
-            }
-        }
-    }
-    for (std::int64_t p = 0; p < np; ++p) {
-        const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
-        double* dst = bp + p * NR * kd;
-        for (std::int64_t k = 0; k < kd; ++k) {
-            const double* src = y + k * ldy + j0;
-            if (nj == NR) {
-                std::copy(src, src + NR, dst + k * NR);
-            } else {
-                for (std::int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < nj ? src[j] : 0.0;
-            }
-        }
-    }
-    for (std::int64_t q = 0; q < nq; ++q) {
-        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
-        for (std::int64_t p = 0; p < np; ++p) {
-            const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
-            if (shape.upper_only && j0 + nj <= i0) continue;  // the tile lies below the diagonal
-            std::int64_t kb = 0;
-            if (shape.x_lower) kb = std::max(kb, i0);
-            if (shape.y_lower) kb = std::max(kb, j0);
-            kb = std::min(kb, kd);
-            micro_kernel<double, true>(kd - kb, ap + q * MR * kd + kb * MR, 0, bp + p * NR * kd + kb * NR, tile);
-            for (std::int64_t i = 0; i < ni; ++i) {
-                double* ci = c + (i0 + i) * ldc + j0;
-                const std::int64_t jb = shape.upper_only ? std::max<std::int64_t>(0, i0 + i - j0) : 0;
-                const double* ti = tile + i * NR;
-                if (shape.subtract)
-                    for (std::int64_t j = jb; j < nj; ++j) ci[j] -= ti[j];
-                else
-                    for (std::int64_t j = jb; j < nj; ++j) ci[j] = ti[j];
-            }
-        }
-    }
-}
 
 /// Ga = L L^T (row-major L, its upper triangle zeroed); false if a pivot is
 /// not positive (Ga not numerically positive definite). Computed as U = L^T
@@ -108,7 +43,7 @@ bool cholesky(std::int64_t n, const double* g, double* l, GramSvdWork& wk) {
         const std::int64_t m = n - k1;
         if (m > 0)
             xty(k1 - k0, m, m, u + k0 * n + k1, n, u + k0 * n + k1, n, u + k1 * n + k1, n,
-                {false, false, true, true}, wk);
+                {false, false, true, true}, wk.xty);
     }
     for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = 0; j < n; ++j) l[i * n + j] = j <= i ? u[j * n + i] : 0.0;
@@ -132,8 +67,8 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     // K = L^T (Gb L): only the upper triangle, which is all SymEig reads.
     double* u = wk.u.get<double>(static_cast<std::size_t>(R * R));
     double* k_mat = wk.k.get<double>(static_cast<std::size_t>(R * R));
-    xty(R, R, R, t.gb, R, l, R, u, R, {false, true, false}, wk);      // Gb^T L = Gb L
-    xty(R, R, R, l, R, u, R, k_mat, R, {true, false, true}, wk);      // L^T U
+    xty(R, R, R, t.gb, R, l, R, u, R, {false, true, false}, wk.xty);      // Gb^T L = Gb L
+    xty(R, R, R, l, R, u, R, k_mat, R, {true, false, true}, wk.xty);      // L^T U
     double* w = wk.w.get<double>(static_cast<std::size_t>(R * rank));
     std::fill(w, w + R * rank, 0.0);
     if (!leading_vectors(R, k_mat, kk, w, rank)) return false;
@@ -161,8 +96,8 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     // The check: A' A'^T = T_A^T Ga T_A = I on the kk live columns (the rest are zero).
     double* g1 = wk.g1.get<double>(static_cast<std::size_t>(R * rank));
     double* chk = wk.chk.get<double>(static_cast<std::size_t>(rank * rank));
-    xty(R, R, rank, t.ga, R, t.t_a, rank, g1, rank, {}, wk);
-    xty(R, rank, rank, t.t_a, rank, g1, rank, chk, rank, {}, wk);
+    xty(R, R, rank, t.ga, R, t.t_a, rank, g1, rank, {}, wk.xty);
+    xty(R, rank, rank, t.t_a, rank, g1, rank, chk, rank, {}, wk.xty);
     double dev = 0.0;
     for (std::int64_t i = 0; i < rank; ++i)
         for (std::int64_t j = 0; j < rank; ++j) {
@@ -192,8 +127,8 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
         for (std::int64_t c = 0; c < nk; ++c) s[i * nk + c] = va[i * nk + c] * std::sqrt(la[static_cast<std::size_t>(c)]);
     double* u = wk.u.get<double>(static_cast<std::size_t>(R * nk));
     double* k_mat = wk.chk.get<double>(static_cast<std::size_t>(nk * nk));
-    xty(R, R, nk, t.gb, R, s, nk, u, nk, {}, wk);
-    xty(R, nk, nk, s, nk, u, nk, k_mat, nk, {false, false, true}, wk);
+    xty(R, R, nk, t.gb, R, s, nk, u, nk, {}, wk.xty);
+    xty(R, nk, nk, s, nk, u, nk, k_mat, nk, {false, false, true}, wk.xty);
     const std::int64_t kk = std::min(rank, nk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(nk * kk));
     if (!leading_vectors(nk, k_mat, kk, w, kk)) return false;

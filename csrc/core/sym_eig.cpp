@@ -14,12 +14,23 @@
 #include <vector>
 
 #include "blas1.h"
+#include "parallel.h"
+#include "xty.h"
 
 namespace kmf {
 namespace {
 
 using V = Simd<double>::V;
 constexpr int L = Simd<double>::L;
+
+/// Lane indices 0 .. L-1, for masks.
+typedef std::int64_t VI __attribute__((vector_size(kVecBytes)));
+constexpr VI make_lanes() {
+    VI v{};
+    for (int q = 0; q < L; ++q) v[q] = q;
+    return v;
+}
+const VI kLane = make_lanes();
 
 inline V vabs(V x) { return x < 0.0 ? -x : x; }
 inline V vmax(V a, V b) { return a > b ? a : b; }
@@ -68,112 +79,98 @@ double householder(double* x, std::int64_t m, double& beta) {
     return tau;
 }
 
-/// Householder reduction of the upper triangle of a to T (dsytd2, lower, in
+/// p[l] += (A v)[l] for the symmetric block of rows / columns [i0, n) of the
+/// upper triangle of a: row i adds its diagonal and right part to p_i (a dot
+/// product) and its right part to p_l (an axpy). Rows go in pairs, which share
+/// every load of v and p. Needs zero padding (rows, v, p) up to n + L - 1.
+void symv_upper(const double* a, std::int64_t lda, std::int64_t i0, std::int64_t n, const double* v, double* p) {
+    std::int64_t i = i0;
+    for (; i + 1 < n; i += 2) {
+        const double* ra = a + i * lda;
+        const double* rb = ra + lda;
+        const double sa = ra[i] * v[i] + ra[i + 1] * v[i + 1], sb = ra[i + 1] * v[i] + rb[i + 1] * v[i + 1];
+        const V va = V{} + v[i], vb = V{} + v[i + 1];
+        // Vectors start at a multiple of L (lanes left of column i + 2 masked off): the
+        // loads of p then match the previous pair's stores instead of straddling two.
+        const std::int64_t l0 = (i + 2) / L * L;
+        const VI from = (kLane + l0) >= i + 2;
+        V xa = vload<V>(ra + l0), xb = vload<V>(rb + l0);
+        xa = from ? xa : V{}, xb = from ? xb : V{};
+        V acc_a = xa * vload<V>(v + l0), acc_b = xb * vload<V>(v + l0);
+        vstore(p + l0, vload<V>(p + l0) + (xa * va + xb * vb));
+        for (std::int64_t l = l0 + L; l < n; l += L) {
+            xa = vload<V>(ra + l), xb = vload<V>(rb + l);
+            const V vl = vload<V>(v + l);
+            acc_a += xa * vl;
+            acc_b += xb * vl;
+            vstore(p + l, vload<V>(p + l) + (xa * va + xb * vb));
+        }
+        p[i] += sa + hsum(acc_a);
+        p[i + 1] += sb + hsum(acc_b);
+    }
+    if (i < n) p[i] += a[i * lda + i] * v[i];  // the last row holds only its diagonal
+}
+
+/// Householder reduction of the upper triangle of a to T (dsytrd, lower, in
 /// row-major terms). Step j reflects x = a[j][j+1..n) onto beta e_1 with
-/// H_j = I - tau_j v v^T, stores v over x (v[0] = 1), and updates the
-/// trailing block A22 <- H A22 H = A22 - v w^T - w v^T, where p = A22 v and
-/// w = tau p - (tau^2 / 2)(p^T v) v.
+/// H_j = I - tau_j v v^T and stores v over x (v[0] = 1); the trailing block
+/// becomes A <- H A H = A - v w^T - w v^T with w = tau p - (tau^2 / 2)(p^T v) v,
+/// p = A v.
 ///
-/// The passes are fused: row j + 1 is updated first and yields the next
-/// reflector v', then each further row is updated and at once multiplied by
-/// v' (p' = A22' v'), so the trailing block is read and written once per step.
-/// Requires lda >= n + L - 1 with zero columns from n on, so every row run
-/// is a whole number of vectors (the padding stays zero).
+/// Blocked as dlatrd: within a panel of kPanel steps the trailing block is
+/// left as it was; each step brings its own row up to date, takes p from
+/// the stale block and corrects it by the panel's earlier (v, w) pairs. After
+/// the panel, the trailing block takes all of them at once,
+/// A -= [V; W]^T [W; V] (xty on the micro-kernel, half the flops).
+/// Requires lda >= n + L - 1 with zero columns from n on.
 void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, double* e, double* tau) {
     if (n == 0) return;
-    // Vectors indexed by absolute column, zero outside the current block and in the padding.
-    const std::size_t len = static_cast<std::size_t>(n + 2 * L);
-    std::vector<double> v_buf(len, 0.0), next_buf(len, 0.0), w(len, 0.0), p(len, 0.0);
-    double* v = v_buf.data();
-    double* next = next_buf.data();
-    auto reflect_row = [&](std::int64_t r, double* out) {  // the reflector of step r from row r
-        double* x = a + r * lda + r + 1;
-        double beta;
-        tau[r] = householder(x, n - r - 1, beta);
-        d[r] = a[r * lda + r];
-        e[r] = beta;
-        std::fill(out, out + len, 0.0);
-        std::copy(x, x + (n - r - 1), out + r + 1);
-    };
-    if (n == 1) {
-        d[0] = a[0];
-        return;
-    }
-    reflect_row(0, v);
-    for (std::int64_t i = 1; i < n; ++i) {  // p = A22 v for step 0 (unfused start)
-        const double* ri = a + i * lda;
-        p[i] += ri[i] * v[i] + dot_axpy(ri + i + 1, v + i + 1, p.data() + i + 1, v[i], n - i - 1);
-    }
-    for (std::int64_t j = 0; j + 1 < n; ++j) {
-        const double t = tau[j];
-        const std::int64_t r1 = j + 1;
-        std::fill(w.begin(), w.end(), 0.0);
-        if (t != 0.0) {
-            const double half = -0.5 * t * t * dot(p.data() + r1, v + r1, n - r1);
-            for (std::int64_t l = r1; l < n; ++l) w[l] = t * p[l] + half * v[l];
-        }
-        double* row1 = a + r1 * lda;
-        for (std::int64_t l = r1; l < n; ++l) row1[l] -= v[r1] * w[l] + w[r1] * v[l];
-        if (r1 + 1 == n) {
-            d[r1] = row1[r1];
-            break;
-        }
-        reflect_row(r1, next);
-        std::fill(p.begin(), p.end(), 0.0);
-        // Rows two at a time: each vector of w, v, v' and p is loaded once for both.
-        double* wd = w.data();
-        double* pd = p.data();
-        std::int64_t i = r1 + 1;
-        for (; i + 1 < n; i += 2) {
-            double* ra = a + i * lda;
-            double* rb = ra + lda;
-            ra[i] -= 2.0 * v[i] * w[i];
-            const double x01 = ra[i + 1] - (v[i] * w[i + 1] + w[i] * v[i + 1]);
-            ra[i + 1] = x01;
-            rb[i + 1] -= 2.0 * v[i + 1] * w[i + 1];
-            const double sa = ra[i] * next[i] + x01 * next[i + 1], sb = rb[i + 1] * next[i + 1];
-            pd[i + 1] += x01 * next[i];
-            const V va = V{} + v[i], wa = V{} + w[i], na = V{} + next[i];
-            const V vb = V{} + v[i + 1], wb = V{} + w[i + 1], nb = V{} + next[i + 1];
-            V acc_a0{}, acc_a1{}, acc_b0{}, acc_b1{};
-            std::int64_t l = i + 2;
-            for (; l + L < n; l += 2 * L) {
-                const V w0 = vload<V>(wd + l), w1 = vload<V>(wd + l + L);
-                const V v0 = vload<V>(v + l), v1 = vload<V>(v + l + L);
-                const V n0 = vload<V>(next + l), n1 = vload<V>(next + l + L);
-                const V xa0 = vload<V>(ra + l) - (va * w0 + wa * v0), xa1 = vload<V>(ra + l + L) - (va * w1 + wa * v1);
-                const V xb0 = vload<V>(rb + l) - (vb * w0 + wb * v0), xb1 = vload<V>(rb + l + L) - (vb * w1 + wb * v1);
-                vstore(ra + l, xa0);
-                vstore(ra + l + L, xa1);
-                vstore(rb + l, xb0);
-                vstore(rb + l + L, xb1);
-                acc_a0 += xa0 * n0;
-                acc_a1 += xa1 * n1;
-                acc_b0 += xb0 * n0;
-                acc_b1 += xb1 * n1;
-                vstore(pd + l, vload<V>(pd + l) + (xa0 * na + xb0 * nb));
-                vstore(pd + l + L, vload<V>(pd + l + L) + (xa1 * na + xb1 * nb));
+    constexpr std::int64_t kPanel = 16;
+    // Rows of lda doubles, indexed by absolute column, zero outside their support:
+    // V (kPanel rows), W (kPanel rows), V again, so [V; W] and [W; V] are contiguous.
+    Scratch vwv_buf, p_buf;  // 64-byte aligned, as a's rows (lda is a multiple of L)
+    double* vwv = vwv_buf.get<double>(static_cast<std::size_t>(3 * kPanel * lda));
+    double* p = p_buf.get<double>(static_cast<std::size_t>(lda));
+    double* vs = vwv;
+    double* ws = vs + kPanel * lda;
+    XtyWork xw;
+    const std::int64_t steps = n - 1;
+    for (std::int64_t j0 = 0; j0 < steps; j0 += kPanel) {
+        const std::int64_t nb = std::min(kPanel, steps - j0);
+        std::fill(vwv, vwv + 3 * kPanel * lda, 0.0);
+        for (std::int64_t q = 0; q < nb; ++q) {
+            const std::int64_t j = j0 + q, m = n - j - 1;
+            double* rj = a + j * lda;
+            for (std::int64_t s = 0; s < q; ++s) {  // the panel's earlier updates of row j
+                const double* v = vs + s * lda;
+                const double* w = ws + s * lda;
+                const double cv = v[j], cw = w[j];
+                for (std::int64_t l = j; l < n; ++l) rj[l] -= cv * w[l] + cw * v[l];
             }
-            for (; l < n; l += L) {  // at most one more vector, into the zero padding
-                const V w0 = vload<V>(wd + l), v0 = vload<V>(v + l), n0 = vload<V>(next + l);
-                const V xa0 = vload<V>(ra + l) - (va * w0 + wa * v0);
-                const V xb0 = vload<V>(rb + l) - (vb * w0 + wb * v0);
-                vstore(ra + l, xa0);
-                vstore(rb + l, xb0);
-                acc_a0 += xa0 * n0;
-                acc_b0 += xb0 * n0;
-                vstore(pd + l, vload<V>(pd + l) + (xa0 * na + xb0 * nb));
+            double beta;
+            const double t = tau[j] = householder(rj + j + 1, m, beta);
+            d[j] = rj[j];
+            e[j] = beta;
+            double* vq = vs + q * lda;
+            std::copy(rj + j + 1, rj + n, vq + j + 1);
+            if (t == 0.0) continue;  // H_j = I: w stays zero
+            std::fill(p, p + lda, 0.0);
+            symv_upper(a, lda, j + 1, n, vq, p);
+            for (std::int64_t s = 0; s < q; ++s) {  // p -= V_s (W_s . v) + W_s (V_s . v)
+                const double* v = vs + s * lda;
+                const double* w = ws + s * lda;
+                const double cw = dot(w + j + 1, vq + j + 1, m), cv = dot(v + j + 1, vq + j + 1, m);
+                for (std::int64_t l = j + 1; l < n; ++l) p[l] -= cw * v[l] + cv * w[l];
             }
-            pd[i] += sa + hsum(acc_a0 + acc_a1);
-            pd[i + 1] += sb + hsum(acc_b0 + acc_b1);
+            const double alpha = -0.5 * t * t * dot(p + j + 1, vq + j + 1, m);
+            double* wq = ws + q * lda;
+            for (std::int64_t l = j + 1; l < n; ++l) wq[l] = t * p[l] + alpha * vq[l];
         }
-        if (i < n) {  // the last row, alone (n - 1 - i is zero: only its diagonal)
-            double* ri = a + i * lda;
-            ri[i] -= 2.0 * v[i] * w[i];
-            pd[i] += ri[i] * next[i];
-        }
-        std::swap(v, next);
+        std::copy(vs, vs + kPanel * lda, ws + kPanel * lda);
+        const std::int64_t j1 = j0 + nb, m = n - j1;
+        xty(2 * kPanel, m, m, vs + j1, lda, ws + j1, lda, a + j1 * lda + j1, lda, {false, false, true, true}, xw);
     }
+    d[n - 1] = a[(n - 1) * lda + (n - 1)];
 }
 
 /// LU factorisation with partial pivoting of T - lambda I (dlagtf): U has the
@@ -442,11 +439,12 @@ SymEig::SymEig(std::int64_t n, const double* a, std::int64_t lda)
       tau_(static_cast<std::size_t>(std::max<std::int64_t>(n - 1, 0))) {
     // The upper triangle, scaled by a power of two, into zero-padded rows (see tridiagonalize).
     const double scale = scale_for(n, a, lda);
-    a_.assign(static_cast<std::size_t>(n * lda_), 0.0);
+    a_ = a_buf_.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(n * lda_, 1)));
+    std::fill(a_, a_ + n * lda_, 0.0);
     for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t j = i; j < n; ++j) a_[static_cast<std::size_t>(i * lda_ + j)] = a[i * lda + j] * scale;
+        for (std::int64_t j = i; j < n; ++j) a_[i * lda_ + j] = a[i * lda + j] * scale;
     scale_ = scale;
-    tridiagonalize(n, a_.data(), lda_, d_.data(), e_.data(), tau_.data());
+    tridiagonalize(n, a_, lda_, d_.data(), e_.data(), tau_.data());
 }
 
 void SymEig::top_values(std::int64_t k, double* w) const {
@@ -562,7 +560,7 @@ int SymEig::vectors(std::int64_t k, const double* w, double* v, std::int64_t ldv
     for (std::int64_t j = n - 2; j >= 0; --j) {
         const double t = tau_[j];
         if (t == 0.0) continue;
-        const double* x = a_.data() + j * lda_ + j + 1;  // v over rows j+1 .. n-1, v[0] = 1
+        const double* x = a_ + j * lda_ + j + 1;  // v over rows j+1 .. n-1, v[0] = 1
         std::fill(h.begin(), h.end(), 0.0);
         for (std::int64_t i = 0; i < n - j - 1; ++i) {
             const double xi = x[i];

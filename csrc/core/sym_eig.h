@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
+
 namespace kmf {
 
 /// Eigenvalues and eigenvectors of a symmetric n x n matrix A, largest first,
@@ -40,7 +42,8 @@ public:
 private:
     std::int64_t n_;
     std::int64_t lda_;            // row stride of a_: n + L - 1 or more, rounded to whole vectors
-    std::vector<double> a_;       // the scaled upper triangle, then the reflectors
+    Scratch a_buf_;               // 64-byte aligned storage of a_
+    double* a_ = nullptr;         // the scaled upper triangle, then the reflectors
     double scale_ = 1.0;          // T = Q^T (scale_ A) Q
     std::vector<double> d_, e_;   // diagonal (n) and off-diagonal (n - 1) of T
     std::vector<double> tau_;     // reflector coefficients

@@ -1,0 +1,64 @@
+#include "xty.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace kmf {
+
+void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
+         std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
+    constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
+    const std::int64_t nq = (m + MR - 1) / MR, np = (n + NR - 1) / NR;
+    double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
+    double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
+    double* tile = wk.tile.get<double>(MR * NR);
+    for (std::int64_t q = 0; q < nq; ++q) {
+        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
+        double* dst = ap + q * MR * kd;
+        for (std::int64_t k = 0; k < kd; ++k) {
+            const double* src = x + k * ldx + i0;
+            if (ni == MR) {
+                std::copy(src, src + MR, dst + k * MR);
+            } else {
+                for (std::int64_t i = 0; i < MR; ++i) dst[k * MR + i] = i < ni ? src[i] : 0.0;
+            }
+        }
+    }
+    for (std::int64_t p = 0; p < np; ++p) {
+        const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
+        double* dst = bp + p * NR * kd;
+        for (std::int64_t k = 0; k < kd; ++k) {
+            const double* src = y + k * ldy + j0;
+            if (nj == NR) {
+                std::copy(src, src + NR, dst + k * NR);
+            } else {
+                for (std::int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < nj ? src[j] : 0.0;
+            }
+        }
+    }
+    for (std::int64_t q = 0; q < nq; ++q) {
+        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
+        for (std::int64_t p = 0; p < np; ++p) {
+            const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
+            if (shape.upper_only && j0 + nj <= i0) continue;  // the tile lies below the diagonal
+            std::int64_t kb = 0;
+            if (shape.x_lower) kb = std::max(kb, i0);
+            if (shape.y_lower) kb = std::max(kb, j0);
+            kb = std::min(kb, kd);
+            micro_kernel<double, true>(kd - kb, ap + q * MR * kd + kb * MR, 0, bp + p * NR * kd + kb * NR, tile);
+            for (std::int64_t i = 0; i < ni; ++i) {
+                double* ci = c + (i0 + i) * ldc + j0;
+                const std::int64_t jb = shape.upper_only ? std::max<std::int64_t>(0, i0 + i - j0) : 0;
+                const double* ti = tile + i * NR;
+                if (shape.subtract)
+                    for (std::int64_t j = jb; j < nj; ++j) ci[j] -= ti[j];
+                else
+                    for (std::int64_t j = jb; j < nj; ++j) ci[j] = ti[j];
+            }
+        }
+    }
+}
+
+}  // namespace kmf

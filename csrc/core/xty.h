@@ -1,0 +1,31 @@
+// C = X^T Y for small row-major float64 matrices (the O(R^3) products of the
+// truncation core and the symmetric eigensolver), on the shared micro-kernel.
+#pragma once
+
+#include <cstdint>
+
+#include "parallel.h"
+
+namespace kmf {
+
+/// Which zeros of the operands xty may skip, and which part of C it writes.
+struct XtyShape {
+    bool x_lower = false;     // X[k][i] = 0 for k < i
+    bool y_lower = false;     // Y[k][j] = 0 for k < j
+    bool upper_only = false;  // write only C[i][j] with j >= i
+    bool subtract = false;    // C -= X^T Y instead of C = X^T Y
+};
+
+/// Packed panels and the tile of one thread's xty calls, reused across calls.
+struct XtyWork {
+    Scratch pa, pb, tile;
+};
+
+/// C (m x n, ldc) = X^T Y (or C -= X^T Y) for X (kd x m, ldx) and Y (kd x n,
+/// ldy), all row-major float64: both are packed into the micro-kernel's
+/// k-major panels, and each MR x NR tile sums only over the k where neither
+/// operand is known to be zero. Single-threaded.
+void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
+         std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk);
+
+}  // namespace kmf
