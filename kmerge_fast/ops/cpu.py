@@ -2,8 +2,10 @@
 
 The compiled core works on raw pointers, sizes and strides; this module turns
 tensors into those descriptions (no copies: transposed views are passed as
-strides); truncation's small R x R algebra is ``ops/gram_svd.py`` (torch.linalg,
-batched over modules of equal stacked rank). See ``ops/__init__.py`` for the op contracts.
+strides). Truncation runs in C++ end to end, its small R x R algebra included
+(``csrc/core/gram_svd.cpp``, with our own symmetric eigensolver); the torch
+version of that algebra (``ops/gram_svd.py``) is the fallback for a module the
+C++ one cannot settle. See ``ops/__init__.py`` for the op contracts.
 """
 
 from __future__ import annotations

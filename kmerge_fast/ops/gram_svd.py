@@ -1,10 +1,11 @@
 """The best rank-r factors of M = B A from the Grams of B and A (the R x R algebra of ``truncate``).
 
-Shared by the backends that compute the Grams themselves (cpp, triton): they
-form Gb = B^T B and Ga = A A^T in float64 from the stacks B (n_out x R) and
-A (R x n_in), call :func:`core_transforms`, and rebuild the factors as
-B' = B T_B and A'^T = A^T T_A. Only this step is O(R^3); the big sides are
-touched twice (Grams, rebuild), never forming M.
+Used by the triton backend, and by the cpp backend for a module its C++
+twin (``csrc/core/gram_svd.cpp``, same two routes, same tolerances) cannot
+settle: they form Gb = B^T B and Ga = A A^T in float64 from the stacks
+B (n_out x R) and A (R x n_in), call :func:`core_transforms`, and rebuild
+the factors as B' = B T_B and A'^T = A^T T_A. Only this step is O(R^3); the
+big sides are touched twice (Grams, rebuild), never forming M.
 
 Cholesky route (every module whose Ga is well conditioned). Ga = L L^T gives
 A = L Q^T with Q = A^T L^{-T} orthonormal, so M = (B L) Q^T and the SVD of M
