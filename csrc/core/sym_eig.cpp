@@ -40,15 +40,17 @@ constexpr double kSafeMin = DBL_MIN;
 
 /// ||x||_2 without overflow or harmful underflow.
 double norm2(const double* x, std::int64_t m) {
+    // One vectorised pass; redo it scaled only where the sum of squares may
+    // have under- or overflowed (the matrix is scaled to entries <= 1, so rarely).
+    const double s = dot(x, x, m);
+    if (s > 1e-290 && s < 1e290) return std::sqrt(s);
     double big = 0.0;
     for (std::int64_t l = 0; l < m; ++l) big = std::max(big, std::fabs(x[l]));
     if (big == 0.0) return 0.0;
-    double s = 0.0;
-    for (std::int64_t l = 0; l < m; ++l) {
-        const double t = x[l] / big;
-        s += t * t;
-    }
-    return big * std::sqrt(s);
+    const double inv = 1.0 / big;
+    double t = 0.0;
+    for (std::int64_t l = 0; l < m; ++l) t += (x[l] * inv) * (x[l] * inv);
+    return big * std::sqrt(t);
 }
 
 /// The power of two nearest 1 / max |a_ij| over the upper triangle (1 for a zero matrix).
@@ -111,6 +113,22 @@ void symv_upper(const double* a, std::int64_t lda, std::int64_t i0, std::int64_t
     if (i < n) p[i] += a[i * lda + i] * v[i];  // the last row holds only its diagonal
 }
 
+/// x[l] -= sum_{s < q} (cv[s] V_s[l] + cw[s] W_s[l]) for l in [l0, n): one pass
+/// over x for all q (v, w) pairs of a panel (rows of vs / ws, stride lda).
+void subtract_panel(double* x, std::int64_t q, const double* cv, const double* cw, const double* vs,
+                    const double* ws, std::int64_t lda, std::int64_t l0, std::int64_t n) {
+    if (q == 0) return;
+    std::int64_t l = l0;
+    for (; l + L <= n; l += L) {
+        V acc = vload<V>(x + l);
+        for (std::int64_t s = 0; s < q; ++s)
+            acc -= cv[s] * vload<V>(vs + s * lda + l) + cw[s] * vload<V>(ws + s * lda + l);
+        vstore(x + l, acc);
+    }
+    for (; l < n; ++l)
+        for (std::int64_t s = 0; s < q; ++s) x[l] -= cv[s] * vs[s * lda + l] + cw[s] * ws[s * lda + l];
+}
+
 /// Householder reduction of the upper triangle of a to T (dsytrd, lower, in
 /// row-major terms). Step j reflects x = a[j][j+1..n) onto beta e_1 with
 /// H_j = I - tau_j v v^T and stores v over x (v[0] = 1); the trailing block
@@ -134,6 +152,7 @@ void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, doub
     double* vs = vwv;
     double* ws = vs + kPanel * lda;
     XtyWork xw;
+    double cv[kPanel], cw[kPanel];
     const std::int64_t steps = n - 1;
     for (std::int64_t j0 = 0; j0 < steps; j0 += kPanel) {
         const std::int64_t nb = std::min(kPanel, steps - j0);
@@ -141,12 +160,8 @@ void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, doub
         for (std::int64_t q = 0; q < nb; ++q) {
             const std::int64_t j = j0 + q, m = n - j - 1;
             double* rj = a + j * lda;
-            for (std::int64_t s = 0; s < q; ++s) {  // the panel's earlier updates of row j
-                const double* v = vs + s * lda;
-                const double* w = ws + s * lda;
-                const double cv = v[j], cw = w[j];
-                for (std::int64_t l = j; l < n; ++l) rj[l] -= cv * w[l] + cw * v[l];
-            }
+            for (std::int64_t s = 0; s < q; ++s) cv[s] = ws[s * lda + j], cw[s] = vs[s * lda + j];
+            subtract_panel(rj, q, cv, cw, vs, ws, lda, j, n);  // the panel's earlier updates of row j
             double beta;
             const double t = tau[j] = householder(rj + j + 1, m, beta);
             d[j] = rj[j];
@@ -157,11 +172,10 @@ void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, doub
             std::fill(p, p + lda, 0.0);
             symv_upper(a, lda, j + 1, n, vq, p);
             for (std::int64_t s = 0; s < q; ++s) {  // p -= V_s (W_s . v) + W_s (V_s . v)
-                const double* v = vs + s * lda;
-                const double* w = ws + s * lda;
-                const double cw = dot(w + j + 1, vq + j + 1, m), cv = dot(v + j + 1, vq + j + 1, m);
-                for (std::int64_t l = j + 1; l < n; ++l) p[l] -= cw * v[l] + cv * w[l];
+                cv[s] = dot(ws + s * lda + j + 1, vq + j + 1, m);
+                cw[s] = dot(vs + s * lda + j + 1, vq + j + 1, m);
             }
+            subtract_panel(p, q, cv, cw, vs, ws, lda, j + 1, n);
             const double alpha = -0.5 * t * t * dot(p + j + 1, vq + j + 1, m);
             double* wq = ws + q * lda;
             for (std::int64_t l = j + 1; l < n; ++l) wq[l] = t * p[l] + alpha * vq[l];
