@@ -24,17 +24,20 @@ n_out + n_in = n), used for its GFLOP/s:
 
 - the two float64 Grams B^T B (R x R over n_out) and A A^T (over n_in), symmetric:
   n_out R^2 + n_in R^2;
-- the R x R core (``ops/gram_svd.py``): a Cholesky factor of A A^T (R^3 / 3),
-  K = L^T (B^T B) L (4 R^3) and its symmetric eigen-decomposition (~9 R^3): ~13 R^3;
+- the R x R core (``csrc/core/gram_svd.cpp``): a Cholesky factor of A A^T (R^3 / 3),
+  K = L^T (B^T B) L with triangular L (R^3 + 2 R^3 / 3), its Householder reduction
+  to tridiagonal form (4 R^3 / 3), bisection and inverse iteration for the r
+  leading eigenpairs (O(R r)), back-transformation, T_B, T_A and the
+  orthonormality check (~6 R^2 r): ~10/3 R^3 + 6 R^2 r;
 - the two rebuild products [c_i B_i] T_B (n_out x R x r) and [A_i^T] T_A (n_in x R x r):
   2 n_out R r + 2 n_in R r.
 
-  flops = n R^2 + 13 R^3 + 2 n R r (the O(R^2 r) products of the core are not counted).
+  flops = n R^2 + 10/3 R^3 + 6 R^2 r + 2 n R r.
 
 Columns: ``x (cpp)`` is this row's time over the cpp row's time (> 1: cpp is
-faster); ``% fp64 peak`` compares the cpp GFLOP/s with the measured fp64
-matmul peak (the cpp Grams accumulate in float64) and ``% fp32 peak`` with the
-fp32 one. ``rel. err`` is max over the modules the dense path ran on of
+faster); ``% fp64 peak`` compares the cpp GFLOP/s with the machine's fp64
+multiply-add ceiling (``_C.fma_peak``; the cpp Grams accumulate in float64)
+and ``% fp32 peak`` with the fp32 one. ``rel. err`` is max over the modules the dense path ran on of
 ||B'A' - B_d A_d||_F / ||B_d A_d||_F against the dense path's result.
 """
 
@@ -86,9 +89,15 @@ def peft_dense_svd_merge(loras: list[kf.LoRA], weights: list[float], rank: int,
 
 
 def cpp_merge_flops(shapes: list[tuple[int, int]], big_r: int, r: int) -> float:
-    """sum over modules of (n_out + n_in) R^2 + 13 R^3 + 2 (n_out + n_in) R r."""
-    return float(sum((n_out + n_in) * big_r ** 2 + 13 * big_r ** 3 + 2 * (n_out + n_in) * big_r * r
-                     for n_out, n_in in shapes))
+    """sum over modules of (n_out + n_in) R^2 + 10/3 R^3 + 6 R^2 r + 2 (n_out + n_in) R r.
+
+    Two symmetric float64 Grams; the R x R algebra of ``csrc/core/gram_svd.cpp``
+    (Cholesky R^3 / 3, K = L^T Gb L with triangular L R^3 + 2 R^3 / 3, Householder
+    reduction 4 R^3 / 3; back-transformation, T_B, T_A and the check ~6 R^2 r);
+    two rebuild products.
+    """
+    return float(sum((n_out + n_in) * big_r ** 2 + 10 / 3 * big_r ** 3 + 6 * big_r ** 2 * r
+                     + 2 * (n_out + n_in) * big_r * r for n_out, n_in in shapes))
 
 
 def rel_err(merged: kf.LoRA, dense: dict) -> float:
@@ -150,8 +159,8 @@ def run_case(k: int, dtype: torch.dtype, quick: bool, machine: dict) -> list[lis
         gf = pct64 = pct32 = None
         if backend == "cpp":
             gf = flops / t.seconds / 1e9
-            pct64 = 100 * gf / machine["peak_fp64_gflops"]
-            pct32 = 100 * gf / machine["peak_fp32_gflops"]
+            pct64 = 100 * gf / h.ceiling(machine, torch.float64)
+            pct32 = 100 * gf / h.ceiling(machine, torch.float32)
         rows.append([case, dt, label, t.ms, t.runs, ratio(t.ms), gf, pct64, pct32, err])
     return rows
 
@@ -172,7 +181,7 @@ def main(argv=None) -> None:
 SVD merge of k adapters (r={RANK}, weights 1/k) into rank {RANK}, over the 64 Llama-3.2-1B attention modules
 (16 layers x q/k/v/o: 2048x2048, 512x2048, 512x2048, 2048x2048); {scope}.
 `time ms`: median over `runs` (the dense path: one run, no warm-up). `x (cpp)`: row time / cpp time.
-cpp flops per module: (n_out+n_in) R^2 + 13 R^3 + 2 (n_out+n_in) R r, R = k r.
+cpp flops per module: (n_out+n_in) R^2 + 10/3 R^3 + 6 R^2 r + 2 (n_out+n_in) R r, R = k r; % of the FMA ceiling.
 `rel. err vs dense`: max_module ||B'A' - B_d A_d||_F / ||B_d A_d||_F against the dense path's factors.
 """
     h.report("merge-quick" if args.quick else "merge", "SVD merge: peft dense vs kmerge_fast", headers, rows,

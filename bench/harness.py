@@ -185,11 +185,30 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / min(t.samples) / 1e9
 
 
+def fma_peak(dtype: torch.dtype) -> float | None:
+    """GFLOP/s ceiling of independent vector multiply-adds on all cores (``_C.fma_peak``), or None without the C++ core.
+
+    The "% of peak" columns use it: on some CPUs torch's BLAS runs a narrower
+    code path than the hardware offers (MKL on AMD), so ``matmul_peak`` is not a ceiling.
+    """
+    try:
+        from kmerge_fast import _C
+    except ImportError:
+        return None
+    return max(_C.fma_peak(dtype == torch.float64, 0, 0.2) for _ in range(3))
+
+
+def ceiling(machine: dict, dtype: torch.dtype) -> float:
+    """The machine's GFLOP/s ceiling for ``dtype`` arithmetic: the FMA peak, else the matmul peak."""
+    key = "fp64" if dtype == torch.float64 else "fp32"
+    return machine.get(f"fma_peak_{key}_gflops") or machine[f"peak_{key}_gflops"]
+
+
 _MACHINE: dict | None = None
 
 
 def machine_info() -> dict:
-    """CPU, cores, threads, versions, backends, commit and the measured fp32 / fp64 matmul peak."""
+    """CPU, cores, threads, versions, backends, commit, the measured fp32 / fp64 matmul peak and FMA ceiling."""
     global _MACHINE
     if _MACHINE is None:
         _MACHINE = {
@@ -205,6 +224,9 @@ def machine_info() -> dict:
             "peak_fp32_gflops": round(matmul_peak(torch.float32), 1),
             "peak_fp64_gflops": round(matmul_peak(torch.float64), 1),
         }
+        for dtype, key in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+            peak = fma_peak(dtype)
+            _MACHINE[f"fma_peak_{key}_gflops"] = round(peak, 1) if peak else None
     return _MACHINE
 
 
@@ -213,7 +235,8 @@ def machine_header(m: dict) -> str:
             f"python {m['python']}, torch {m['torch']}, kmerge_fast {m['kmerge_fast']} @ {m['commit']}; "
             f"backends {m['backends']}.\n"
             f"Measured peak (2048^3 torch.matmul, all threads): fp32 {m['peak_fp32_gflops']} GFLOP/s, "
-            f"fp64 {m['peak_fp64_gflops']} GFLOP/s.")
+            f"fp64 {m['peak_fp64_gflops']} GFLOP/s; multiply-add ceiling (_C.fma_peak, all cores): "
+            f"fp32 {m.get('fma_peak_fp32_gflops')} GFLOP/s, fp64 {m.get('fma_peak_fp64_gflops')} GFLOP/s.")
 
 
 # ----------------------------------------------------------------- tables

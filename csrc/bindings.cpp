@@ -22,6 +22,7 @@
 #include "core/dense_stats.h"
 #include "core/gram.h"
 #include "core/parallel.h"
+#include "core/peak.h"
 #include "core/simd.h"
 #include "core/sym_eig.h"
 #include "core/truncate.h"
@@ -480,6 +481,18 @@ PYBIND11_MODULE(_C, m) {
           "float64 row-major, column c for w[c]) of the symmetric n x n float64 row-major matrix at a_ptr\n"
           "(its upper triangle is read). Returns the number of eigenvectors\n"
           "whose inverse iteration did not converge (0 on success).");
+    m.def(
+        "fma_peak",
+        [](bool double_precision, int threads, double seconds) {
+            check_threads(threads);
+            if (!(seconds > 0.0 && seconds <= 60.0)) fail("seconds: must be in (0, 60]");
+            py::gil_scoped_release release;
+            return kmf::fma_peak_gflops(double_precision, threads, seconds);
+        },
+        py::arg("double_precision"), py::arg("threads") = 0, py::arg("seconds") = 0.2,
+        "fma_peak(double_precision, threads=0, seconds=0.2) -> float\n\n"
+        "GFLOP/s (2 per multiply-add) of independent vector multiply-add chains in float64 or float32 on\n"
+        "`threads` threads (0: all): the ceiling of the vector ISA this build targets, for benchmarks.");
     m.def(
         "info",
         []() {

@@ -104,6 +104,16 @@ def test_info():
     assert info["version"] == "0.1.0"
 
 
+def test_fma_peak_measures_the_vector_ceiling():
+    fp64, fp32 = _C.fma_peak(True, 1, 0.05), _C.fma_peak(False, 1, 0.05)
+    assert math.isfinite(fp64) and fp64 > 0.5  # GFLOP/s: any vector unit of this century
+    assert fp32 > 1.5 * fp64  # twice the lanes per vector
+    with pytest.raises(ValueError, match="seconds"):
+        _C.fma_peak(True, 1, 0.0)
+    with pytest.raises(ValueError, match="threads"):
+        _C.fma_peak(True, -1)
+
+
 # ---------------------------------------------------------------- gram
 @pytest.mark.parametrize("precise", [False, True], ids=["fast", "precise"])
 @pytest.mark.parametrize("dtype", IN_DTYPES, ids=ids)
