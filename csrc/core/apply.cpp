@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels.h"
 #include "pack.h"
@@ -62,8 +63,14 @@ void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0,
         const std::int64_t np = (C + NR - 1) / NR;
         for (std::int64_t i0 = k0; i0 < k1; i0 += MR) {
             const std::int64_t ni = std::min<std::int64_t>(MR, k1 - i0);
-            // a[i * R + r] = X(i0 + i, r); rows past ni are zero.
-            pack_row_panels<T>(ap, ldr, task.x, i0, ni, 0, R, s.tmp, std::min<std::int64_t>(MR, k1 - i0 - ni));
+            // a[i * R + r] = X(i0 + i, r), converted straight into place one block
+            // row at a time (a row of the column panel is one run per block); rows past ni are zero.
+            for (std::size_t b = 0; b < task.x.blocks.size(); ++b) {
+                const Mat& m = task.x.blocks[b];
+                for (std::int64_t i = 0; i < ni; ++i)
+                    load_run<T>(ap + i * ldr + task.x.col0[b], m.at(i0 + i, 0), m.dtype, m.cols, m.cs,
+                                static_cast<T>(m.coef));
+            }
             std::fill(ap + ni * ldr, ap + MR * ldr, T(0));
             for (std::int64_t p = 0; p < np; ++p) {
                 const std::int64_t c0 = p * NR, nj = std::min<std::int64_t>(NR, C - c0);
@@ -72,17 +79,34 @@ void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0,
             }
         }
     } else {
-        T* bp = s.b.get<T>(static_cast<std::size_t>(std::max<std::int64_t>(1, R) * NR));
+        // kGroup panels of NR rows of X are packed together: per stacked column r one
+        // run of up to kGroup * NR contiguous values (a row of some A_i) is converted
+        // into a buffer and cut into the panels (b_g[r * NR + j] = X(j0 + g NR + j, r)).
+        constexpr std::int64_t kGroup = 4, GW = kGroup * NR;
+        const std::int64_t ldr = std::max<std::int64_t>(R, 1);
+        T* bp = s.b.get<T>(static_cast<std::size_t>(ldr * GW));
+        T* run = s.tmp.get<T>(static_cast<std::size_t>(GW));
         const std::int64_t nq = (C + MR - 1) / MR;
-        for (std::int64_t j0 = k0; j0 < k1; j0 += NR) {
-            const std::int64_t nj = std::min<std::int64_t>(NR, k1 - j0);
-            // b[r * NR + j] = X(j0 + j, r); j past nj is zero.
-            pack_cols<T>(bp, NR, task.x, j0, nj, 0, R, R, NR, std::min<std::int64_t>(NR, k1 - j0 - nj));
-            for (std::int64_t q = 0; q < nq; ++q) {
-                const std::int64_t c0 = q * MR, ni = std::min<std::int64_t>(MR, C - c0);
-                micro_kernel<T, true>(R, tp + q * MR * R, 0, bp, tile);
-                // tile[i][j] = out(j0 + j, c0 + i)
-                for (std::int64_t i = 0; i < ni; ++i) store_run<T>(out.at_mut(j0, c0 + i), out.dtype, nj, out.rs, tile + i * NR);
+        for (std::int64_t g0 = k0; g0 < k1; g0 += GW) {
+            const std::int64_t ng = std::min<std::int64_t>(GW, k1 - g0);
+            for (std::size_t b = 0; b < task.x.blocks.size(); ++b) {
+                const Mat& m = task.x.blocks[b];
+                for (std::int64_t c = 0; c < m.cols; ++c) {
+                    const std::int64_t r = task.x.col0[b] + c;
+                    load_run<T>(run, m.at(g0, c), m.dtype, ng, m.rs, static_cast<T>(m.coef));
+                    std::fill(run + ng, run + GW, T(0));
+                    for (std::int64_t g = 0; g < kGroup; ++g) std::memcpy(bp + g * ldr * NR + r * NR, run + g * NR, sizeof(T) * NR);
+                }
+            }
+            for (std::int64_t g = 0; g * NR < ng; ++g) {
+                const std::int64_t j0 = g0 + g * NR, nj = std::min<std::int64_t>(NR, ng - g * NR);
+                for (std::int64_t q = 0; q < nq; ++q) {
+                    const std::int64_t c0 = q * MR, ni = std::min<std::int64_t>(MR, C - c0);
+                    micro_kernel<T, true>(R, tp + q * MR * R, 0, bp + g * ldr * NR, tile);
+                    // tile[i][j] = out(j0 + j, c0 + i)
+                    for (std::int64_t i = 0; i < ni; ++i)
+                        store_run<T>(out.at_mut(j0, c0 + i), out.dtype, nj, out.rs, tile + i * NR);
+                }
             }
         }
     }
