@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from kmerge_fast.ops import cpu, gram_svd
+from kmerge_fast.ops.cpu import _mat as mat  # (ptr, dtype, rows, cols, row_stride, col_stride, coef)
 
 _C = pytest.importorskip("kmerge_fast._C")
 
-CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 EPS = torch.finfo(torch.float64).eps
 
 
@@ -104,14 +104,6 @@ def test_sym_eig_bad_arguments():
 
 
 # ---------------------------------------------------------------- truncate
-def mat(t: torch.Tensor, coef: float = 1.0, transpose: bool = False) -> tuple:
-    rows, cols = t.shape
-    rs, cs = t.stride()
-    if transpose:
-        rows, cols, rs, cs = cols, rows, cs, rs
-    return (t.data_ptr(), CODES[t.dtype], rows, cols, rs, cs, float(coef))
-
-
 def truncate(terms: list[tuple[torch.Tensor, torch.Tensor, float]], rank: int, dtype=torch.float64, threads: int = 0):
     """_C.truncate of one module sum_i c_i B_i A_i: (A', B', route)."""
     (route,), (a, b) = truncate_many([terms], rank, dtype, threads)

@@ -30,28 +30,4 @@ inline double dot(const double* __restrict a, const double* __restrict b, std::i
     return sum;
 }
 
-/// Returns sum_l a[l] v[l] and adds s a[l] to p[l], l < m: one pass over a
-/// for both halves of a symmetric matrix-vector product.
-inline double dot_axpy(const double* __restrict a, const double* __restrict v, double* __restrict p, double s,
-                       std::int64_t m) {
-    using V = Simd<double>::V;
-    constexpr int L = Simd<double>::L;
-    V acc0{}, acc1{};
-    const V sv = V{} + s;
-    std::int64_t l = 0;
-    for (; l + 2 * L <= m; l += 2 * L) {
-        const V a0 = vload<V>(a + l), a1 = vload<V>(a + l + L);
-        acc0 += a0 * vload<V>(v + l);
-        acc1 += a1 * vload<V>(v + l + L);
-        vstore(p + l, vload<V>(p + l) + a0 * sv);
-        vstore(p + l + L, vload<V>(p + l + L) + a1 * sv);
-    }
-    double sum = hsum(acc0 + acc1);
-    for (; l < m; ++l) {
-        sum += a[l] * v[l];
-        p[l] += s * a[l];
-    }
-    return sum;
-}
-
 }  // namespace kmf

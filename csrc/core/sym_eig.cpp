@@ -337,7 +337,7 @@ struct InverseIteration {
             for (std::int64_t i = 0; i < n; ++i) nrm = std::max(nrm, std::fabs(y[i]));
             if (!(nrm < dtpcrt()) && ++checks >= kExtra + 1) converged = true;
         }
-        normalise(y.data(), 1, 0, out);
+        normalise(y.data(), out);
         return converged ? 0 : 1;
     }
 
@@ -417,7 +417,7 @@ struct InverseIteration {
                 if (!(nrm[q] < dtpcrt()) && ++checks[q] >= kExtra + 1) {
                     done[q] = true;
                     for (std::int64_t i = 0; i < n; ++i) out[i] = y[i][q];
-                    normalise(out.data(), 1, 0, z + idx[q] * n);
+                    normalise(out.data(), z + idx[q] * n);
                 }
                 all = all && done[q];
             }
@@ -428,14 +428,14 @@ struct InverseIteration {
             if (done[q]) continue;
             ++failures;
             for (std::int64_t i = 0; i < n; ++i) out[i] = y[i][q];
-            normalise(out.data(), 1, 0, z + idx[q] * n);
+            normalise(out.data(), z + idx[q] * n);
         }
         return failures;
     }
 
-    /// out = y / ||y||_2 with its largest entry made positive (y: n values at stride `stride`, offset `off`).
-    void normalise(const double* y, std::int64_t stride, std::int64_t off, double* out) const {
-        for (std::int64_t i = 0; i < n; ++i) out[i] = y[i * stride + off];
+    /// out = y / ||y||_2 (n values) with its largest entry made positive; out may be y.
+    void normalise(const double* y, double* out) const {
+        for (std::int64_t i = 0; i < n; ++i) out[i] = y[i];
         double s = 1.0 / norm2(out, n);
         std::int64_t imax = 0;
         for (std::int64_t i = 1; i < n; ++i)

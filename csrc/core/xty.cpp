@@ -6,6 +6,23 @@
 #include "kernels.h"
 
 namespace kmf {
+namespace {
+
+/// The k-major panels of width W of a row-major kd x cols matrix: panel p
+/// holds columns [p W, p W + W) as dst[p W kd + k W + j], zero-padded past cols.
+void pack_panels(double* dst, const double* src, std::int64_t ld, std::int64_t kd, std::int64_t cols, std::int64_t width) {
+    for (std::int64_t p = 0; p * width < cols; ++p) {
+        const std::int64_t j0 = p * width, nj = std::min<std::int64_t>(width, cols - j0);
+        double* d = dst + p * width * kd;
+        for (std::int64_t k = 0; k < kd; ++k) {
+            const double* row = src + k * ld + j0;
+            std::copy(row, row + nj, d + k * width);
+            std::fill(d + k * width + nj, d + (k + 1) * width, 0.0);
+        }
+    }
+}
+
+}  // namespace
 
 void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
          std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
@@ -14,30 +31,8 @@ void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::
     double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
     double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
     double* tile = wk.tile.get<double>(MR * NR);
-    for (std::int64_t q = 0; q < nq; ++q) {
-        const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
-        double* dst = ap + q * MR * kd;
-        for (std::int64_t k = 0; k < kd; ++k) {
-            const double* src = x + k * ldx + i0;
-            if (ni == MR) {
-                std::copy(src, src + MR, dst + k * MR);
-            } else {
-                for (std::int64_t i = 0; i < MR; ++i) dst[k * MR + i] = i < ni ? src[i] : 0.0;
-            }
-        }
-    }
-    for (std::int64_t p = 0; p < np; ++p) {
-        const std::int64_t j0 = p * NR, nj = std::min<std::int64_t>(NR, n - j0);
-        double* dst = bp + p * NR * kd;
-        for (std::int64_t k = 0; k < kd; ++k) {
-            const double* src = y + k * ldy + j0;
-            if (nj == NR) {
-                std::copy(src, src + NR, dst + k * NR);
-            } else {
-                for (std::int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < nj ? src[j] : 0.0;
-            }
-        }
-    }
+    pack_panels(ap, x, ldx, kd, m, MR);
+    pack_panels(bp, y, ldy, kd, n, NR);
     for (std::int64_t q = 0; q < nq; ++q) {
         const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
         for (std::int64_t p = 0; p < np; ++p) {
