@@ -48,5 +48,4 @@ struct GramSvdWork {
 /// One module, on the calling thread; sets t.route.
 void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk);
 
-
 }  // namespace kmf

@@ -12,13 +12,15 @@ namespace kmf {
 /// by LAPACK dsyevx's method:
 ///
 ///   1. (constructor) Householder reduction A = Q T Q^T to a tridiagonal T,
-///      2/3 n^3 multiply-adds;
+///      2/3 n^3 multiply-adds, in panels whose trailing updates (half the
+///      work) run on the shared micro-kernel;
 ///   2. (top_values) bisection on Sturm counts of T for the k largest
 ///      eigenvalues, each to an absolute accuracy of a few eps ||T||;
 ///   3. (vectors) inverse iteration on T for their eigenvectors, O(n) per
 ///      solve, with modified Gram-Schmidt inside clusters of close
 ///      eigenvalues (gap below 1e-3 ||T||_1), so tied and clustered
-///      eigenvalues still get orthonormal vectors; then back-transformation
+///      eigenvalues still get orthonormal vectors (the first vector of each
+///      cluster needs none: those go SIMD-lane-parallel); then back-transformation
 ///      by the reflectors of step 1, n^2 k multiply-adds.
 ///
 /// The matrix is scaled by a power of two first (exact), so every tolerance

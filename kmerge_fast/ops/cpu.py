@@ -24,7 +24,7 @@ from .gram_svd import core_transforms
 NAME = "cpp"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-#: ``_C.gram_svd``'s route codes.
+#: ``_C.truncate``'s route codes (per module: Cholesky route, eigen route, not settled).
 ROUTE_CHOLESKY, ROUTE_EIGEN, ROUTE_FAILED = 0, 1, 2
 
 try:
