@@ -23,19 +23,21 @@ constexpr std::int64_t kRowBlock = 256;  // rows of X per work item
 template <typename T>
 struct Prepared {
     bool col_mode = false;
-    Scratch tp;  // packed T
+    const T* tp = nullptr;  // packed T
 };
 
-/// Packs T (R x C float64) as row panels over c (row mode: tp[p][r * NR + j])
-/// or as k-major MR panels over c (column mode: tp[q][r * MR + i]).
+/// Packs T (R x C float64) into storage as row panels over c (row mode:
+/// tp[p][r * NR + j]) or as k-major MR panels over c (column mode: tp[q][r * MR + i]).
 template <typename T>
-void prepare(const ApplyTask& task, Prepared<T>& prep) {
+Prepared<T> prepare(const ApplyTask& task, Scratch& storage) {
     constexpr int MR = TileShape<T>::MR, NR = TileShape<T>::NR;
     const std::int64_t R = task.x.cols, C = task.c;
+    Prepared<T> prep;
     prep.col_mode = !task.x.rows_contiguous() && task.x.cols_contiguous();
     const std::int64_t W = prep.col_mode ? MR : NR;
     const std::int64_t np = (C + W - 1) / W;
-    T* tp = prep.tp.template get<T>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * W * R)));
+    T* tp = storage.template get<T>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * W * R)));
+    prep.tp = tp;
     for (std::int64_t p = 0; p < np; ++p) {
         T* d = tp + p * W * R;
         const std::int64_t c0 = p * W, n = std::min<std::int64_t>(W, C - c0);
@@ -44,18 +46,15 @@ void prepare(const ApplyTask& task, Prepared<T>& prep) {
             for (std::int64_t j = n; j < W; ++j) d[r * W + j] = T(0);
         }
     }
+    return prep;
 }
 
-struct Scratches {
-    Scratch a, b, tmp, tile;
-};
-
 template <typename T>
-void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0, std::int64_t k1, Scratches& s) {
+void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0, std::int64_t k1, ApplyWork& s) {
     constexpr int MR = TileShape<T>::MR, NR = TileShape<T>::NR;
     const std::int64_t R = task.x.cols, C = task.c;
     const Mat& out = task.out;
-    const T* tp = prep.tp.template data<T>();
+    const T* tp = prep.tp;
     T* tile = s.tile.get<T>(MR * NR);
     if (!prep.col_mode) {
         const std::int64_t ldr = std::max<std::int64_t>(R, 1);
@@ -122,22 +121,39 @@ void apply_impl(const std::vector<ApplyTask>& tasks, int threads) {
     double work = 0.0;
     for (const ApplyTask& t : tasks) work += double(t.x.rows) * double(t.x.cols + 1) * double(t.c);
     threads = threads_for_work(threads, work);
+    std::vector<Scratch> storage(tasks.size());
     std::vector<Prepared<T>> prep(tasks.size());
-    parallel_for(static_cast<std::int64_t>(tasks.size()), threads,
-                 [&](std::int64_t i, int) { prepare<T>(tasks[static_cast<std::size_t>(i)], prep[static_cast<std::size_t>(i)]); });
+    parallel_for(static_cast<std::int64_t>(tasks.size()), threads, [&](std::int64_t i, int) {
+        const std::size_t t = static_cast<std::size_t>(i);
+        prep[t] = prepare<T>(tasks[t], storage[t]);
+    });
     std::vector<Item> items;
     for (std::size_t ti = 0; ti < tasks.size(); ++ti) {
         const std::int64_t K = tasks[ti].c > 0 ? tasks[ti].x.rows : 0;  // C = 0: nothing to write
         for (std::int64_t k0 = 0; k0 < K; k0 += kRowBlock) items.push_back({ti, k0, std::min(K, k0 + kRowBlock)});
     }
-    std::vector<Scratches> scratch(static_cast<std::size_t>(num_workers(threads, static_cast<std::int64_t>(items.size()))));
+    std::vector<ApplyWork> scratch(static_cast<std::size_t>(num_workers(threads, static_cast<std::int64_t>(items.size()))));
     parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t n, int w) {
         const Item& it = items[static_cast<std::size_t>(n)];
         apply_rows<T>(tasks[it.task], prep[it.task], it.k0, it.k1, scratch[static_cast<std::size_t>(w)]);
     });
 }
 
+template <typename T>
+void apply_whole(const ApplyTask& task, ApplyWork& work) {
+    if (task.c <= 0) return;  // nothing to write
+    const Prepared<T> prep = prepare<T>(task, work.tp);
+    apply_rows<T>(task, prep, 0, task.x.rows, work);
+}
+
 }  // namespace
+
+void apply_one(const ApplyTask& task, bool precise, ApplyWork& work) {
+    if (precise)
+        apply_whole<double>(task, work);
+    else
+        apply_whole<float>(task, work);
+}
 
 void apply(const std::vector<ApplyTask>& tasks, bool precise, int threads) {
     if (precise)

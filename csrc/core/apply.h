@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "mat.h"
+#include "parallel.h"
 
 namespace kmf {
 
@@ -21,5 +22,13 @@ struct ApplyTask {
 /// rounding to the output dtype (nearest even). Parallel over tasks and row
 /// blocks of each task.
 void apply(const std::vector<ApplyTask>& tasks, bool precise, int threads);
+
+/// The packed T and panels of one thread's apply calls, reused across calls.
+struct ApplyWork {
+    Scratch tp, a, b, tmp, tile;
+};
+
+/// One task on the calling thread with the caller's buffers (the same result as apply()).
+void apply_one(const ApplyTask& task, bool precise, ApplyWork& work);
 
 }  // namespace kmf

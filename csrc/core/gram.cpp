@@ -15,10 +15,6 @@
 namespace kmf {
 namespace {
 
-struct Scratches {
-    Scratch a, b, tmp, tile;
-};
-
 /// Rows per K-chunk: the float32 accumulation bound for float; for double only
 /// a cache-blocking choice (the packed panels of a chunk stay in L1 / L2).
 template <typename T>
@@ -39,7 +35,7 @@ std::int64_t row_panel_cost(const Stack& s) { return s.rows_contiguous() ? 0 : s
 /// to its own zeroed slot out + c * chunk_stride, for a split task.
 template <typename T>
 void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out_base, std::int64_t chunk_stride,
-                Scratches& s) {
+                GramWork& s) {
     constexpr int MR = TileShape<T>::MR, NR = TileShape<T>::NR;
     const std::int64_t R2 = t.y.cols;
     // The vector operand B should pack without a transpose (rows contiguous);
@@ -112,6 +108,16 @@ void mirror_upper(double* g, std::int64_t r) {
         for (std::int64_t j = 0; j < i; ++j) g[i * r + j] = g[j * r + i];
 }
 
+/// All of task t into t.out.
+template <typename T>
+void gram_whole(const GramTask& t, GramWork& s) {
+    const std::int64_t r1 = t.x.cols, size = r1 * t.y.cols;
+    if (size == 0) return;
+    std::fill(t.out, t.out + size, 0.0);
+    gram_range<T>(t, 0, t.x.rows, t.out, 0, s);
+    if (t.symmetric) mirror_upper(t.out, r1);
+}
+
 struct Item {
     std::size_t task;
     std::int64_t kb, ke;
@@ -158,19 +164,17 @@ void gram_impl(const std::vector<GramTask>& tasks, int threads) {
     };
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return cost(items[a]) > cost(items[b]); });
 
-    std::vector<Scratches> scratch(static_cast<std::size_t>(num_workers(threads, static_cast<std::int64_t>(items.size()))));
+    std::vector<GramWork> scratch(static_cast<std::size_t>(num_workers(threads, static_cast<std::int64_t>(items.size()))));
     parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t n, int w) {
         const Item& it = items[order[static_cast<std::size_t>(n)]];
         const GramTask& t = tasks[it.task];
-        const std::int64_t r1 = t.x.cols, size = r1 * t.y.cols;
+        const std::int64_t size = t.x.cols * t.y.cols;
         std::vector<double>& slot = slots[it.task];
         if (!slot.empty()) {
             gram_range<T>(t, it.kb, it.ke, slot.data(), size, scratch[static_cast<std::size_t>(w)]);
             return;
         }
-        std::fill(t.out, t.out + size, 0.0);
-        gram_range<T>(t, it.kb, it.ke, t.out, 0, scratch[static_cast<std::size_t>(w)]);
-        if (t.symmetric) mirror_upper(t.out, r1);
+        gram_whole<T>(t, scratch[static_cast<std::size_t>(w)]);
     });
     for (std::size_t ti = 0; ti < tasks.size(); ++ti) {
         if (slots[ti].empty()) continue;
@@ -186,6 +190,13 @@ void gram_impl(const std::vector<GramTask>& tasks, int threads) {
 }
 
 }  // namespace
+
+void gram_one(const GramTask& task, bool precise, GramWork& work) {
+    if (precise)
+        gram_whole<double>(task, work);
+    else
+        gram_whole<float>(task, work);
+}
 
 void gram(const std::vector<GramTask>& tasks, bool precise, int threads) {
     if (precise)

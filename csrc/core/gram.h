@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "mat.h"
+#include "parallel.h"
 
 namespace kmf {
 
@@ -22,6 +23,15 @@ struct GramTask {
 /// accumulated in double. Otherwise float32 accumulation inside K-chunks of at
 /// most kGramChunk rows, each chunk's result added into the float64 output.
 void gram(const std::vector<GramTask>& tasks, bool precise, int threads);
+
+/// Packed panels and the tile of one thread's Gram calls, reused across calls.
+struct GramWork {
+    Scratch a, b, tmp, tile;
+};
+
+/// One task on the calling thread with the caller's buffers; the same result,
+/// bit for bit, as gram() on any number of threads.
+void gram_one(const GramTask& task, bool precise, GramWork& work);
 
 /// Rows per K-chunk (fast mode accumulates at most this many products in float32).
 constexpr int kGramChunk = 256;

@@ -16,16 +16,17 @@
 namespace kmf {
 namespace {
 
-/// Ga = L L^T (row-major L, its upper triangle zeroed); false if a pivot is
-/// not positive (Ga not numerically positive definite). Computed as U = L^T
-/// in row-major upper storage, right-looking in panels of kPanel rows: a
-/// panel is factored with row operations, then the trailing block takes the
+/// Ga = L L^T with U = L^T (both row-major R x R; the zero triangles are
+/// written as zeros); false if a pivot is not positive (Ga not numerically
+/// positive definite). Right-looking on U in panels of kPanel rows: a panel
+/// is factored with row operations, then the trailing block takes the
 /// rank-kPanel update A22 -= U12^T U12 on the micro-kernel.
-bool cholesky(std::int64_t n, const double* g, double* l, GramSvdWork& wk) {
+bool cholesky(std::int64_t n, const double* g, double* u, double* l, GramSvdWork& wk) {
     constexpr std::int64_t kPanel = 32;
-    double* u = wk.u.get<double>(static_cast<std::size_t>(n * n));
-    for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t j = i; j < n; ++j) u[i * n + j] = g[i * n + j];
+    for (std::int64_t i = 0; i < n; ++i) {
+        std::fill(u + i * n, u + i * n + i, 0.0);
+        std::copy(g + i * n + i, g + (i + 1) * n, u + i * n + i);
+    }
     for (std::int64_t k0 = 0; k0 < n; k0 += kPanel) {
         const std::int64_t k1 = std::min(n, k0 + kPanel);
         for (std::int64_t k = k0; k < k1; ++k) {
@@ -45,25 +46,56 @@ bool cholesky(std::int64_t n, const double* g, double* l, GramSvdWork& wk) {
             xty(k1 - k0, m, m, u + k0 * n + k1, n, u + k0 * n + k1, n, u + k1 * n + k1, n,
                 {false, false, true, true}, wk.xty);
     }
-    for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t j = 0; j < n; ++j) l[i * n + j] = j <= i ? u[j * n + i] : 0.0;
+    // L = U^T, in square blocks so both sides stay in cache lines.
+    constexpr std::int64_t kB = 8;
+    for (std::int64_t i0 = 0; i0 < n; i0 += kB)
+        for (std::int64_t j0 = 0; j0 < n; j0 += kB)
+            for (std::int64_t i = i0; i < std::min(n, i0 + kB); ++i)
+                for (std::int64_t j = j0; j < std::min(n, j0 + kB); ++j) l[i * n + j] = u[j * n + i];
     return true;
 }
 
 /// The kk leading eigenvectors of the symmetric k_mat (n x n, upper triangle
 /// read) into w (n x ldw, columns 0..kk); false if inverse iteration failed.
-bool leading_vectors(std::int64_t n, const double* k_mat, std::int64_t kk, double* w, std::int64_t ldw) {
-    SymEig eig(n, k_mat, n);
+bool leading_vectors(std::int64_t n, const double* k_mat, std::int64_t kk, double* w, std::int64_t ldw,
+                     SymEigWork& ew) {
+    SymEig eig(n, k_mat, n, &ew);
     std::vector<double> values(static_cast<std::size_t>(kk));
     eig.top_values(kk, values.data());
     return eig.vectors(kk, values.data(), w, ldw) == 0;
+}
+
+/// X = U^{-1} W in place for upper triangular U (n x n) and W (n x c, row
+/// stride ldw): back substitution in blocks of kBlock rows from the bottom;
+/// each block first takes the solved rows below it, W_b -= U_b,below X_below
+/// (xty, whose X operand is L = U^T), then solves its diagonal block.
+void upper_solve(std::int64_t n, const double* u, const double* l, double* w, std::int64_t c, std::int64_t ldw,
+                 XtyWork& xw) {
+    constexpr std::int64_t kBlock = 32;
+    for (std::int64_t b1 = n; b1 > 0; b1 -= kBlock) {
+        const std::int64_t b0 = std::max<std::int64_t>(0, b1 - kBlock);
+        if (b1 < n)
+            xty(n - b1, b1 - b0, c, l + b1 * n + b0, n, w + b1 * ldw, ldw, w + b0 * ldw, ldw,
+                {false, false, false, true}, xw);
+        for (std::int64_t i = b1 - 1; i >= b0; --i) {
+            double* __restrict xi = w + i * ldw;
+            for (std::int64_t k = i + 1; k < b1; ++k) {
+                const double uik = u[i * n + k];
+                const double* xk = w + k * ldw;
+                for (std::int64_t q = 0; q < c; ++q) xi[q] -= uik * xk[q];
+            }
+            const double inv = 1.0 / u[i * n + i];
+            for (std::int64_t q = 0; q < c; ++q) xi[q] *= inv;
+        }
+    }
 }
 
 /// Cholesky route; false if Cholesky or the orthonormality check rejects the module.
 bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r, kk = std::min(rank, R);
     double* l = wk.l.get<double>(static_cast<std::size_t>(R * R));
-    if (!cholesky(R, t.ga, l, wk)) return false;
+    double* lt = wk.lt.get<double>(static_cast<std::size_t>(R * R));
+    if (!cholesky(R, t.ga, lt, l, wk)) return false;
     // K = L^T (Gb L): only the upper triangle, which is all SymEig reads.
     double* u = wk.u.get<double>(static_cast<std::size_t>(R * R));
     double* k_mat = wk.k.get<double>(static_cast<std::size_t>(R * R));
@@ -71,28 +103,11 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     xty(R, R, R, l, R, u, R, k_mat, R, {true, false, true}, wk.xty);      // L^T U
     double* w = wk.w.get<double>(static_cast<std::size_t>(R * rank));
     std::fill(w, w + R * rank, 0.0);
-    if (!leading_vectors(R, k_mat, kk, w, rank)) return false;
-    // T_B = L W; T_A = L^{-T} W by back substitution (row i of L holds column i of L^T).
-    std::fill(t.t_b, t.t_b + R * rank, 0.0);
-    for (std::int64_t i = 0; i < R; ++i) {
-        double* __restrict out = t.t_b + i * rank;
-        for (std::int64_t k = 0; k <= i; ++k) {
-            const double lik = l[i * R + k];
-            const double* wk_row = w + k * rank;
-            for (std::int64_t c = 0; c < kk; ++c) out[c] += lik * wk_row[c];
-        }
-    }
+    if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig)) return false;
+    // T_B = L W = (L^T)^T W; T_A = L^{-T} W.
+    xty(R, R, rank, lt, R, w, rank, t.t_b, rank, {false, false, false, false, true}, wk.xty);
     std::copy(w, w + R * rank, t.t_a);
-    for (std::int64_t i = R - 1; i >= 0; --i) {
-        double* __restrict xi = t.t_a + i * rank;
-        const double inv = 1.0 / l[i * R + i];
-        for (std::int64_t c = 0; c < kk; ++c) xi[c] *= inv;
-        for (std::int64_t k = 0; k < i; ++k) {
-            const double lik = l[i * R + k];
-            double* __restrict xk = t.t_a + k * rank;
-            for (std::int64_t c = 0; c < kk; ++c) xk[c] -= lik * xi[c];
-        }
-    }
+    upper_solve(R, lt, l, t.t_a, rank, rank, wk.xty);
     // The check: A' A'^T = T_A^T Ga T_A = I on the kk live columns (the rest are zero).
     double* g1 = wk.g1.get<double>(static_cast<std::size_t>(R * rank));
     double* chk = wk.chk.get<double>(static_cast<std::size_t>(rank * rank));
@@ -110,7 +125,7 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
 /// Eigen route; false if an eigenproblem failed.
 bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r;
-    SymEig eig_a(R, t.ga, R);
+    SymEig eig_a(R, t.ga, R);  // its own buffers: leading_vectors below uses wk.eig
     std::vector<double> la(static_cast<std::size_t>(R));
     eig_a.top_values(R, la.data());
     const double cut = kRankTol * std::max(la[0], 0.0);
@@ -131,7 +146,7 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     xty(R, nk, nk, s, nk, u, nk, k_mat, nk, {false, false, true}, wk.xty);
     const std::int64_t kk = std::min(rank, nk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(nk * kk));
-    if (!leading_vectors(nk, k_mat, kk, w, kk)) return false;
+    if (!leading_vectors(nk, k_mat, kk, w, kk, wk.eig)) return false;
     for (std::int64_t i = 0; i < R; ++i) {
         double* __restrict tb = t.t_b + i * rank;
         double* __restrict ta = t.t_a + i * rank;

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "sym_eig.h"
 #include "xty.h"
 
 namespace kmf {
@@ -37,7 +38,8 @@ constexpr double kOrthTol = 1e-6;
 /// Per-thread workspace of gram_svd_one, reused across modules.
 struct GramSvdWork {
     XtyWork xty;
-    Scratch l, k, u, w, g1, chk;
+    SymEigWork eig;
+    Scratch l, lt, k, u, w, g1, chk;
 };
 
 /// Cholesky route: Ga = L L^T, K = L^T Gb L = W S^2 W^T (leading rank

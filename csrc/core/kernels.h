@@ -5,7 +5,9 @@
 // b is a packed row panel (b[k * NR + j]); a is either a packed row panel
 // (a[k * lda + i], "k-major"; lda = 0 means MR) or column panel (a[i * lda + k]). The MR x NV
 // accumulator vectors stay in registers across the k loop: each step loads NV
-// vectors of b, broadcasts MR scalars of a, and issues MR * NV FMAs.
+// vectors of b, broadcasts MR scalars of a, and issues MR * NV FMAs. The tile
+// goes to a buffer, or straight into (added to, subtracted from) the output
+// when the output has the tile's type and the tile lies wholly inside it.
 #pragma once
 
 #include <cstdint>
@@ -30,9 +32,14 @@ struct TileShape {
 #define KMF_UNROLL
 #endif
 
-template <typename T, bool AKMajor>
+/// How a micro-kernel leaves its MR x NR result in c (row stride ldc):
+/// c = tile, c += tile, or c -= tile (one vector load / op / store per row
+/// piece, so adding a finished tile rounds exactly as the scalar c[j] += t[j]).
+enum class TileOut { kStore, kAdd, kSubtract };
+
+template <typename T, bool AKMajor, TileOut Out = TileOut::kStore>
 inline void micro_kernel(std::int64_t kc, const T* __restrict a, std::int64_t lda, const T* __restrict b,
-                         T* __restrict tile) {
+                         T* __restrict c, std::int64_t ldc = TileShape<T>::NR) {
     using V = typename Simd<T>::V;
     constexpr int MR = TileShape<T>::MR, NV = TileShape<T>::NV, L = TileShape<T>::L, NR = TileShape<T>::NR;
     V acc[MR][NV];
@@ -46,8 +53,15 @@ inline void micro_kernel(std::int64_t kc, const T* __restrict a, std::int64_t ld
             KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
         }
     }
-    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v)
-        vstore(tile + i * NR + v * L, acc[i][v]);
+    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v) {
+        T* ci = c + i * ldc + v * L;
+        if constexpr (Out == TileOut::kAdd)
+            vstore(ci, vload<V>(ci) + acc[i][v]);
+        else if constexpr (Out == TileOut::kSubtract)
+            vstore(ci, vload<V>(ci) - acc[i][v]);
+        else
+            vstore(ci, acc[i][v]);
+    }
 }
 
 }  // namespace kmf

@@ -141,17 +141,17 @@ void subtract_panel(double* x, std::int64_t q, const double* cv, const double* c
 /// the panel, the trailing block takes all of them at once,
 /// A -= [V; W]^T [W; V] (xty on the micro-kernel, half the flops).
 /// Requires lda >= n + L - 1 with zero columns from n on.
-void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, double* e, double* tau) {
+void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, double* e, double* tau, SymEigWork& wk) {
     if (n == 0) return;
     constexpr std::int64_t kPanel = 16;
     // Rows of lda doubles, indexed by absolute column, zero outside their support:
     // V (kPanel rows), W (kPanel rows), V again, so [V; W] and [W; V] are contiguous.
-    Scratch vwv_buf, p_buf;  // 64-byte aligned, as a's rows (lda is a multiple of L)
-    double* vwv = vwv_buf.get<double>(static_cast<std::size_t>(3 * kPanel * lda));
-    double* p = p_buf.get<double>(static_cast<std::size_t>(lda));
+    // 64-byte aligned, as a's rows (lda is a multiple of L).
+    double* vwv = wk.vwv.get<double>(static_cast<std::size_t>(3 * kPanel * lda));
+    double* p = wk.p.get<double>(static_cast<std::size_t>(lda));
     double* vs = vwv;
     double* ws = vs + kPanel * lda;
-    XtyWork xw;
+    XtyWork& xw = wk.xty;
     double cv[kPanel], cw[kPanel];
     const std::int64_t steps = n - 1;
     for (std::int64_t j0 = 0; j0 < steps; j0 += kPanel) {
@@ -345,11 +345,12 @@ struct InverseIteration {
     /// per SIMD lane: the LU factorisation's pivoting becomes a per-lane
     /// select, and each solve multiplies by precomputed reciprocal pivots.
     /// Writes row idx[q] of z for lane q; returns the number not converged.
-    int lanes(const std::int64_t* idx, std::size_t count, const double* shifts, double* z) const {
+    int lanes(const std::int64_t* idx, std::size_t count, const double* shifts, double* z, Scratch& buf) const {
         V x{};
         for (int q = 0; q < L; ++q) x[q] = shifts[idx[std::min<std::size_t>(q, count - 1)]];
-        std::vector<V> u0(n), u1(n), u2(n), mult(n), rinv(n), y(n);
-        std::vector<V> swapped(n);  // 1 where rows k, k + 1 were interchanged
+        V* u0 = buf.get<V>(static_cast<std::size_t>(7 * n));
+        V *u1 = u0 + n, *u2 = u1 + n, *mult = u2 + n, *rinv = mult + n, *y = rinv + n;
+        V* swapped = y + n;  // 1 where rows k, k + 1 were interchanged
         // dlagtf, lane-parallel (piv2 <= piv1 compared without dividing).
         V ak = d[0] - x, bk = V{} + (n > 1 ? e[0] : 0.0);
         V scale1 = vabs(ak) + vabs(bk);
@@ -374,7 +375,7 @@ struct InverseIteration {
             scale1 = keep ? scale2 : scale1;
             ak = a_next;
         }
-        u0[n - 1] = ak;
+        u0[n - 1] = ak, u1[n - 1] = V{}, u2[n - 1] = V{}, mult[n - 1] = V{}, swapped[n - 1] = V{};
         // dlagts' perturbation of zero pivots: tol = eps max |U|, per lane.
         V tol{};
         for (std::int64_t k = 0; k < n; ++k) tol = vmax(tol, vmax(vabs(u0[k]), vmax(vabs(u1[k]), vabs(u2[k]))));
@@ -447,18 +448,18 @@ struct InverseIteration {
 
 }  // namespace
 
-SymEig::SymEig(std::int64_t n, const double* a, std::int64_t lda)
-    : n_(n), lda_((n + 2 * L - 2) / L * L), d_(static_cast<std::size_t>(n)),
+SymEig::SymEig(std::int64_t n, const double* a, std::int64_t lda, SymEigWork* work)
+    : n_(n), lda_((n + 2 * L - 2) / L * L), wk_(work ? work : &own_), d_(static_cast<std::size_t>(n)),
       e_(static_cast<std::size_t>(std::max<std::int64_t>(n - 1, 0))),
       tau_(static_cast<std::size_t>(std::max<std::int64_t>(n - 1, 0))) {
     // The upper triangle, scaled by a power of two, into zero-padded rows (see tridiagonalize).
     const double scale = scale_for(n, a, lda);
-    a_ = a_buf_.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(n * lda_, 1)));
+    a_ = wk_->a.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(n * lda_, 1)));
     std::fill(a_, a_ + n * lda_, 0.0);
     for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = i; j < n; ++j) a_[i * lda_ + j] = a[i * lda + j] * scale;
     scale_ = scale;
-    tridiagonalize(n, a_, lda_, d_.data(), e_.data(), tau_.data());
+    tridiagonalize(n, a_, lda_, d_.data(), e_.data(), tau_.data(), *wk_);
 }
 
 void SymEig::top_values(std::int64_t k, double* w) const {
@@ -554,17 +555,17 @@ int SymEig::vectors(std::int64_t k, const double* w, double* v, std::int64_t ldv
         shift[c] = x;
     }
     // z: the k eigenvectors of T, one contiguous row each (z[c * n + i]).
-    std::vector<double> z(static_cast<std::size_t>(k * n));
+    double* z = wk_->z.get<double>(static_cast<std::size_t>(k * n));
     int failures = 0;
     // 1. The first member of each cluster needs no reorthogonalisation: L at a time, one per SIMD lane.
     std::vector<std::int64_t> heads;
     for (std::int64_t c = 0; c < k; ++c)
         if (head[c] == c) heads.push_back(c);
     for (std::size_t g = 0; g < heads.size(); g += L)
-        failures += inv.lanes(heads.data() + g, std::min<std::size_t>(L, heads.size() - g), shift.data(), z.data());
+        failures += inv.lanes(heads.data() + g, std::min<std::size_t>(L, heads.size() - g), shift.data(), z, wk_->lanes);
     // 2. The other members one at a time, against the members before them (dstein).
     for (std::int64_t c = 0; c < k; ++c)
-        if (head[c] < c) failures += inv.single(c, shift[c], z.data() + head[c] * n, c - head[c], z.data() + c * n);
+        if (head[c] < c) failures += inv.single(c, shift[c], z + head[c] * n, c - head[c], z + c * n);
 
     // Back-transformation x = H_0 H_1 ... H_{n-3} z, the last reflector first,
     // on the row-major n x k block v.

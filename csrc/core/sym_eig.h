@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "xty.h"
 
 namespace kmf {
 
@@ -25,11 +26,22 @@ namespace kmf {
 ///
 /// The matrix is scaled by a power of two first (exact), so every tolerance
 /// is relative to its largest entry and nothing over- or underflows.
+/// Buffers of one thread's SymEig calls, reused across matrices (a fresh
+/// half-megabyte per module would come back as page faults).
+struct SymEigWork {
+    Scratch a, vwv, p, z, lanes;
+    XtyWork xty;
+};
+
 class SymEig {
 public:
     /// a: row-major, lda >= n; only the upper triangle (column >= row) is
     /// read, into a copy (the reduction works there). Entries must be finite.
-    SymEig(std::int64_t n, const double* a, std::int64_t lda);
+    /// work: the caller's buffers (kept alive and unshared while this object
+    /// is used); null: the object's own.
+    SymEig(std::int64_t n, const double* a, std::int64_t lda, SymEigWork* work = nullptr);
+    SymEig(const SymEig&) = delete;
+    SymEig& operator=(const SymEig&) = delete;
 
     /// The k largest eigenvalues (0 <= k <= n) into w, descending.
     void top_values(std::int64_t k, double* w) const;
@@ -44,7 +56,8 @@ public:
 private:
     std::int64_t n_;
     std::int64_t lda_;            // row stride of a_: n + L - 1 or more, rounded to whole vectors
-    Scratch a_buf_;               // 64-byte aligned storage of a_
+    SymEigWork own_;              // used when the caller passes no work
+    SymEigWork* wk_;
     double* a_ = nullptr;         // the scaled upper triangle, then the reflectors
     double scale_ = 1.0;          // T = Q^T (scale_ A) Q
     std::vector<double> d_, e_;   // diagonal (n) and off-diagonal (n - 1) of T

@@ -13,9 +13,12 @@
 namespace kmf {
 namespace {
 
+/// One thread's buffers, reused across its modules.
 struct Worker {
     Scratch gb, ga, t_b, t_a;
+    GramWork gram;
     GramSvdWork core;
+    ApplyWork apply;
 };
 
 /// One module, its Grams and rebuild on `threads` threads.
@@ -28,14 +31,25 @@ void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     core.gb = gb, core.ga = ga;
     core.t_b = wk.t_b.get<double>(static_cast<std::size_t>(R * rank));
     core.t_a = wk.t_a.get<double>(static_cast<std::size_t>(R * rank));
-    gram({GramTask{t.b, t.b, gb, true}, GramTask{t.at, t.at, ga, true}}, true, threads);
+    const GramTask gram_b{t.b, t.b, gb, true}, gram_a{t.at, t.at, ga, true};
+    if (threads == 1) {
+        gram_one(gram_b, true, wk.gram);
+        gram_one(gram_a, true, wk.gram);
+    } else {
+        gram({gram_b, gram_a}, true, threads);
+    }
     gram_svd_one(core, rank, wk.core);
     t.route = core.route;
     if (core.route == kRouteFailed) return;
     ApplyTask ab, aa;
     ab.x = t.b, ab.t = core.t_b, ab.c = rank, ab.out = t.out_b;
     aa.x = t.at, aa.t = core.t_a, aa.c = rank, aa.out = t.out_at;
-    apply({ab, aa}, true, threads);
+    if (threads == 1) {
+        apply_one(ab, true, wk.apply);
+        apply_one(aa, true, wk.apply);
+    } else {
+        apply({ab, aa}, true, threads);
+    }
 }
 
 }  // namespace

@@ -14,6 +14,8 @@ struct XtyShape {
     bool y_lower = false;     // Y[k][j] = 0 for k < j
     bool upper_only = false;  // write only C[i][j] with j >= i
     bool subtract = false;    // C -= X^T Y instead of C = X^T Y
+    bool x_upper = false;     // X[k][i] = 0 for k > i
+    bool x_trans = false;     // x holds X^T (m x kd, row stride ldx) instead of X
 };
 
 /// Packed panels and the tile of one thread's xty calls, reused across calls.
@@ -21,8 +23,8 @@ struct XtyWork {
     Scratch pa, pb, tile;
 };
 
-/// C (m x n, ldc) = X^T Y (or C -= X^T Y) for X (kd x m, ldx) and Y (kd x n,
-/// ldy), all row-major float64: both are packed into the micro-kernel's
+/// C (m x n, ldc) = X^T Y (or C -= X^T Y) for X (kd x m, ldx; or its
+/// transpose, m x kd, with x_trans) and Y (kd x n, ldy), all row-major float64: both are packed into the micro-kernel's
 /// k-major panels, and each MR x NR tile sums only over the k where neither
 /// operand is known to be zero. Single-threaded.
 void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
