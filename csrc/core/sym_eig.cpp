@@ -567,29 +567,60 @@ int SymEig::vectors(std::int64_t k, const double* w, double* v, std::int64_t ldv
     for (std::int64_t c = 0; c < k; ++c)
         if (head[c] < c) failures += inv.single(c, shift[c], z + head[c] * n, c - head[c], z + c * n);
 
-    // Back-transformation x = H_0 H_1 ... H_{n-3} z, the last reflector first,
-    // on the row-major n x k block v.
     for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t c = 0; c < k; ++c) v[i * ldv + c] = z[c * n + i];
-    std::vector<double> h(static_cast<std::size_t>(k));
-    for (std::int64_t j = n - 2; j >= 0; --j) {
-        const double t = tau_[j];
-        if (t == 0.0) continue;
-        const double* x = a_ + j * lda_ + j + 1;  // v over rows j+1 .. n-1, v[0] = 1
-        std::fill(h.begin(), h.end(), 0.0);
-        for (std::int64_t i = 0; i < n - j - 1; ++i) {
-            const double xi = x[i];
-            const double* vi = v + (j + 1 + i) * ldv;
-            for (std::int64_t c = 0; c < k; ++c) h[c] += xi * vi[c];
-        }
-        for (std::int64_t c = 0; c < k; ++c) h[c] *= t;
-        for (std::int64_t i = 0; i < n - j - 1; ++i) {
-            const double xi = x[i];
-            double* __restrict vi = v + (j + 1 + i) * ldv;
-            for (std::int64_t c = 0; c < k; ++c) vi[c] -= xi * h[c];
-        }
-    }
+    back_transform(k, v, ldv);
     return failures;
+}
+
+void SymEig::back_transform(std::int64_t k, double* v, std::int64_t ldv) const {
+    // x = H_0 H_1 ... H_{n-2} z, the last reflector first, in blocks of kBlock
+    // reflectors (compact WY, as LAPACK's dlarft / dlarfb): for the block
+    // [j0, j1), H_j0 ... H_{j1-1} = I - Y T Y^T with Y (M x nb) the reflectors
+    // over rows j0 + 1 .. n - 1 (column c starts at row c) and T upper
+    // triangular, so X <- X - Y (T (Y^T X)): three products on xty.
+    constexpr std::int64_t kBlock = 32;
+    const std::int64_t n = n_, nrefl = n - 1;
+    if (nrefl <= 0 || k <= 0) return;
+    double* buf = wk_->back.get<double>(static_cast<std::size_t>(n * kBlock + 2 * kBlock * kBlock + 2 * kBlock * k));
+    double* y = buf;                       // M x nb, row stride kBlock
+    double* s = y + n * kBlock;            // Y^T Y (upper triangle)
+    double* t = s + kBlock * kBlock;       // T
+    double* w1 = t + kBlock * kBlock;      // Y^T X
+    double* w2 = w1 + kBlock * k;          // T Y^T X
+    for (std::int64_t j0 = (nrefl - 1) / kBlock * kBlock; j0 >= 0; j0 -= kBlock) {
+        const std::int64_t nb = std::min(kBlock, nrefl - j0), m = n - j0 - 1;
+        // Y[r][c] = v_{j0+c}[r - c] (row j0 + c of a_, right of its diagonal), zero above.
+        for (std::int64_t r = 0; r < m; ++r) {
+            double* yr = y + r * kBlock;
+            for (std::int64_t c = 0; c < nb; ++c) yr[c] = r >= c ? a_[(j0 + c) * lda_ + j0 + 1 + r] : 0.0;
+        }
+        xty(m, nb, nb, y, kBlock, y, kBlock, s, kBlock, {true, true, true}, wk_->xty);
+        // T (dlarft, forward, columnwise): T[c][c] = tau_c, T[0:c][c] = -tau_c T[0:c][0:c] S[0:c][c].
+        for (std::int64_t c = 0; c < nb; ++c) {
+            const double tc = tau_[j0 + c];
+            t[c * kBlock + c] = tc;
+            for (std::int64_t i = 0; i < c; ++i) {
+                double acc = 0.0;
+                for (std::int64_t q = i; q < c; ++q) acc += t[i * kBlock + q] * s[q * kBlock + c];
+                t[i * kBlock + c] = -tc * acc;
+            }
+        }
+        double* xr = v + (j0 + 1) * ldv;
+        xty(m, nb, k, y, kBlock, xr, ldv, w1, k, {true}, wk_->xty);
+        for (std::int64_t i = 0; i < nb; ++i) {  // W2 = T W1
+            double* __restrict out = w2 + i * k;
+            std::fill(out, out + k, 0.0);
+            for (std::int64_t q = i; q < nb; ++q) {
+                const double tiq = t[i * kBlock + q];
+                const double* row = w1 + q * k;
+                for (std::int64_t c = 0; c < k; ++c) out[c] += tiq * row[c];
+            }
+        }
+        XtyShape upd;
+        upd.subtract = upd.x_upper = upd.x_trans = true;
+        xty(nb, m, k, y, kBlock, w2, k, xr, ldv, upd, wk_->xty);
+    }
 }
 
 }  // namespace kmf

@@ -29,7 +29,7 @@ namespace kmf {
 /// Buffers of one thread's SymEig calls, reused across matrices (a fresh
 /// half-megabyte per module would come back as page faults).
 struct SymEigWork {
-    Scratch a, vwv, p, z, lanes;
+    Scratch a, vwv, p, z, lanes, back;
     XtyWork xty;
 };
 
@@ -54,6 +54,9 @@ public:
     int vectors(std::int64_t k, const double* w, double* v, std::int64_t ldv) const;
 
 private:
+    /// v (n x k, row stride ldv) <- Q v with the reflectors of the reduction.
+    void back_transform(std::int64_t k, double* v, std::int64_t ldv) const;
+
     std::int64_t n_;
     std::int64_t lda_;            // row stride of a_: n + L - 1 or more, rounded to whole vectors
     SymEigWork own_;              // used when the caller passes no work
