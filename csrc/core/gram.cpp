@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 
 #include "kernels.h"
 #include "pack.h"
@@ -80,6 +81,19 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
                 const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, RA - i0);
                 if (t.symmetric && j0 + nj - 1 < i0) continue;  // entirely below the diagonal
                 const T* a = ap + q * kc * MR;
+                if constexpr (std::is_same_v<T, double>) {
+                    if (!swap && ni == MR && nj == NR) {  // a whole tile: added to out in place
+                        double* o = out + i0 * R2 + j0;
+                        if (shared)
+                            micro_kernel<T, true, TileOut::kAdd>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR,
+                                                                 bp + p * kc * NR, o, R2);
+                        else if (a_kmajor)
+                            micro_kernel<T, true, TileOut::kAdd>(kc, a, 0, bp + p * kc * NR, o, R2);
+                        else
+                            micro_kernel<T, false, TileOut::kAdd>(kc, a, kc, bp + p * kc * NR, o, R2);
+                        continue;
+                    }
+                }
                 if (shared)
                     micro_kernel<T, true>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR, bp + p * kc * NR, tile);
                 else if (a_kmajor)
