@@ -93,6 +93,10 @@ void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0,
                 for (std::int64_t c = 0; c < m.cols; ++c) {
                     const std::int64_t r = task.x.col0[b] + c;
                     load_run<T>(run, m.at(g0, c), m.dtype, ng, m.rs, static_cast<T>(m.coef));
+                    // Hundreds of such runs are live at once, too many streams for the
+                    // hardware prefetcher: fetch this run's next group now.
+                    if (g0 + GW < k1 && m.rs == 1)
+                        prefetch_range(m.at(g0 + GW, c), std::min<std::int64_t>(GW, k1 - g0 - GW) * elem_size(m.dtype));
                     std::fill(run + ng, run + GW, T(0));
                     for (std::int64_t g = 0; g < kGroup; ++g) std::memcpy(bp + g * ldr * NR + r * NR, run + g * NR, sizeof(T) * NR);
                 }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <numeric>
 #include <vector>
 
@@ -19,6 +21,57 @@ struct Worker {
     GramWork gram;
     GramSvdWork core;
     ApplyWork apply;
+};
+
+/// Workers kept between calls, so that a call does not page in its few
+/// megabytes of fresh buffers again (thousands of page faults per merge).
+/// Only workers of calls with R <= kCachedMaxR are kept (then at most about
+/// 25 MB each), at most one per hardware thread.
+class WorkerCache {
+public:
+    static constexpr std::int64_t kCachedMaxR = 512;
+
+    std::unique_ptr<Worker> take() {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (free_.empty()) return std::make_unique<Worker>();
+        std::unique_ptr<Worker> w = std::move(free_.back());
+        free_.pop_back();
+        return w;
+    }
+
+    void give(std::unique_ptr<Worker> w) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (static_cast<int>(free_.size()) < hardware_threads()) free_.push_back(std::move(w));
+    }
+
+private:
+    std::mutex mu_;
+    std::vector<std::unique_ptr<Worker>> free_;
+};
+
+WorkerCache& worker_cache() {
+    static WorkerCache cache;
+    return cache;
+}
+
+/// The workers of one truncate call: from the cache, and back to it at the end
+/// (also when a module throws) if the call's buffers are small enough to keep.
+class Workers {
+public:
+    Workers(int count, std::int64_t max_r) : keep_(max_r <= WorkerCache::kCachedMaxR) {
+        for (int i = 0; i < count; ++i) w_.push_back(keep_ ? worker_cache().take() : std::make_unique<Worker>());
+    }
+    ~Workers() {
+        if (keep_)
+            for (std::unique_ptr<Worker>& w : w_) worker_cache().give(std::move(w));
+    }
+    Workers(const Workers&) = delete;
+    Workers& operator=(const Workers&) = delete;
+    Worker& operator[](int i) { return *w_[static_cast<std::size_t>(i)]; }
+
+private:
+    bool keep_;
+    std::vector<std::unique_ptr<Worker>> w_;
 };
 
 /// One module, its Grams and rebuild on `threads` threads.
@@ -57,9 +110,11 @@ void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
 void truncate(std::vector<TruncateTask>& tasks, std::int64_t rank, int threads) {
     if (threads <= 0) threads = hardware_threads();
     const std::int64_t n = static_cast<std::int64_t>(tasks.size());
+    std::int64_t max_r = 0;
+    for (const TruncateTask& t : tasks) max_r = std::max(max_r, t.b.cols);
     if (n < threads) {
-        Worker wk;
-        for (TruncateTask& t : tasks) truncate_one(t, rank, threads, wk);
+        Workers wk(1, max_r);
+        for (TruncateTask& t : tasks) truncate_one(t, rank, threads, wk[0]);
         return;
     }
     // Largest first, for load balance: cost ~ (n_out + n_in) R^2.
@@ -67,9 +122,9 @@ void truncate(std::vector<TruncateTask>& tasks, std::int64_t rank, int threads) 
     std::vector<std::size_t> order(tasks.size());
     std::iota(order.begin(), order.end(), std::size_t(0));
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return cost(tasks[a]) > cost(tasks[b]); });
-    std::vector<Worker> workers(static_cast<std::size_t>(num_workers(threads, n)));
+    Workers workers(num_workers(threads, n), max_r);
     parallel_for(n, threads, [&](std::int64_t i, int w) {
-        truncate_one(tasks[order[static_cast<std::size_t>(i)]], rank, 1, workers[static_cast<std::size_t>(w)]);
+        truncate_one(tasks[order[static_cast<std::size_t>(i)]], rank, 1, workers[w]);
     });
 }
 
