@@ -9,6 +9,8 @@ where sigma_r > sigma_{r+1}, and A' A'^T = I.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -241,6 +243,28 @@ def test_results_do_not_depend_on_threads_or_batching():
     for i in range(5):
         assert torch.equal(a1[i], a2[i]) and torch.equal(b1[i], b2[i])
         assert torch.equal(a1[i], singles[i][0]) and torch.equal(b1[i], singles[i][1])
+
+
+def test_concurrent_calls_and_reused_buffers_give_the_serial_results():
+    # Workers and their buffers are cached between calls: calls from several
+    # threads at once, and calls after larger ones, must not see each other's data.
+    sets = [[gaussian_terms(50 + 9 * j, 41 + 5 * i, [6 + 2 * i, 5], seed=40 + 7 * i + j) for j in range(3)]
+            for i in range(4)]
+    serial = [truncate_many(mods, 5, threads=2) for mods in sets]
+    results = [None] * len(sets)
+
+    def run(i):
+        for _ in range(3):
+            results[i] = truncate_many(sets[i], 5, threads=2)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (routes, (a, b)), (routes_s, (a_s, b_s)) in zip(results, serial):
+        assert routes == routes_s
+        assert all(torch.equal(x, y) for x, y in zip(a + b, a_s + b_s))
 
 
 def test_non_finite_input_is_reported_and_left_to_the_caller():
