@@ -38,6 +38,7 @@ constexpr double kOrthTol = 1e-6;
 /// Per-thread workspace of gram_svd_one, reused across modules.
 struct GramSvdWork {
     XtyWork xty;
+    PackedY packed_g, packed_l;
     SymEigWork eig;
     Scratch l, lt, k, u, w, g1, chk;
 };

@@ -37,20 +37,12 @@ void pack_panels_transposed(double* dst, const double* src, std::int64_t ld, std
     }
 }
 
-}  // namespace
-
-void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
-         std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
+/// C (m x n) = or -= X^T Y from packed X (nq MR-panels of kd rows) and Y
+/// panels of NR columns, panel p at bp + p * bstride (rows k at k * NR).
+void xty_core(std::int64_t kd, std::int64_t m, std::int64_t n, const double* ap, const double* bp, std::int64_t bstride,
+              double* c, std::int64_t ldc, XtyShape shape, double* tile) {
     constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
     const std::int64_t nq = (m + MR - 1) / MR, np = (n + NR - 1) / NR;
-    double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
-    double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
-    double* tile = wk.tile.get<double>(MR * NR);
-    if (shape.x_trans)
-        pack_panels_transposed(ap, x, ldx, kd, m, MR);
-    else
-        pack_panels(ap, x, ldx, kd, m, MR);
-    pack_panels(bp, y, ldy, kd, n, NR);
     for (std::int64_t q = 0; q < nq; ++q) {
         const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, m - i0);
         for (std::int64_t p = 0; p < np; ++p) {
@@ -62,7 +54,7 @@ void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::
             if (shape.x_upper) ke = std::min(ke, i0 + MR);
             kb = std::min(kb, ke);
             const double* a = ap + q * MR * kd + kb * MR;
-            const double* b = bp + p * NR * kd + kb * NR;
+            const double* b = bp + p * bstride + kb * NR;
             // A whole tile that needs no masking goes straight into C.
             if (ni == MR && nj == NR && (!shape.upper_only || j0 >= i0 + MR - 1)) {
                 double* ct = c + i0 * ldc + j0;
@@ -84,6 +76,49 @@ void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::
             }
         }
     }
+}
+
+/// X packed into MR-wide k-major panels in wk.pa.
+const double* pack_x(std::int64_t kd, std::int64_t m, const double* x, std::int64_t ldx, bool trans, XtyWork& wk) {
+    constexpr int MR = TileShape<double>::MR;
+    const std::int64_t nq = (m + MR - 1) / MR;
+    double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
+    if (trans)
+        pack_panels_transposed(ap, x, ldx, kd, m, MR);
+    else
+        pack_panels(ap, x, ldx, kd, m, MR);
+    return ap;
+}
+
+}  // namespace
+
+std::int64_t xty_panel_width() { return TileShape<double>::NR; }
+
+void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
+         std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
+    constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
+    const std::int64_t np = (n + NR - 1) / NR;
+    const double* ap = pack_x(kd, m, x, ldx, shape.x_trans, wk);
+    double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
+    pack_panels(bp, y, ldy, kd, n, NR);
+    xty_core(kd, m, n, ap, bp, NR * kd, c, ldc, shape, wk.tile.get<double>(MR * NR));
+}
+
+void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, PackedY& out) {
+    constexpr int NR = TileShape<double>::NR;
+    const std::int64_t np = (n + NR - 1) / NR;
+    double* bp = out.buf.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
+    pack_panels(bp, y, ldy, kd, n, NR);
+    out.kd = kd, out.n = n;
+}
+
+void xty_packed(std::int64_t m, const double* x, std::int64_t ldx, const PackedY& y, std::int64_t r0, std::int64_t c0,
+                double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
+    constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
+    const std::int64_t kd = y.kd - r0, n = y.n - c0;
+    const double* ap = pack_x(kd, m, x, ldx, shape.x_trans, wk);
+    const double* bp = y.buf.data<double>() + (c0 / NR) * NR * y.kd + r0 * NR;
+    xty_core(kd, m, n, ap, bp, NR * y.kd, c, ldc, shape, wk.tile.get<double>(MR * NR));
 }
 
 }  // namespace kmf

@@ -24,10 +24,28 @@ struct XtyWork {
 };
 
 /// C (m x n, ldc) = X^T Y (or C -= X^T Y) for X (kd x m, ldx; or its
-/// transpose, m x kd, with x_trans) and Y (kd x n, ldy), all row-major float64: both are packed into the micro-kernel's
-/// k-major panels, and each MR x NR tile sums only over the k where neither
-/// operand is known to be zero. Single-threaded.
+/// transpose, m x kd, with x_trans) and Y (kd x n, ldy), all row-major
+/// float64: both are packed into the micro-kernel's k-major panels, and each
+/// MR x NR tile sums only over the k where neither operand is known to be
+/// zero. Single-threaded.
 void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
          std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk);
+
+/// A Y operand packed once, for several xty_packed calls on its trailing blocks.
+struct PackedY {
+    Scratch buf;
+    std::int64_t kd = 0, n = 0;
+};
+
+/// Packs Y (kd x n, ldy, row-major float64) into out.
+void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, PackedY& out);
+
+/// xty with Y the trailing block y[r0:, c0:] of a packed Y (c0 a multiple of
+/// kXtyPanel; y_lower then means y[r0 + k][c0 + j] = 0 for k < j). Only X is packed.
+void xty_packed(std::int64_t m, const double* x, std::int64_t ldx, const PackedY& y, std::int64_t r0, std::int64_t c0,
+                double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk);
+
+/// Column width of Y's packed panels (c0 of xty_packed must be a multiple of it).
+std::int64_t xty_panel_width();
 
 }  // namespace kmf
