@@ -16,12 +16,13 @@
 namespace kmf {
 namespace {
 
-/// Ga = L L^T with U = L^T (both row-major R x R; the zero triangles are
-/// written as zeros); false if a pivot is not positive (Ga not numerically
-/// positive definite). Right-looking on U in panels of kPanel rows: a panel
-/// is factored with row operations, then the trailing block takes the
-/// rank-kPanel update A22 -= U12^T U12 on the micro-kernel.
-bool cholesky(std::int64_t n, const double* g, double* u, double* l, GramSvdWork& wk) {
+/// Ga = U^T U (= L L^T with L = U^T) for upper triangular U (row-major
+/// n x n, the zero triangle written as zeros); false if a pivot is not
+/// positive (Ga not numerically positive definite). Right-looking in panels
+/// of kPanel rows: a panel is factored with row operations, then the trailing
+/// block takes the rank-kPanel update A22 -= U12^T U12 on the micro-kernel.
+/// The callers read L as U through the transposed operands of xty.
+bool cholesky(std::int64_t n, const double* g, double* u, GramSvdWork& wk) {
     constexpr std::int64_t kPanel = 32;
     for (std::int64_t i = 0; i < n; ++i) {
         std::fill(u + i * n, u + i * n + i, 0.0);
@@ -46,12 +47,6 @@ bool cholesky(std::int64_t n, const double* g, double* u, double* l, GramSvdWork
             xty(k1 - k0, m, m, u + k0 * n + k1, n, u + k0 * n + k1, n, u + k1 * n + k1, n,
                 {false, false, true, true}, wk.xty);
     }
-    // L = U^T, in square blocks so both sides stay in cache lines.
-    constexpr std::int64_t kB = 8;
-    for (std::int64_t i0 = 0; i0 < n; i0 += kB)
-        for (std::int64_t j0 = 0; j0 < n; j0 += kB)
-            for (std::int64_t i = i0; i < std::min(n, i0 + kB); ++i)
-                for (std::int64_t j = j0; j < std::min(n, j0 + kB); ++j) l[i * n + j] = u[j * n + i];
     return true;
 }
 
@@ -68,15 +63,15 @@ bool leading_vectors(std::int64_t n, const double* k_mat, std::int64_t kk, doubl
 /// X = U^{-1} W in place for upper triangular U (n x n) and W (n x c, row
 /// stride ldw): back substitution in blocks of kBlock rows from the bottom;
 /// each block first takes the solved rows below it, W_b -= U_b,below X_below
-/// (xty, whose X operand is L = U^T), then solves its diagonal block.
-void upper_solve(std::int64_t n, const double* u, const double* l, double* w, std::int64_t c, std::int64_t ldw,
-                 XtyWork& xw) {
+/// (xty, with U_b,below as the transposed X operand), then solves its diagonal block.
+void upper_solve(std::int64_t n, const double* u, double* w, std::int64_t c, std::int64_t ldw, XtyWork& xw) {
     constexpr std::int64_t kBlock = 32;
+    XtyShape above;  // X = U[b0:b1, b1:]^T
+    above.subtract = above.x_trans = true;
     for (std::int64_t b1 = n; b1 > 0; b1 -= kBlock) {
         const std::int64_t b0 = std::max<std::int64_t>(0, b1 - kBlock);
         if (b1 < n)
-            xty(n - b1, b1 - b0, c, l + b1 * n + b0, n, w + b1 * ldw, ldw, w + b0 * ldw, ldw,
-                {false, false, false, true}, xw);
+            xty(n - b1, b1 - b0, c, u + b0 * n + b1, n, w + b1 * ldw, ldw, w + b0 * ldw, ldw, above, xw);
         for (std::int64_t i = b1 - 1; i >= b0; --i) {
             double* __restrict xi = w + i * ldw;
             for (std::int64_t k = i + 1; k < b1; ++k) {
@@ -90,24 +85,23 @@ void upper_solve(std::int64_t n, const double* u, const double* l, double* w, st
     }
 }
 
-/// The upper triangle of K = L^T G L (G symmetric, L lower triangular, all
+/// The upper triangle of K = L^T G L (G symmetric, L = U^T lower triangular, all
 /// n x n row-major), by block rows of kBlock: rows [k0, k1) of K right of
 /// column k0 need only G and L from k0 on, as
 ///   Z^T = L[k0:, k0:k1]^T G[k0:, k0:],   K[k0:k1, k0:] = Z^T L[k0:, k0:],
 /// n^3 / 2 multiply-adds in all (the two full products G L, L^T (G L) take
 /// 5 n^3 / 6). G and L are packed once; each product packs only its thin X.
-void congruence_upper(std::int64_t n, const double* g, const double* l, double* k_mat, GramSvdWork& wk) {
+void congruence_upper(std::int64_t n, const double* g, const double* u, double* k_mat, GramSvdWork& wk) {
     constexpr std::int64_t kBlock = 32;
-    pack_y(n, n, g, n, wk.packed_g);
-    pack_y(n, n, l, n, wk.packed_l);
+    pack_y(n, n, g, n, false, wk.packed_g);
+    pack_y(n, n, u, n, true, wk.packed_l);  // L = U^T
     double* zt = wk.u.get<double>(static_cast<std::size_t>(kBlock * n));
-    XtyShape second;
+    XtyShape first, second;
+    first.x_lower = first.x_trans = true;  // X = L[k0:, k0:k1] = U[k0:k1, k0:]^T: L[k0 + k][k0 + i] = 0 for k < i
     second.y_lower = second.x_trans = true;
     for (std::int64_t k0 = 0; k0 < n; k0 += kBlock) {
         const std::int64_t nb = std::min(kBlock, n - k0), m = n - k0;
-        XtyShape first;
-        first.x_lower = true;  // L[k0 + k][k0 + i] = 0 for k < i
-        xty_packed(nb, l + k0 * n + k0, n, wk.packed_g, k0, k0, zt, m, first, wk.xty);
+        xty_packed(nb, u + k0 * n + k0, n, wk.packed_g, k0, k0, zt, m, first, wk.xty);
         xty_packed(nb, zt, m, wk.packed_l, k0, k0, k_mat + k0 * n + k0, n, second, wk.xty);
     }
 }
@@ -115,18 +109,17 @@ void congruence_upper(std::int64_t n, const double* g, const double* l, double* 
 /// Cholesky route; false if Cholesky or the orthonormality check rejects the module.
 bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r, kk = std::min(rank, R);
-    double* l = wk.l.get<double>(static_cast<std::size_t>(R * R));
-    double* lt = wk.lt.get<double>(static_cast<std::size_t>(R * R));
-    if (!cholesky(R, t.ga, lt, l, wk)) return false;
+    double* lt = wk.lt.get<double>(static_cast<std::size_t>(R * R));  // L^T
+    if (!cholesky(R, t.ga, lt, wk)) return false;
     double* k_mat = wk.k.get<double>(static_cast<std::size_t>(R * R));
-    congruence_upper(R, t.gb, l, k_mat, wk);
+    congruence_upper(R, t.gb, lt, k_mat, wk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(R * rank));
     std::fill(w, w + R * rank, 0.0);
     if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig)) return false;
     // T_B = L W = (L^T)^T W; T_A = L^{-T} W.
     xty(R, R, rank, lt, R, w, rank, t.t_b, rank, {false, false, false, false, true}, wk.xty);
     std::copy(w, w + R * rank, t.t_a);
-    upper_solve(R, lt, l, t.t_a, rank, rank, wk.xty);
+    upper_solve(R, lt, t.t_a, rank, rank, wk.xty);
     // The check: A' A'^T = T_A^T Ga T_A = I on the kk live columns (the rest are zero).
     double* g1 = wk.g1.get<double>(static_cast<std::size_t>(R * rank));
     double* chk = wk.chk.get<double>(static_cast<std::size_t>(rank * rank));
@@ -153,7 +146,7 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     std::fill(t.t_b, t.t_b + R * rank, 0.0);
     std::fill(t.t_a, t.t_a + R * rank, 0.0);
     if (nk == 0) return true;  // Ga = 0: the product is zero
-    double* va = wk.l.get<double>(static_cast<std::size_t>(R * nk));
+    double* va = wk.va.get<double>(static_cast<std::size_t>(R * nk));
     if (eig_a.vectors(nk, la.data(), va, nk) != 0) return false;
     // S = Va La^{1/2} (R x nk); K = S^T (Gb S) (nk x nk, upper triangle).
     double* s = wk.g1.get<double>(static_cast<std::size_t>(R * nk));

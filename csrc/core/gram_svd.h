@@ -40,7 +40,7 @@ struct GramSvdWork {
     XtyWork xty;
     PackedY packed_g, packed_l;
     SymEigWork eig;
-    Scratch l, lt, k, u, w, g1, chk;
+    Scratch va, lt, k, u, w, g1, chk;
 };
 
 /// Cholesky route: Ga = L L^T, K = L^T Gb L = W S^2 W^T (leading rank

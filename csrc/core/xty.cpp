@@ -9,15 +9,24 @@ namespace kmf {
 namespace {
 
 /// The k-major panels of width W of a row-major kd x cols matrix: panel p
-/// holds columns [p W, p W + W) as dst[p W kd + k W + j], zero-padded past cols.
-void pack_panels(double* dst, const double* src, std::int64_t ld, std::int64_t kd, std::int64_t cols, std::int64_t width) {
-    for (std::int64_t p = 0; p * width < cols; ++p) {
-        const std::int64_t j0 = p * width, nj = std::min<std::int64_t>(width, cols - j0);
-        double* d = dst + p * width * kd;
+/// holds columns [p W, p W + W) as dst[p W kd + k W + j], zero-padded past
+/// cols. W is a compile-time constant so whole rows copy as a few vector moves.
+template <int W>
+void pack_panels(double* __restrict dst, const double* __restrict src, std::int64_t ld, std::int64_t kd,
+                 std::int64_t cols) {
+    for (std::int64_t p = 0; p * W < cols; ++p) {
+        const std::int64_t j0 = p * W, nj = std::min<std::int64_t>(W, cols - j0);
+        double* d = dst + p * W * kd;
+        if (nj == W) {
+            for (std::int64_t k = 0; k < kd; ++k) {
+                const double* row = src + k * ld + j0;
+                KMF_UNROLL for (int j = 0; j < W; ++j) d[k * W + j] = row[j];
+            }
+            continue;
+        }
         for (std::int64_t k = 0; k < kd; ++k) {
             const double* row = src + k * ld + j0;
-            std::copy(row, row + nj, d + k * width);
-            std::fill(d + k * width + nj, d + (k + 1) * width, 0.0);
+            for (std::int64_t j = 0; j < W; ++j) d[k * W + j] = j < nj ? row[j] : 0.0;
         }
     }
 }
@@ -86,7 +95,7 @@ const double* pack_x(std::int64_t kd, std::int64_t m, const double* x, std::int6
     if (trans)
         pack_panels_transposed(ap, x, ldx, kd, m, MR);
     else
-        pack_panels(ap, x, ldx, kd, m, MR);
+        pack_panels<MR>(ap, x, ldx, kd, m);
     return ap;
 }
 
@@ -100,15 +109,18 @@ void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::
     const std::int64_t np = (n + NR - 1) / NR;
     const double* ap = pack_x(kd, m, x, ldx, shape.x_trans, wk);
     double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
-    pack_panels(bp, y, ldy, kd, n, NR);
+    pack_panels<NR>(bp, y, ldy, kd, n);
     xty_core(kd, m, n, ap, bp, NR * kd, c, ldc, shape, wk.tile.get<double>(MR * NR));
 }
 
-void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, PackedY& out) {
+void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, bool trans, PackedY& out) {
     constexpr int NR = TileShape<double>::NR;
     const std::int64_t np = (n + NR - 1) / NR;
     double* bp = out.buf.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
-    pack_panels(bp, y, ldy, kd, n, NR);
+    if (trans)
+        pack_panels_transposed(bp, y, ldy, kd, n, NR);
+    else
+        pack_panels<NR>(bp, y, ldy, kd, n);
     out.kd = kd, out.n = n;
 }
 

@@ -37,8 +37,9 @@ struct PackedY {
     std::int64_t kd = 0, n = 0;
 };
 
-/// Packs Y (kd x n, ldy, row-major float64) into out.
-void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, PackedY& out);
+/// Packs Y (kd x n, row-major float64) into out: from y (row stride ldy),
+/// or with trans from y holding Y^T (n x kd, row stride ldy).
+void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, bool trans, PackedY& out);
 
 /// xty with Y the trailing block y[r0:, c0:] of a packed Y (c0 a multiple of
 /// kXtyPanel; y_lower then means y[r0 + k][c0 + j] = 0 for k < j). Only X is packed.
