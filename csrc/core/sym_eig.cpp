@@ -83,34 +83,51 @@ double householder(double* x, std::int64_t m, double& beta) {
 
 /// p[l] += (A v)[l] for the symmetric block of rows / columns [i0, n) of the
 /// upper triangle of a: row i adds its diagonal and right part to p_i (a dot
-/// product) and its right part to p_l (an axpy). Rows go in pairs, which share
-/// every load of v and p. Needs zero padding (rows, v, p) up to n + L - 1.
+/// product) and its right part to p_l (an axpy). Rows go in fours, which share
+/// every load and store of v and p (the pass is bound by loads). Needs zero
+/// padding (rows, v, p) up to n + L - 1.
 void symv_upper(const double* a, std::int64_t lda, std::int64_t i0, std::int64_t n, const double* v, double* p) {
+    constexpr int G = 4;
     std::int64_t i = i0;
-    for (; i + 1 < n; i += 2) {
-        const double* ra = a + i * lda;
-        const double* rb = ra + lda;
-        const double sa = ra[i] * v[i] + ra[i + 1] * v[i + 1], sb = ra[i + 1] * v[i] + rb[i + 1] * v[i + 1];
-        const V va = V{} + v[i], vb = V{} + v[i + 1];
-        // Vectors start at a multiple of L (lanes left of column i + 2 masked off): the
-        // loads of p then match the previous pair's stores instead of straddling two.
-        const std::int64_t l0 = (i + 2) / L * L;
-        const VI from = (kLane + l0) >= i + 2;
-        V xa = vload<V>(ra + l0), xb = vload<V>(rb + l0);
-        xa = from ? xa : V{}, xb = from ? xb : V{};
-        V acc_a = xa * vload<V>(v + l0), acc_b = xb * vload<V>(v + l0);
-        vstore(p + l0, vload<V>(p + l0) + (xa * va + xb * vb));
-        for (std::int64_t l = l0 + L; l < n; l += L) {
-            xa = vload<V>(ra + l), xb = vload<V>(rb + l);
-            const V vl = vload<V>(v + l);
-            acc_a += xa * vl;
-            acc_b += xb * vl;
-            vstore(p + l, vload<V>(p + l) + (xa * va + xb * vb));
+    for (; i + G <= n; i += G) {
+        const double* r[G];
+        for (int g = 0; g < G; ++g) r[g] = a + (i + g) * lda;
+        // The G x G diagonal block (symmetric, stored above its diagonal), in scalars.
+        double head[G];
+        for (int g = 0; g < G; ++g) {
+            double sg = 0.0;
+            for (int h = 0; h < G; ++h) sg += (h >= g ? r[g][i + h] : r[h][i + g]) * v[i + h];
+            head[g] = sg;
         }
-        p[i] += sa + hsum(acc_a);
-        p[i + 1] += sb + hsum(acc_b);
+        V vg[G], acc[G];
+        for (int g = 0; g < G; ++g) vg[g] = V{} + v[i + g];
+        // Vectors start at a multiple of L (lanes left of column i + G masked off): the
+        // loads of p then match the previous block's stores instead of straddling two.
+        const std::int64_t l0 = (i + G) / L * L;
+        const VI from = (kLane + l0) >= i + G;
+        const V vl0 = vload<V>(v + l0);
+        V upd{};
+        for (int g = 0; g < G; ++g) {
+            V x = vload<V>(r[g] + l0);
+            x = from ? x : V{};
+            acc[g] = x * vl0;
+            upd += x * vg[g];
+        }
+        vstore(p + l0, vload<V>(p + l0) + upd);
+        for (std::int64_t l = l0 + L; l < n; l += L) {
+            const V vl = vload<V>(v + l);
+            const V x0 = vload<V>(r[0] + l), x1 = vload<V>(r[1] + l), x2 = vload<V>(r[2] + l), x3 = vload<V>(r[3] + l);
+            acc[0] += x0 * vl, acc[1] += x1 * vl, acc[2] += x2 * vl, acc[3] += x3 * vl;
+            vstore(p + l, vload<V>(p + l) + ((x0 * vg[0] + x1 * vg[1]) + (x2 * vg[2] + x3 * vg[3])));
+        }
+        for (int g = 0; g < G; ++g) p[i + g] += head[g] + hsum(acc[g]);
     }
-    if (i < n) p[i] += a[i * lda + i] * v[i];  // the last row holds only its diagonal
+    // The last n - i < G rows: their diagonal block, then nothing to their right.
+    for (std::int64_t g = i; g < n; ++g) {
+        double sg = 0.0;
+        for (std::int64_t h = i; h < n; ++h) sg += (h >= g ? a[g * lda + h] : a[h * lda + g]) * v[h];
+        p[g] += sg;
+    }
 }
 
 /// x[l] -= sum_{s < q} (cv[s] V_s[l] + cw[s] W_s[l]) for l in [l0, n): one pass
@@ -454,10 +471,14 @@ SymEig::SymEig(std::int64_t n, const double* a, std::int64_t lda, SymEigWork* wo
       tau_(static_cast<std::size_t>(std::max<std::int64_t>(n - 1, 0))) {
     // The upper triangle, scaled by a power of two, into zero-padded rows (see tridiagonalize).
     const double scale = scale_for(n, a, lda);
+    // Left of the diagonal is never read (or only under a mask): only the
+    // triangle and the padding are written.
     a_ = wk_->a.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(n * lda_, 1)));
-    std::fill(a_, a_ + n * lda_, 0.0);
-    for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t j = i; j < n; ++j) a_[i * lda_ + j] = a[i * lda + j] * scale;
+    for (std::int64_t i = 0; i < n; ++i) {
+        double* __restrict row = a_ + i * lda_;
+        for (std::int64_t j = i; j < n; ++j) row[j] = a[i * lda + j] * scale;
+        std::fill(row + n, row + lda_, 0.0);
+    }
     scale_ = scale;
     tridiagonalize(n, a_, lda_, d_.data(), e_.data(), tau_.data(), *wk_);
 }
