@@ -66,9 +66,8 @@ void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0,
             // row at a time (a row of the column panel is one run per block); rows past ni are zero.
             for (std::size_t b = 0; b < task.x.blocks.size(); ++b) {
                 const Mat& m = task.x.blocks[b];
-                for (std::int64_t i = 0; i < ni; ++i)
-                    load_run<T>(ap + i * ldr + task.x.col0[b], m.at(i0 + i, 0), m.dtype, m.cols, m.cs,
-                                static_cast<T>(m.coef));
+                load_runs<T>(ap + task.x.col0[b], ldr, m.at(i0, 0), m.rs * elem_size(m.dtype), ni, m.dtype, m.cols,
+                             m.cs, static_cast<T>(m.coef));
             }
             std::fill(ap + ni * ldr, ap + MR * ldr, T(0));
             for (std::int64_t p = 0; p < np; ++p) {
@@ -84,20 +83,24 @@ void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0,
         constexpr std::int64_t kGroup = 4, GW = kGroup * NR;
         const std::int64_t ldr = std::max<std::int64_t>(R, 1);
         T* bp = s.b.get<T>(static_cast<std::size_t>(ldr * GW));
-        T* run = s.tmp.get<T>(static_cast<std::size_t>(GW));
+        std::int64_t max_cols = 0;
+        for (const Mat& m : task.x.blocks) max_cols = std::max(max_cols, m.cols);
+        T* runs = s.tmp.get<T>(static_cast<std::size_t>(std::max<std::int64_t>(1, max_cols * GW)));
         const std::int64_t nq = (C + MR - 1) / MR;
         for (std::int64_t g0 = k0; g0 < k1; g0 += GW) {
             const std::int64_t ng = std::min<std::int64_t>(GW, k1 - g0);
             for (std::size_t b = 0; b < task.x.blocks.size(); ++b) {
                 const Mat& m = task.x.blocks[b];
+                const int es = elem_size(m.dtype);
+                load_runs<T>(runs, GW, m.at(g0, 0), m.cs * es, m.cols, m.dtype, ng, m.rs, static_cast<T>(m.coef));
                 for (std::int64_t c = 0; c < m.cols; ++c) {
-                    const std::int64_t r = task.x.col0[b] + c;
-                    load_run<T>(run, m.at(g0, c), m.dtype, ng, m.rs, static_cast<T>(m.coef));
                     // Hundreds of such runs are live at once, too many streams for the
                     // hardware prefetcher: fetch this run's next group now.
                     if (g0 + GW < k1 && m.rs == 1)
-                        prefetch_range(m.at(g0 + GW, c), std::min<std::int64_t>(GW, k1 - g0 - GW) * elem_size(m.dtype));
+                        prefetch_range(m.at(g0 + GW, c), std::min<std::int64_t>(GW, k1 - g0 - GW) * es);
+                    T* run = runs + c * GW;
                     std::fill(run + ng, run + GW, T(0));
+                    const std::int64_t r = task.x.col0[b] + c;
                     for (std::int64_t g = 0; g < kGroup; ++g) std::memcpy(bp + g * ldr * NR + r * NR, run + g * NR, sizeof(T) * NR);
                 }
             }

@@ -230,23 +230,36 @@ inline std::int64_t f16c_store(std::uint16_t* d, const double* src, std::int64_t
 #endif
 
 // ------------------------------------------------------------------ runs
-/// dst[t] = coef * src[t * stride] for t < n, src of dtype `code`, converted to T.
-/// stride is in elements. The stride-1 loops vectorise.
+/// dst[i * ldd + t] = coef * src_i[t * stride] for i < runs, t < n, with run
+/// i at src + i * run_step bytes, of dtype `code`, converted to T: one dtype
+/// dispatch for all runs (short runs would otherwise pay it per run). stride
+/// is in elements. The stride-1 loops vectorise.
 template <typename T>
-inline void load_run(T* __restrict dst, const void* src, int code, std::int64_t n, std::int64_t stride, T coef) {
+inline void load_runs(T* __restrict dst, std::int64_t ldd, const void* src, std::int64_t run_step, std::int64_t runs,
+                      int code, std::int64_t n, std::int64_t stride, T coef) {
     with_src(code, [&](auto reader) {
         using Src = decltype(reader);
-        const typename Src::S* s = static_cast<const typename Src::S*>(src);
-        std::int64_t t0 = 0;
+        using S = typename Src::S;
+        for (std::int64_t i = 0; i < runs; ++i) {
+            const S* s = reinterpret_cast<const S*>(static_cast<const char*>(src) + i * run_step);
+            T* __restrict d = dst + i * ldd;
+            std::int64_t t0 = 0;
 #ifdef KMF_F16C
-        if constexpr (std::is_same_v<Src, SrcF16>)
-            if (stride == 1) t0 = f16c_load(dst, s, n, coef);
+            if constexpr (std::is_same_v<Src, SrcF16>)
+                if (stride == 1) t0 = f16c_load(d, s, n, coef);
 #endif
-        if (stride == 1)
-            for (std::int64_t t = t0; t < n; ++t) dst[t] = Src::get(s[t], coef);
-        else
-            for (std::int64_t t = 0; t < n; ++t) dst[t] = Src::get(s[t * stride], coef);
+            if (stride == 1)
+                for (std::int64_t t = t0; t < n; ++t) d[t] = Src::get(s[t], coef);
+            else
+                for (std::int64_t t = 0; t < n; ++t) d[t] = Src::get(s[t * stride], coef);
+        }
     });
+}
+
+/// dst[t] = coef * src[t * stride] for t < n (one run of load_runs).
+template <typename T>
+inline void load_run(T* __restrict dst, const void* src, int code, std::int64_t n, std::int64_t stride, T coef) {
+    load_runs<T>(dst, 0, src, 0, 1, code, n, stride, coef);
 }
 
 /// dst[t * stride] = src[t] for t < n, converted from T to dtype `code`

@@ -84,7 +84,11 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
                 if constexpr (std::is_same_v<T, double>) {
                     if (!swap && ni == MR && nj == NR) {  // a whole tile: added to out in place
                         double* o = out + i0 * R2 + j0;
-                        if (shared)
+                        constexpr int L = Simd<T>::L;
+                        if (shared && TileShape<T>::NV == 2 && i0 >= j0 + L)  // its first vector is all below the diagonal
+                            micro_kernel<T, true, TileOut::kAdd, 1>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR,
+                                                                    bp + p * kc * NR, o, R2);
+                        else if (shared)
                             micro_kernel<T, true, TileOut::kAdd>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR,
                                                                  bp + p * kc * NR, o, R2);
                         else if (a_kmajor)

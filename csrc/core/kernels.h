@@ -37,23 +37,25 @@ struct TileShape {
 /// piece, so adding a finished tile rounds exactly as the scalar c[j] += t[j]).
 enum class TileOut { kStore, kAdd, kSubtract };
 
-template <typename T, bool AKMajor, TileOut Out = TileOut::kStore>
+/// V0 > 0 computes only vectors V0 .. NV - 1 of the tile (columns from V0 * L):
+/// for a tile whose first vectors lie wholly below a symmetric result's diagonal.
+template <typename T, bool AKMajor, TileOut Out = TileOut::kStore, int V0 = 0>
 inline void micro_kernel(std::int64_t kc, const T* __restrict a, std::int64_t lda, const T* __restrict b,
                          T* __restrict c, std::int64_t ldc = TileShape<T>::NR) {
     using V = typename Simd<T>::V;
     constexpr int MR = TileShape<T>::MR, NV = TileShape<T>::NV, L = TileShape<T>::L, NR = TileShape<T>::NR;
     V acc[MR][NV];
-    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = V0; v < NV; ++v) acc[i][v] = V{};
     const std::int64_t ks = lda > 0 ? lda : MR;  // k-major: the row stride of a
     for (std::int64_t k = 0; k < kc; ++k) {
         V bv[NV];
-        KMF_UNROLL for (int v = 0; v < NV; ++v) bv[v] = vload<V>(b + k * NR + v * L);
+        KMF_UNROLL for (int v = V0; v < NV; ++v) bv[v] = vload<V>(b + k * NR + v * L);
         KMF_UNROLL for (int i = 0; i < MR; ++i) {
             const T ai = AKMajor ? a[k * ks + i] : a[i * lda + k];
-            KMF_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+            KMF_UNROLL for (int v = V0; v < NV; ++v) acc[i][v] += ai * bv[v];
         }
     }
-    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = 0; v < NV; ++v) {
+    KMF_UNROLL for (int i = 0; i < MR; ++i) KMF_UNROLL for (int v = V0; v < NV; ++v) {
         T* ci = c + i * ldc + v * L;
         if constexpr (Out == TileOut::kAdd)
             vstore(ci, vload<V>(ci) + acc[i][v]);
