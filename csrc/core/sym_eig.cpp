@@ -204,6 +204,39 @@ void tridiagonalize(std::int64_t n, double* a, std::int64_t lda, double* d, doub
     d[n - 1] = a[(n - 1) * lda + (n - 1)];
 }
 
+/// Sturm counts of the tridiagonal T (diagonal d, squared off-diagonal e2)
+/// at min(count, G L) shifts x = mid[0..): cnt = the number of negative
+/// pivots of T - x I (pivots below pivmin in magnitude taken as -pivmin, as
+/// dstebz), i.e. the number of eigenvalues below x. The G vectors of shifts
+/// are independent chains, so their divisions overlap; all state stays in
+/// registers. Returns the number of shifts done.
+template <int G>
+std::int64_t sturm_counts(std::int64_t n, const double* d, const double* e2, double pivmin, const double* mid,
+                          std::int64_t count, std::int64_t* cnt) {
+    const std::int64_t done = std::min<std::int64_t>(count, G * L);
+    V x[G], q[G], neg[G];
+    for (int g = 0; g < G; ++g)
+        for (int j = 0; j < L; ++j) x[g][j] = mid[std::min<std::int64_t>(g * L + j, done - 1)];
+    const V pm = V{} + pivmin, minus_pm = V{} - pivmin, one = V{} + 1.0;
+    for (int g = 0; g < G; ++g) {
+        V t = d[0] - x[g];
+        t = vabs(t) < pm ? minus_pm : t;
+        q[g] = t;
+        neg[g] = t <= 0.0 ? one : V{};
+    }
+    for (std::int64_t i = 1; i < n; ++i) {
+        const double di = d[i], ei = e2[i - 1];
+        for (int g = 0; g < G; ++g) {
+            V t = (di - x[g]) - ei / q[g];
+            t = vabs(t) < pm ? minus_pm : t;
+            q[g] = t;
+            neg[g] += t <= 0.0 ? one : V{};
+        }
+    }
+    for (std::int64_t c = 0; c < done; ++c) cnt[c] = static_cast<std::int64_t>(neg[c / L][c % L]);
+    return done;
+}
+
 /// LU factorisation with partial pivoting of T - lambda I (dlagtf): U has the
 /// diagonal a, super-diagonals b and c2; mult holds the multipliers and
 /// swapped[k] whether rows k and k + 1 were interchanged.
@@ -508,7 +541,7 @@ void SymEig::top_values(std::int64_t k, double* w) const {
     // Lane c looks for the eigenvalue with ascending index n - 1 - c: with
     // count(x) = #{eigenvalues < x}, keep count(lo) <= idx < count(hi).
     std::vector<double> lo(static_cast<std::size_t>(k), gl), hi(static_cast<std::size_t>(k), gu),
-        mid(static_cast<std::size_t>(k)), q(static_cast<std::size_t>(k));
+        mid(static_cast<std::size_t>(k));
     std::vector<std::int64_t> cnt(static_cast<std::size_t>(k));
     const double atol = kEps * tnorm + 2.0 * pivmin;
     for (int iter = 0; iter < 128; ++iter) {
@@ -519,21 +552,14 @@ void SymEig::top_values(std::int64_t k, double* w) const {
             if (width > 2.0 * kEps * std::max(std::fabs(lo[c]), std::fabs(hi[c])) + atol) done = false;
         }
         if (done) break;
-        // Sturm counts of all lanes at once (the lane loop vectorises).
-        for (std::int64_t c = 0; c < k; ++c) {
-            double t = d[0] - mid[c];
-            t = std::fabs(t) < pivmin ? -pivmin : t;
-            q[c] = t;
-            cnt[c] = t <= 0.0;
-        }
-        for (std::int64_t i = 1; i < n; ++i) {
-            const double di = d[i], ei = e2[i - 1];
-            for (std::int64_t c = 0; c < k; ++c) {
-                double t = (di - mid[c]) - ei / q[c];
-                t = std::fabs(t) < pivmin ? -pivmin : t;
-                q[c] = t;
-                cnt[c] += t <= 0.0;
-            }
+        for (std::int64_t c0 = 0; c0 < k;) {  // Sturm counts of all lanes at once
+            const std::int64_t left = k - c0;
+            if (left > 2 * L)
+                c0 += sturm_counts<4>(n, d, e2.data(), pivmin, mid.data() + c0, left, cnt.data() + c0);
+            else if (left > L)
+                c0 += sturm_counts<2>(n, d, e2.data(), pivmin, mid.data() + c0, left, cnt.data() + c0);
+            else
+                c0 += sturm_counts<1>(n, d, e2.data(), pivmin, mid.data() + c0, left, cnt.data() + c0);
         }
         for (std::int64_t c = 0; c < k; ++c) {
             if (cnt[c] > n - 1 - c)
