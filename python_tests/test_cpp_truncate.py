@@ -44,7 +44,7 @@ def with_spectrum(s: torch.Tensor, seed: int) -> torch.Tensor:
 
 def symmetric_cases():
     g = torch.Generator().manual_seed(0)
-    for n in (1, 2, 3, 7, 33, 130):
+    for n in (1, 2, 3, 7, 17, 33, 130, 300):
         x = torch.randn(n, n, generator=g, dtype=torch.float64)
         yield f"random{n}", x + x.T
     x = torch.randn(96, 700, generator=g, dtype=torch.float64)
@@ -152,6 +152,18 @@ def test_well_conditioned_sums_take_the_cholesky_route_and_are_optimal():
         assert excess(terms, new_a, new_b, rank) <= 1e-12
         k = min(rank, sum(ranks), n_in, n_out)
         torch.testing.assert_close(new_a[:k] @ new_a[:k].T, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("ranks", [[17], [16, 17], [32, 33, 32], [64, 64, 64, 67]], ids=lambda r: f"R{sum(r)}")
+def test_stacked_ranks_off_the_block_sizes_are_optimal(ranks):
+    """R not a multiple of the algebra's blocks (16, 32) nor of the tile sizes: partial blocks everywhere."""
+    big_r = sum(ranks)
+    terms = gaussian_terms(big_r + 41, big_r + 23, ranks, seed=big_r, coefs=[0.9, -0.6, 1.1, 0.4][:len(ranks)])
+    rank = min(13, big_r - 1)
+    new_a, new_b, route = truncate(terms, rank)
+    assert route == cpu.ROUTE_CHOLESKY
+    assert excess(terms, new_a, new_b, rank) <= 1e-12
+    torch.testing.assert_close(new_a @ new_a.T, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
 def test_product_equals_the_torch_algebra_where_sigma_r_is_separated():
