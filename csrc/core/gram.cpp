@@ -121,9 +121,14 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
     }
 }
 
+/// g[i][j] = g[j][i] for j < i (r x r, row-major), in square blocks: a
+/// column-order read of the upper triangle would touch a new line per element.
 void mirror_upper(double* g, std::int64_t r) {
-    for (std::int64_t i = 1; i < r; ++i)
-        for (std::int64_t j = 0; j < i; ++j) g[i * r + j] = g[j * r + i];
+    constexpr std::int64_t kB = 16;
+    for (std::int64_t i0 = 0; i0 < r; i0 += kB)
+        for (std::int64_t j0 = 0; j0 <= i0; j0 += kB)
+            for (std::int64_t i = i0; i < std::min(r, i0 + kB); ++i)
+                for (std::int64_t j = j0; j < std::min(i, j0 + kB); ++j) g[i * r + j] = g[j * r + i];
 }
 
 /// All of task t into t.out.
