@@ -66,8 +66,15 @@ void apply_rows(const ApplyTask& task, const Prepared<T>& prep, std::int64_t k0,
             // row at a time (a row of the column panel is one run per block); rows past ni are zero.
             for (std::size_t b = 0; b < task.x.blocks.size(); ++b) {
                 const Mat& m = task.x.blocks[b];
-                load_runs<T>(ap + task.x.col0[b], ldr, m.at(i0, 0), m.rs * elem_size(m.dtype), ni, m.dtype, m.cols,
-                             m.cs, static_cast<T>(m.coef));
+                const int es = elem_size(m.dtype);
+                load_runs<T>(ap + task.x.col0[b], ldr, m.at(i0, 0), m.rs * es, ni, m.dtype, m.cols, m.cs,
+                             static_cast<T>(m.coef));
+                // The Grams read these rows long ago (the algebra ran since): fetch the
+                // rows kAhead tiles down now, so their misses overlap this tile's work.
+                constexpr std::int64_t kAhead = 4 * MR;
+                if (m.cs == 1 && i0 + kAhead < k1)
+                    for (std::int64_t i = 0; i < std::min<std::int64_t>(MR, k1 - i0 - kAhead); ++i)
+                        prefetch_range(m.at(i0 + kAhead + i, 0), m.cols * es);
             }
             std::fill(ap + ni * ldr, ap + MR * ldr, T(0));
             for (std::int64_t p = 0; p < np; ++p) {
