@@ -25,14 +25,14 @@ n_out + n_in = n), used for its GFLOP/s:
 - the two float64 Grams B^T B (R x R over n_out) and A A^T (over n_in), symmetric:
   n_out R^2 + n_in R^2;
 - the R x R core (``csrc/core/gram_svd.cpp``): a Cholesky factor of A A^T (R^3 / 3),
-  K = L^T (B^T B) L with triangular L (R^3 + 2 R^3 / 3), its Householder reduction
-  to tridiagonal form (4 R^3 / 3), bisection and inverse iteration for the r
-  leading eigenpairs (O(R r)), back-transformation, T_B, T_A and the
-  orthonormality check (~6 R^2 r): ~10/3 R^3 + 6 R^2 r;
+  the upper triangle of K = L^T (B^T B) L by block rows (R^3), its Householder
+  reduction to tridiagonal form (4 R^3 / 3), bisection and inverse iteration for
+  the r leading eigenpairs (O(R r)), back-transformation, T_B, T_A and the
+  orthonormality check (~6 R^2 r): ~8/3 R^3 + 6 R^2 r;
 - the two rebuild products [c_i B_i] T_B (n_out x R x r) and [A_i^T] T_A (n_in x R x r):
   2 n_out R r + 2 n_in R r.
 
-  flops = n R^2 + 10/3 R^3 + 6 R^2 r + 2 n R r.
+  flops = n R^2 + 8/3 R^3 + 6 R^2 r + 2 n R r.
 
 Columns: ``x (cpp)`` is this row's time over the cpp row's time (> 1: cpp is
 faster); ``% fp64 peak`` compares the cpp GFLOP/s with the machine's fp64
@@ -89,14 +89,14 @@ def peft_dense_svd_merge(loras: list[kf.LoRA], weights: list[float], rank: int,
 
 
 def cpp_merge_flops(shapes: list[tuple[int, int]], big_r: int, r: int) -> float:
-    """sum over modules of (n_out + n_in) R^2 + 10/3 R^3 + 6 R^2 r + 2 (n_out + n_in) R r.
+    """sum over modules of (n_out + n_in) R^2 + 8/3 R^3 + 6 R^2 r + 2 (n_out + n_in) R r.
 
     Two symmetric float64 Grams; the R x R algebra of ``csrc/core/gram_svd.cpp``
-    (Cholesky R^3 / 3, K = L^T Gb L with triangular L R^3 + 2 R^3 / 3, Householder
+    (Cholesky R^3 / 3, the upper triangle of K = L^T Gb L R^3, Householder
     reduction 4 R^3 / 3; back-transformation, T_B, T_A and the check ~6 R^2 r);
     two rebuild products.
     """
-    return float(sum((n_out + n_in) * big_r ** 2 + 10 / 3 * big_r ** 3 + 6 * big_r ** 2 * r
+    return float(sum((n_out + n_in) * big_r ** 2 + 8 / 3 * big_r ** 3 + 6 * big_r ** 2 * r
                      + 2 * (n_out + n_in) * big_r * r for n_out, n_in in shapes))
 
 
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
 SVD merge of k adapters (r={RANK}, weights 1/k) into rank {RANK}, over the 64 Llama-3.2-1B attention modules
 (16 layers x q/k/v/o: 2048x2048, 512x2048, 512x2048, 2048x2048); {scope}.
 `time ms`: median over `runs` (the dense path: one run, no warm-up). `x (cpp)`: row time / cpp time.
-cpp flops per module: (n_out+n_in) R^2 + 10/3 R^3 + 6 R^2 r + 2 (n_out+n_in) R r, R = k r; % of the FMA ceiling.
+cpp flops per module: (n_out+n_in) R^2 + 8/3 R^3 + 6 R^2 r + 2 (n_out+n_in) R r, R = k r; % of the FMA ceiling.
 `rel. err vs dense`: max_module ||B'A' - B_d A_d||_F / ||B_d A_d||_F against the dense path's factors.
 """
     h.report("merge-quick" if args.quick else "merge", "SVD merge: peft dense vs kmerge_fast", headers, rows,
