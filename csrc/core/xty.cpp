@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "kernels.h"
 
@@ -87,48 +88,41 @@ void xty_core(std::int64_t kd, std::int64_t m, std::int64_t n, const double* ap,
     }
 }
 
-/// X packed into MR-wide k-major panels in wk.pa.
-const double* pack_x(std::int64_t kd, std::int64_t m, const double* x, std::int64_t ldx, bool trans, XtyWork& wk) {
-    constexpr int MR = TileShape<double>::MR;
-    const std::int64_t nq = (m + MR - 1) / MR;
-    double* ap = wk.pa.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, nq * MR * kd)));
+/// The k-major panels of width W of a kd x cols operand (given as itself,
+/// or with trans as its transpose) in buf.
+template <int W>
+const double* pack_operand(Scratch& buf, std::int64_t kd, std::int64_t cols, const double* src, std::int64_t ld,
+                           bool trans) {
+    const std::int64_t np = (cols + W - 1) / W;
+    double* dst = buf.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * W * kd)));
     if (trans)
-        pack_panels_transposed(ap, x, ldx, kd, m, MR);
+        pack_panels_transposed(dst, src, ld, kd, cols, W);
     else
-        pack_panels<MR>(ap, x, ldx, kd, m);
-    return ap;
+        pack_panels<W>(dst, src, ld, kd, cols);
+    return dst;
 }
 
 }  // namespace
 
-std::int64_t xty_panel_width() { return TileShape<double>::NR; }
-
 void xty(std::int64_t kd, std::int64_t m, std::int64_t n, const double* x, std::int64_t ldx, const double* y,
          std::int64_t ldy, double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
     constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
-    const std::int64_t np = (n + NR - 1) / NR;
-    const double* ap = pack_x(kd, m, x, ldx, shape.x_trans, wk);
-    double* bp = wk.pb.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
-    pack_panels<NR>(bp, y, ldy, kd, n);
+    const double* ap = pack_operand<MR>(wk.pa, kd, m, x, ldx, shape.x_trans);
+    const double* bp = pack_operand<NR>(wk.pb, kd, n, y, ldy, false);
     xty_core(kd, m, n, ap, bp, NR * kd, c, ldc, shape, wk.tile.get<double>(MR * NR));
 }
 
 void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, bool trans, PackedY& out) {
-    constexpr int NR = TileShape<double>::NR;
-    const std::int64_t np = (n + NR - 1) / NR;
-    double* bp = out.buf.get<double>(static_cast<std::size_t>(std::max<std::int64_t>(1, np * NR * kd)));
-    if (trans)
-        pack_panels_transposed(bp, y, ldy, kd, n, NR);
-    else
-        pack_panels<NR>(bp, y, ldy, kd, n);
+    pack_operand<TileShape<double>::NR>(out.buf, kd, n, y, ldy, trans);
     out.kd = kd, out.n = n;
 }
 
 void xty_packed(std::int64_t m, const double* x, std::int64_t ldx, const PackedY& y, std::int64_t r0, std::int64_t c0,
                 double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk) {
     constexpr int MR = TileShape<double>::MR, NR = TileShape<double>::NR;
+    if (c0 % NR != 0) throw std::logic_error("xty_packed: c0 is not a multiple of the panel width");
     const std::int64_t kd = y.kd - r0, n = y.n - c0;
-    const double* ap = pack_x(kd, m, x, ldx, shape.x_trans, wk);
+    const double* ap = pack_operand<MR>(wk.pa, kd, m, x, ldx, shape.x_trans);
     const double* bp = y.buf.data<double>() + (c0 / NR) * NR * y.kd + r0 * NR;
     xty_core(kd, m, n, ap, bp, NR * y.kd, c, ldc, shape, wk.tile.get<double>(MR * NR));
 }

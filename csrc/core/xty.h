@@ -41,12 +41,10 @@ struct PackedY {
 /// or with trans from y holding Y^T (n x kd, row stride ldy).
 void pack_y(std::int64_t kd, std::int64_t n, const double* y, std::int64_t ldy, bool trans, PackedY& out);
 
-/// xty with Y the trailing block y[r0:, c0:] of a packed Y (c0 a multiple of
-/// kXtyPanel; y_lower then means y[r0 + k][c0 + j] = 0 for k < j). Only X is packed.
+/// xty with Y the trailing block y[r0:, c0:] of a packed Y (y_lower then
+/// means y[r0 + k][c0 + j] = 0 for k < j). Only X is packed. c0 must be a
+/// multiple of 16, which every build's panel width divides (else logic_error).
 void xty_packed(std::int64_t m, const double* x, std::int64_t ldx, const PackedY& y, std::int64_t r0, std::int64_t c0,
                 double* c, std::int64_t ldc, XtyShape shape, XtyWork& wk);
-
-/// Column width of Y's packed panels (c0 of xty_packed must be a multiple of it).
-std::int64_t xty_panel_width();
 
 }  // namespace kmf
