@@ -9,6 +9,13 @@
 
 namespace kmf {
 
+/// Buffers of one thread's SymEig calls, reused across matrices (a fresh
+/// half-megabyte per module would come back as page faults).
+struct SymEigWork {
+    Scratch a, vwv, p, z, lanes, back;
+    XtyWork xty;
+};
+
 /// Eigenvalues and eigenvectors of a symmetric n x n matrix A, largest first,
 /// by LAPACK dsyevx's method:
 ///
@@ -22,17 +29,11 @@ namespace kmf {
 ///      eigenvalues (gap below 1e-3 ||T||_1), so tied and clustered
 ///      eigenvalues still get orthonormal vectors (the first vector of each
 ///      cluster needs none: those go SIMD-lane-parallel); then back-transformation
-///      by the reflectors of step 1, n^2 k multiply-adds.
+///      by the reflectors of step 1 in compact-WY blocks of 16 reflectors
+///      (three products on xty per block), n^2 (k + 4) multiply-adds.
 ///
 /// The matrix is scaled by a power of two first (exact), so every tolerance
 /// is relative to its largest entry and nothing over- or underflows.
-/// Buffers of one thread's SymEig calls, reused across matrices (a fresh
-/// half-megabyte per module would come back as page faults).
-struct SymEigWork {
-    Scratch a, vwv, p, z, lanes, back;
-    XtyWork xty;
-};
-
 class SymEig {
 public:
     /// a: row-major, lda >= n; only the upper triangle (column >= row) is
