@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "dtype.h"
 #include "mat.h"
@@ -98,11 +99,39 @@ inline void transpose_block(double* __restrict dst, std::int64_t ld, const doubl
     vstore(dst + 2 * ld, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
     vstore(dst + 3 * ld, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
 }
+#if defined(__AVX512F__)
+/// dst[k * ld + i] = src[i * lds + k] for an 8 x 8 double block (512-bit vectors, three shuffle stages).
+inline void transpose_block8(double* __restrict dst, std::int64_t ld, const double* __restrict src, std::int64_t lds) {
+    typedef double v8 __attribute__((vector_size(64)));
+    v8 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = vload<v8>(src + i * lds);
+    v8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {  // pairs of rows: even / odd columns interleaved
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    }
+    for (int h = 0; h < 8; h += 4)  // quads of rows: columns 0 / 2 (mod 4) from the even pairs, 1 / 3 from the odd
+        for (int e = 0; e < 2; ++e) {
+            u[h + 2 * e] = __builtin_shufflevector(t[h + e], t[h + 2 + e], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[h + 2 * e + 1] = __builtin_shufflevector(t[h + e], t[h + 2 + e], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    // u[q] (q < 4) holds rows 0-3 of columns {c, c + 4} with c = 0, 2, 1, 3 for q = 0, 1, 2, 3; u[4 + q] rows 4-7.
+    const int col[4] = {0, 2, 1, 3};
+    for (int q = 0; q < 4; ++q) {
+        vstore(dst + col[q] * ld, __builtin_shufflevector(u[q], u[4 + q], 0, 1, 2, 3, 8, 9, 10, 11));
+        vstore(dst + (col[q] + 4) * ld, __builtin_shufflevector(u[q], u[4 + q], 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+}
+#endif
 #endif
 
 /// Side of the square blocks transpose_into moves with vector shuffles.
 template <typename T>
-constexpr int kTransposeBlock = 32 / sizeof(T);
+constexpr int kTransposeBlock =
+#if KMF_HAVE_SHUFFLEVECTOR && defined(__AVX512F__)
+    std::is_same_v<T, double> ? 8 :
+#endif
+    32 / sizeof(T);
 
 /// dst[k * ld + j] = src[j * lds + k] for k < kc, j < n: whole blocks with
 /// vector shuffles (where available), the edges element by element.
@@ -114,7 +143,15 @@ inline void transpose_into(T* __restrict dst, std::int64_t ld, const T* __restri
 #if KMF_HAVE_SHUFFLEVECTOR
     const std::int64_t kfull = kc / B * B;
     for (; j0 + B <= n; j0 += B) {
-        for (std::int64_t k = 0; k < kfull; k += B) transpose_block(dst + k * ld + j0, ld, src + j0 * lds + k, lds);
+        for (std::int64_t k = 0; k < kfull; k += B) {
+#if defined(__AVX512F__)
+            if constexpr (B == 8 && std::is_same_v<T, double>) {
+                transpose_block8(dst + k * ld + j0, ld, src + j0 * lds + k, lds);
+                continue;
+            }
+#endif
+            transpose_block(dst + k * ld + j0, ld, src + j0 * lds + k, lds);
+        }
         for (std::int64_t k = kfull; k < kc; ++k)
             for (std::int64_t j = j0; j < j0 + B; ++j) dst[k * ld + j] = src[j * lds + k];
     }
