@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "kernels.h"
+#include "pack.h"
 
 namespace kmf {
 namespace {
@@ -40,10 +41,7 @@ void pack_panels_transposed(double* dst, const double* src, std::int64_t ld, std
         const std::int64_t j0 = p * width, nj = std::min<std::int64_t>(width, cols - j0);
         double* d = dst + p * width * kd;
         if (nj < width) std::fill(d, d + width * kd, 0.0);
-        for (std::int64_t j = 0; j < nj; ++j) {
-            const double* row = src + (j0 + j) * ld;
-            for (std::int64_t k = 0; k < kd; ++k) d[k * width + j] = row[k];
-        }
+        transpose_into<double>(d, width, src + j0 * ld, ld, kd, nj);  // in square blocks of vector shuffles
     }
 }
 
