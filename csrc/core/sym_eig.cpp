@@ -55,9 +55,16 @@ double norm2(const double* x, std::int64_t m) {
 
 /// The power of two nearest 1 / max |a_ij| over the upper triangle (1 for a zero matrix).
 double scale_for(std::int64_t n, const double* a, std::int64_t lda) {
+    // Vector lanes: a scalar max would be one chain of dependent compares.
+    V acc{};
     double big = 0.0;
-    for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t j = i; j < n; ++j) big = std::max(big, std::fabs(a[i * lda + j]));
+    for (std::int64_t i = 0; i < n; ++i) {
+        const double* row = a + i * lda;
+        std::int64_t j = i;
+        for (; j + L <= n; j += L) acc = vmax(acc, vabs(vload<V>(row + j)));
+        for (; j < n; ++j) big = std::max(big, std::fabs(row[j]));
+    }
+    for (int q = 0; q < L; ++q) big = std::max(big, acc[q]);
     if (big == 0.0 || !std::isfinite(big)) return 1.0;
     int ex = 0;
     std::frexp(big, &ex);  // big = f 2^ex, f in [0.5, 1)
