@@ -20,6 +20,7 @@
 #include "core/copy.h"
 #include "core/dense_merge.h"
 #include "core/dense_stats.h"
+#include "core/finite.h"
 #include "core/gram.h"
 #include "core/parallel.h"
 #include "core/peak.h"
@@ -216,6 +217,21 @@ void dense_stats(py::handle tasks, int threads) {
     }
     py::gil_scoped_release release;
     kmf::dense_stats(parsed, threads);
+}
+
+py::list all_finite(py::handle mats, int threads) {
+    check_threads(threads);
+    std::vector<kmf::Mat> parsed;
+    const auto list = task_list(mats);
+    for (std::size_t i = 0; i < list.size(); ++i) parsed.push_back(parse_mat(list[i], "all_finite mat " + std::to_string(i)));
+    std::vector<char> flags;
+    {
+        py::gil_scoped_release release;
+        flags = kmf::all_finite(parsed, threads);
+    }
+    py::list out;
+    for (const char f : flags) out.append(py::bool_(f != 0));
+    return out;
 }
 
 void copy(py::handle tasks, int threads) {
@@ -440,6 +456,9 @@ PYBIND11_MODULE(_C, m) {
           "dense_stats(tasks, threads=0) -> None\n\n"
           "tasks: list of (X: Stack, Y: Stack, out_ptr: int). X is P x R, Y is Q x R. Writes float64\n"
           "[sum |D|, max |D|] of D = X @ Y^T at out_ptr, streaming tiles (D is never stored).");
+    m.def("all_finite", &all_finite, py::arg("mats"), py::arg("threads") = 0,
+          "all_finite(mats, threads=0) -> list[bool]\n\n"
+          "mats: list of Mat. Per matrix: True when no entry is NaN or inf (coef ignored).");
     m.def("copy", &copy, py::arg("tasks"), py::arg("threads") = 0,
           "copy(tasks, threads=0) -> None\n\n"
           "tasks: list of (src: Mat, dst: Mat) of equal shape. dst = src.coef * src converted to dst's\n"

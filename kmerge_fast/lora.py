@@ -25,6 +25,7 @@ from typing import Mapping
 import torch
 
 from .errors import AdapterError
+from .ops import cpu
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -153,6 +154,33 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
+def all_finite_many(tensors: list[torch.Tensor]) -> list[bool]:
+    """:func:`all_finite` of each 2-D tensor, the CPU ones in one C++ call when it is built.
+
+    The C++ scan tests exponent bits on the extension's own threads. torch's
+    reductions would also wake torch's thread pool, whose workers then spin
+    for a while and take cores from the next kernel (measured: ~10 ms of CPU
+    per 8-adapter merge on 2 cores).
+    """
+    flags: list[bool | None] = [None] * len(tensors)
+    if cpu.unavailable_reason() is None:
+        on_cpu = [i for i, t in enumerate(tensors) if t.device.type == "cpu" and t.dim() == 2 and t.numel()
+                  and t.dtype in cpu.DTYPE_CODES]
+        for i, ok in zip(on_cpu, cpu.all_finite([tensors[i] for i in on_cpu])):
+            flags[i] = ok
+    return [all_finite(t) if f is None else f for t, f in zip(tensors, flags)]
+
+
+def first_non_finite(modules: Mapping[str, LoRAModule]) -> tuple[str, str] | None:
+    """(module name, ``"A"`` or ``"B"``) of the first factor holding NaN or Inf, or None; one batched pass."""
+    flags = iter(all_finite_many([t for m in modules.values() for t in (m.A, m.B)]))
+    for name in modules:
+        for label in ("A", "B"):
+            if not next(flags):
+                return name, label
+    return None
+
+
 def canonical_name(name: str) -> str:
     """peft's key of a module: ``base_model.model.`` + its path in the base model."""
     return name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name
@@ -184,7 +212,11 @@ class LoRA:
         self.modules: dict[str, LoRAModule] = dict(modules)
         self.config: dict = dict(config or {})
         for name, m in self.modules.items():
-            check_module(name, m.A, m.B, m.scaling, source)
+            check_module(name, m.A, m.B, m.scaling, source, values=False)
+        bad = first_non_finite(self.modules)
+        if bad:
+            src = f"{source}: " if source else ""
+            raise AdapterError(f"{src}module {bad[0]!r}: lora_{bad[1]} contains NaN or Inf")
 
     # ------------------------------------------------------------------ build
     @classmethod

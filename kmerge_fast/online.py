@@ -49,7 +49,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .lora import LoRA, all_finite
+from .lora import LoRA, first_non_finite
 from .merge import merge
 from .opcm import opcm_step
 from .ops.elementwise import mix64
@@ -225,10 +225,9 @@ class OnlineMerger:
             raise ValueError(f"task: need a non-empty string, got {task!r}")
         if not lora.modules:
             raise ValueError(f"task {task!r}: the adapter has no modules")
-        for name, m in lora.modules.items():
-            for label, t in (("A", m.A), ("B", m.B)):
-                if not all_finite(t):
-                    raise ValueError(f"task {task!r}: module {name!r}: lora_{label} holds NaN or Inf")
+        bad = first_non_finite(lora.modules)
+        if bad:
+            raise ValueError(f"task {task!r}: module {bad[0]!r}: lora_{bad[1]} holds NaN or Inf")
         if self.slots:
             want = {n: m.shape for n, m in self.slots[0].modules.items()}
             got = {n: m.shape for n, m in lora.modules.items()}

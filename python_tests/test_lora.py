@@ -227,3 +227,29 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
             t = base.clone()
             t.view(-1)[pos] = value
             assert not all_finite(t) and not all_finite(t.T), (value, pos)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_all_finite_many_agrees_with_all_finite(dtype):
+    """The batched check (one C++ pass when the extension is built) on views, NaN payloads and edge values."""
+    from kmerge_fast.lora import all_finite, all_finite_many
+
+    big = torch.finfo(dtype).max
+    base = torch.full((9, 130), big, dtype=dtype)
+    base[1::2] = -big
+    base[3, :5] = torch.finfo(dtype).tiny / 4  # subnormals are finite
+    base[4, :3] = -0.0
+    cases = [base, base.T, base[:, ::3], base[2:5, 7:90], torch.empty(0, 4, dtype=dtype)]
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}[dtype]
+    for value in (math.nan, math.inf, -math.inf, "payload"):
+        for pos in ((0, 0), (4, 77), (8, 129)):
+            t = base.clone()
+            if value == "payload":  # a NaN with other mantissa bits than torch's own
+                t.view(bits)[pos] = -1  # all bits set: a negative NaN
+            else:
+                t[pos] = value
+            cases += [t, t.T, t[:, pos[1]:pos[1] + 1]]
+    got = all_finite_many(cases)
+    assert got == [all_finite(t) for t in cases] == [bool(torch.isfinite(t).all()) for t in cases]
+    assert not all(got)  # the bad cases are there

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "blas1.h"
+#include "finite.h"
 #include "xty.h"
 #include "parallel.h"
 #include "sym_eig.h"
@@ -173,23 +174,6 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
         }
     }
     return true;
-}
-
-/// True when p[0..n) holds no NaN or inf: x * 0 is 0 for finite x and NaN
-/// otherwise, summed in vector lanes (a scalar sum would be one long chain of
-/// dependent adds).
-bool all_finite(const double* p, std::int64_t n) {
-    using V = Simd<double>::V;
-    constexpr int L = Simd<double>::L;
-    V acc0{}, acc1{};
-    std::int64_t i = 0;
-    for (; i + 2 * L <= n; i += 2 * L) {
-        acc0 += vload<V>(p + i) * 0.0;
-        acc1 += vload<V>(p + i + L) * 0.0;
-    }
-    double acc = hsum(acc0 + acc1);
-    for (; i < n; ++i) acc += p[i] * 0.0;
-    return acc == 0.0;
 }
 
 }  // namespace

@@ -1,0 +1,59 @@
+#include "finite.h"
+
+#include <cstdint>
+#include <cstring>
+
+#include "parallel.h"
+
+namespace kmf {
+namespace {
+
+/// True when none of the n entries (stride in elements) has its exponent
+/// field all ones: (bits & mask) == mask marks NaN and inf in every IEEE format.
+template <typename U>
+bool run_finite(const void* p, std::int64_t n, std::int64_t stride, U mask) {
+    const U* s = static_cast<const U*>(p);
+    U bad = 0;
+    if (stride == 1)
+        for (std::int64_t t = 0; t < n; ++t) bad |= static_cast<U>((s[t] & mask) == mask);
+    else
+        for (std::int64_t t = 0; t < n; ++t) bad |= static_cast<U>((s[t * stride] & mask) == mask);
+    return bad == 0;
+}
+
+/// run_finite for dtype `code`.
+bool entries_finite(const void* p, int dtype, std::int64_t n, std::int64_t stride) {
+    switch (dtype) {
+        case kF32: return run_finite<std::uint32_t>(p, n, stride, 0x7f800000u);
+        case kF16: return run_finite<std::uint16_t>(p, n, stride, 0x7c00u);
+        case kBF16: return run_finite<std::uint16_t>(p, n, stride, 0x7f80u);
+        case kF64: return run_finite<std::uint64_t>(p, n, stride, 0x7ff0000000000000ull);
+        default: return false;
+    }
+}
+
+}  // namespace
+
+bool all_finite(const Mat& m) {
+    // Along the unit-stride direction when there is one.
+    const bool by_rows = m.cs == 1 || m.rs != 1;
+    const std::int64_t outer = by_rows ? m.rows : m.cols, inner = by_rows ? m.cols : m.rows;
+    const std::int64_t step = by_rows ? m.cs : m.rs;
+    for (std::int64_t o = 0; o < outer; ++o)
+        if (!entries_finite(by_rows ? m.at(o, 0) : m.at(0, o), m.dtype, inner, step)) return false;
+    return true;
+}
+
+bool all_finite(const double* p, std::int64_t n) { return entries_finite(p, kF64, n, 1); }
+
+std::vector<char> all_finite(const std::vector<Mat>& mats, int threads) {
+    double work = 0.0;
+    for (const Mat& m : mats) work += double(m.rows) * double(m.cols);
+    std::vector<char> flags(mats.size(), 0);
+    // The scan is bound by memory: an entry costs about the time of 16 multiply-adds.
+    parallel_for(static_cast<std::int64_t>(mats.size()), threads_for_work(threads, 16 * work),
+                 [&](std::int64_t i, int) { flags[static_cast<std::size_t>(i)] = all_finite(mats[static_cast<std::size_t>(i)]); });
+    return flags;
+}
+
+}  // namespace kmf
