@@ -106,12 +106,12 @@ class LoRAModule:
         self._norm_cache = (self._norm_key(arithmetic), float(value))
 
 
-def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "",
-                 values: bool = True) -> None:
-    """Raise :class:`AdapterError` unless (A, B, scaling) is a valid LoRA module.
+def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, where: str = "") -> None:
+    """Raise :class:`AdapterError` unless (A, B, scaling) is a well-formed LoRA module.
 
-    ``where`` names the file (or other source) for the message. ``values=False``
-    checks the structure only (types, shapes, dtypes, devices), not NaN / Inf.
+    ``where`` names the file (or other source) for the message. Checks the
+    structure (types, shapes, dtypes, devices) and the scaling; the factors'
+    values (NaN / Inf) are :func:`first_non_finite`'s, for all modules at once.
     """
     src = f"{where}: " if where else ""
     for label, t in (("A", A), ("B", B)):
@@ -136,9 +136,6 @@ def check_module(name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, wh
         raise AdapterError(f"{src}module {name!r}: lora_A is on {A.device} but lora_B on {B.device}")
     if not math.isfinite(float(scaling)):
         raise AdapterError(f"{src}module {name!r}: scaling is {scaling}")
-    for label, t in (("A", A), ("B", B)) if values else ():
-        if not all_finite(t):
-            raise AdapterError(f"{src}module {name!r}: lora_{label} contains NaN or Inf")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -164,8 +161,8 @@ def all_finite_many(tensors: list[torch.Tensor]) -> list[bool]:
     """
     flags: list[bool | None] = [None] * len(tensors)
     if cpu.unavailable_reason() is None:
-        on_cpu = [i for i, t in enumerate(tensors) if t.device.type == "cpu" and t.dim() == 2 and t.numel()
-                  and t.dtype in cpu.DTYPE_CODES]
+        on_cpu = [i for i, t in enumerate(tensors)
+                  if t.dim() == 2 and t.numel() and cpu.unsupported_reason(t.device, t.dtype) is None]
         for i, ok in zip(on_cpu, cpu.all_finite([tensors[i] for i in on_cpu])):
             flags[i] = ok
     return [all_finite(t) if f is None else f for t, f in zip(tensors, flags)]
@@ -212,7 +209,7 @@ class LoRA:
         self.modules: dict[str, LoRAModule] = dict(modules)
         self.config: dict = dict(config or {})
         for name, m in self.modules.items():
-            check_module(name, m.A, m.B, m.scaling, source, values=False)
+            check_module(name, m.A, m.B, m.scaling, source)
         bad = first_non_finite(self.modules)
         if bad:
             src = f"{source}: " if source else ""
@@ -369,7 +366,7 @@ class LoRA:
             module_path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
             r = _pattern_value(rank_pattern, module_path, r_default)
             alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
-            check_module(name, ab["A"], ab["B"], 1.0, str(weights_path), values=False)  # values: in cls() below
+            check_module(name, ab["A"], ab["B"], 1.0, str(weights_path))  # values: in cls() below
             if ab["A"].shape[0] != r:
                 raise AdapterError(
                     f"{weights_path}: module {name!r}: lora_A has rank {ab['A'].shape[0]} but the config "

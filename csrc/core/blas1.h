@@ -12,7 +12,7 @@ namespace kmf {
 /// Sum of the lanes of v, as a tree (the halves of the vector added until
 /// one lane is left): log2(L) dependent adds instead of L - 1.
 inline double hsum(Simd<double>::V v) {
-#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX512F__)
+#if KMF_HAVE_SHUFFLEVECTOR && defined(__AVX512F__)
     typedef double V4 __attribute__((vector_size(32)));
     typedef double V2 __attribute__((vector_size(16)));
     const V4 s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);

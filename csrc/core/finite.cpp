@@ -1,7 +1,6 @@
 #include "finite.h"
 
 #include <cstdint>
-#include <cstring>
 
 #include "parallel.h"
 

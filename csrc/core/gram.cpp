@@ -80,30 +80,33 @@ void gram_range(const GramTask& t, std::int64_t kb, std::int64_t ke, double* out
             for (std::int64_t q = 0; q < na; ++q) {
                 const std::int64_t i0 = q * MR, ni = std::min<std::int64_t>(MR, RA - i0);
                 if (t.symmetric && j0 + nj - 1 < i0) continue;  // entirely below the diagonal
-                const T* a = ap + q * kc * MR;
+                // One tile with its a operand in whichever layout it was packed: into
+                // c (row stride ldc) as Out says, computing vectors V0 .. NV - 1 only.
+                auto kernel = [&](auto out_tag, auto v0_tag, T* c, std::int64_t ldc) {
+                    constexpr TileOut Out = decltype(out_tag)::value;
+                    constexpr int V0 = decltype(v0_tag)::value;
+                    const T* b = bp + p * kc * NR;
+                    if (shared)
+                        micro_kernel<T, true, Out, V0>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR, b, c, ldc);
+                    else if (a_kmajor)
+                        micro_kernel<T, true, Out, V0>(kc, ap + q * kc * MR, 0, b, c, ldc);
+                    else
+                        micro_kernel<T, false, Out, V0>(kc, ap + q * kc * MR, kc, b, c, ldc);
+                };
+                using Add = std::integral_constant<TileOut, TileOut::kAdd>;
+                using Store = std::integral_constant<TileOut, TileOut::kStore>;
                 if constexpr (std::is_same_v<T, double>) {
                     if (!swap && ni == MR && nj == NR) {  // a whole tile: added to out in place
                         double* o = out + i0 * R2 + j0;
-                        constexpr int L = Simd<T>::L;
-                        if (shared && TileShape<T>::NV == 2 && i0 >= j0 + L)  // its first vector is all below the diagonal
-                            micro_kernel<T, true, TileOut::kAdd, 1>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR,
-                                                                    bp + p * kc * NR, o, R2);
-                        else if (shared)
-                            micro_kernel<T, true, TileOut::kAdd>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR,
-                                                                 bp + p * kc * NR, o, R2);
-                        else if (a_kmajor)
-                            micro_kernel<T, true, TileOut::kAdd>(kc, a, 0, bp + p * kc * NR, o, R2);
+                        // A symmetric result's tile whose first vector lies below the diagonal skips it.
+                        if (t.symmetric && TileShape<T>::NV == 2 && i0 >= j0 + Simd<T>::L)
+                            kernel(Add{}, std::integral_constant<int, 1>{}, o, R2);
                         else
-                            micro_kernel<T, false, TileOut::kAdd>(kc, a, kc, bp + p * kc * NR, o, R2);
+                            kernel(Add{}, std::integral_constant<int, 0>{}, o, R2);
                         continue;
                     }
                 }
-                if (shared)
-                    micro_kernel<T, true>(kc, bp + (i0 / NR) * kc * NR + i0 % NR, NR, bp + p * kc * NR, tile);
-                else if (a_kmajor)
-                    micro_kernel<T, true>(kc, a, 0, bp + p * kc * NR, tile);
-                else
-                    micro_kernel<T, false>(kc, a, kc, bp + p * kc * NR, tile);
+                kernel(Store{}, std::integral_constant<int, 0>{}, tile, NR);
                 if (!swap) {
                     for (std::int64_t i = 0; i < ni; ++i) {
                         double* o = out + (i0 + i) * R2 + j0;

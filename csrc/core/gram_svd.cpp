@@ -118,7 +118,9 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     std::fill(w, w + R * rank, 0.0);
     if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig)) return false;
     // T_B = L W = (L^T)^T W; T_A = L^{-T} W.
-    xty(R, R, rank, lt, R, w, rank, t.t_b, rank, {false, false, false, false, true}, wk.xty);
+    XtyShape by_lt;  // X = L^T, upper triangular
+    by_lt.x_upper = true;
+    xty(R, R, rank, lt, R, w, rank, t.t_b, rank, by_lt, wk.xty);
     std::copy(w, w + R * rank, t.t_a);
     upper_solve(R, lt, t.t_a, rank, rank, wk.xty);
     // The check: A' A'^T = T_A^T Ga T_A = I on the kk live columns (the rest are zero).

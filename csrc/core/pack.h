@@ -51,10 +51,6 @@ inline void for_segments(const Stack& s, std::int64_t j0, std::int64_t n, F&& f)
 /// True when a block is better read column by column (a transposed view).
 inline bool column_major(const Mat& m) { return m.rs == 1 && m.cs != 1 && m.cols > 1 && m.rows > 1; }
 
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define KMF_HAVE_SHUFFLEVECTOR 1
-#endif
-
 #if KMF_HAVE_SHUFFLEVECTOR
 /// dst[k * ld + i] = src[i * lds + k] for an 8 x 8 float block (three shuffle stages).
 inline void transpose_block(float* __restrict dst, std::int64_t ld, const float* __restrict src, std::int64_t lds) {
@@ -88,6 +84,7 @@ inline void transpose_block(float* __restrict dst, std::int64_t ld, const float*
     vstore(dst + 7 * ld, __builtin_shufflevector(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15));
 }
 
+#if !defined(__AVX512F__)
 /// dst[k * ld + i] = src[i * lds + k] for a 4 x 4 double block.
 inline void transpose_block(double* __restrict dst, std::int64_t ld, const double* __restrict src, std::int64_t lds) {
     typedef double v4 __attribute__((vector_size(32)));
@@ -99,9 +96,9 @@ inline void transpose_block(double* __restrict dst, std::int64_t ld, const doubl
     vstore(dst + 2 * ld, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
     vstore(dst + 3 * ld, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
 }
-#if defined(__AVX512F__)
+#else
 /// dst[k * ld + i] = src[i * lds + k] for an 8 x 8 double block (512-bit vectors, three shuffle stages).
-inline void transpose_block8(double* __restrict dst, std::int64_t ld, const double* __restrict src, std::int64_t lds) {
+inline void transpose_block(double* __restrict dst, std::int64_t ld, const double* __restrict src, std::int64_t lds) {
     typedef double v8 __attribute__((vector_size(64)));
     v8 r[8];
     for (int i = 0; i < 8; ++i) r[i] = vload<v8>(src + i * lds);
@@ -125,10 +122,11 @@ inline void transpose_block8(double* __restrict dst, std::int64_t ld, const doub
 #endif
 #endif
 
-/// Side of the square blocks transpose_into moves with vector shuffles.
+/// Side of the square blocks transpose_into moves with vector shuffles (the
+/// float64 block fills 512-bit vectors where the build has them).
 template <typename T>
 constexpr int kTransposeBlock =
-#if KMF_HAVE_SHUFFLEVECTOR && defined(__AVX512F__)
+#if defined(__AVX512F__)
     std::is_same_v<T, double> ? 8 :
 #endif
     32 / sizeof(T);
@@ -143,15 +141,7 @@ inline void transpose_into(T* __restrict dst, std::int64_t ld, const T* __restri
 #if KMF_HAVE_SHUFFLEVECTOR
     const std::int64_t kfull = kc / B * B;
     for (; j0 + B <= n; j0 += B) {
-        for (std::int64_t k = 0; k < kfull; k += B) {
-#if defined(__AVX512F__)
-            if constexpr (B == 8 && std::is_same_v<T, double>) {
-                transpose_block8(dst + k * ld + j0, ld, src + j0 * lds + k, lds);
-                continue;
-            }
-#endif
-            transpose_block(dst + k * ld + j0, ld, src + j0 * lds + k, lds);
-        }
+        for (std::int64_t k = 0; k < kfull; k += B) transpose_block(dst + k * ld + j0, ld, src + j0 * lds + k, lds);
         for (std::int64_t k = kfull; k < kc; ++k)
             for (std::int64_t j = j0; j < j0 + B; ++j) dst[k * ld + j] = src[j * lds + k];
     }

@@ -37,6 +37,11 @@ constexpr int kVecRegs = 32;
 constexpr int kVecRegs = 16;
 #endif
 
+/// __builtin_shufflevector (lane permutations of vector extensions) is available.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define KMF_HAVE_SHUFFLEVECTOR 1
+#endif
+
 /// Scratch buffers are aligned to this many bytes (one cache line, >= kVecBytes).
 constexpr std::size_t kAlign = 64;
 

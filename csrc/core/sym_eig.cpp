@@ -632,7 +632,7 @@ void SymEig::back_transform(std::int64_t k, double* v, std::int64_t ldv) const {
     // reflectors (compact WY, as LAPACK's dlarft / dlarfb): for the block
     // [j0, j1), H_j0 ... H_{j1-1} = I - Y T Y^T with Y (M x nb) the reflectors
     // over rows j0 + 1 .. n - 1 (column c starts at row c) and T upper
-    // triangular, so X <- X - Y (T (Y^T X)): three products on xty.
+    // triangular, so X <- X - Y (T (Y^T X)): products on xty.
     constexpr std::int64_t kBlock = 16;  // measured: 8 / 24 / 32 / 64 slower
     const std::int64_t n = n_, nrefl = n - 1;
     if (nrefl <= 0 || k <= 0) return;
@@ -651,6 +651,7 @@ void SymEig::back_transform(std::int64_t k, double* v, std::int64_t ldv) const {
         }
         xty(m, nb, nb, y, kBlock, y, kBlock, s, kBlock, {true, true, true}, wk_->xty);
         // T (dlarft, forward, columnwise): T[c][c] = tau_c, T[0:c][c] = -tau_c T[0:c][0:c] S[0:c][c].
+        std::fill(t, t + kBlock * kBlock, 0.0);  // its lower triangle is read as zeros below
         for (std::int64_t c = 0; c < nb; ++c) {
             const double tc = tau_[j0 + c];
             t[c * kBlock + c] = tc;
@@ -662,15 +663,9 @@ void SymEig::back_transform(std::int64_t k, double* v, std::int64_t ldv) const {
         }
         double* xr = v + (j0 + 1) * ldv;
         xty(m, nb, k, y, kBlock, xr, ldv, w1, k, {true}, wk_->xty);
-        for (std::int64_t i = 0; i < nb; ++i) {  // W2 = T W1
-            double* __restrict out = w2 + i * k;
-            std::fill(out, out + k, 0.0);
-            for (std::int64_t q = i; q < nb; ++q) {
-                const double tiq = t[i * kBlock + q];
-                const double* row = w1 + q * k;
-                for (std::int64_t c = 0; c < k; ++c) out[c] += tiq * row[c];
-            }
-        }
+        XtyShape tw;  // W2 = T W1 = X^T W1 with X = T^T, given as T: x_trans, lower triangular
+        tw.x_lower = tw.x_trans = true;
+        xty(nb, nb, k, t, kBlock, w1, k, w2, k, tw, wk_->xty);
         XtyShape upd;
         upd.subtract = upd.x_upper = upd.x_trans = true;
         xty(nb, m, k, y, kBlock, w2, k, xr, ldv, upd, wk_->xty);

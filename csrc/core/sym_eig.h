@@ -30,7 +30,7 @@ struct SymEigWork {
 ///      eigenvalues still get orthonormal vectors (the first vector of each
 ///      cluster needs none: those go SIMD-lane-parallel); then back-transformation
 ///      by the reflectors of step 1 in compact-WY blocks of 16 reflectors
-///      (three products on xty per block), n^2 (k + 4) multiply-adds.
+///      (their products on xty), n^2 (k + 4) multiply-adds.
 ///
 /// The matrix is scaled by a power of two first (exact), so every tolerance
 /// is relative to its largest entry and nothing over- or underflows.

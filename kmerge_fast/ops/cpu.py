@@ -23,7 +23,7 @@ from .gram_svd import core_transforms
 
 NAME = "cpp"
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 #: ``_C.truncate``'s route codes (per module: Cholesky route, eigen route, not settled).
 ROUTE_CHOLESKY, ROUTE_EIGEN, ROUTE_FAILED = 0, 1, 2
 
@@ -41,8 +41,8 @@ def unavailable_reason() -> str | None:
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if torch.device(device).type != "cpu":
         return f"tensors on {device}; the C++ backend runs on CPU tensors"
-    if dtype not in DTYPE_CODES:
-        return f"dtype {dtype} is not one of {list(DTYPE_CODES)}"
+    if dtype not in _DTYPE_CODES:
+        return f"dtype {dtype} is not one of {list(_DTYPE_CODES)}"
     return None
 
 
@@ -53,7 +53,7 @@ def _mat(t: torch.Tensor, coef: float = 1.0, transpose: bool = False) -> tuple:
     rs, cs = t.stride()
     if transpose:
         rows, cols, rs, cs = cols, rows, cs, rs
-    return (t.data_ptr(), DTYPE_CODES[t.dtype], rows, cols, rs, cs, float(coef))
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], rows, cols, rs, cs, float(coef))
 
 
 def _b_stack(factors: list[Factor]) -> list[tuple]:
