@@ -237,13 +237,35 @@ def test_large_stacks_are_float64_optimal(spectrum):
     assert excess(terms, new_a, new_b, rank) <= 1e-10
 
 
+def relative_product_error(new_a, new_b, exact_a, exact_b) -> float:
+    """|B'A' - (B'A')_64| / |(B'A')_64| against the float64 result of float64 inputs."""
+    exact = exact_b @ exact_a
+    return float((new_b.double() @ new_a.double() - exact).norm() / exact.norm())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_outputs_round_once_from_float64(dtype):
-    terms = gaussian_terms(77, 51, [5, 7], seed=9, dtype=dtype, coefs=[0.5, -2.0])
-    new_a, new_b, _ = truncate(terms, 6, dtype=dtype)
-    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 6)
-    # same float64 algebra (the inputs are exact in float64), one rounding to dtype per output
-    assert torch.equal(new_a, exact_a.to(dtype)) and torch.equal(new_b, exact_b.to(dtype))
+def test_well_conditioned_rebuilds_err_at_the_output_rounding(dtype):
+    # no cancellation: the rebuild may accumulate in float32 (kFloatRebuildTol = 1e-5
+    # bounds its estimated error for float32 outputs; coarser outputs round more anyway)
+    terms = gaussian_terms(301, 257, [16, 16, 9, 16], seed=9, dtype=dtype, coefs=[0.5, -2.0, 1.0, 0.25])
+    new_a, new_b, _ = truncate(terms, 12, dtype=dtype)
+    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 12)
+    err = relative_product_error(new_a, new_b, exact_a, exact_b)
+    rounding = relative_product_error(exact_a.to(dtype), exact_b.to(dtype), exact_a, exact_b)
+    assert err <= (1e-5 if dtype == torch.float32 else 2 * rounding)
+    assert excess(terms, new_a, new_b, 12) <= 1e-4
+
+
+def test_cancelling_sums_keep_the_float64_rebuild():
+    # B1 A1 - B2 A2 of nearly equal adapters: |B| |A| is ~100 |B'A'|, so a float32
+    # rebuild would err by ~1e-5; the float64 one rounds once to float32
+    g = torch.Generator().manual_seed(11)
+    a0, b0 = torch.randn(16, 190, generator=g, dtype=torch.float64), torch.randn(230, 16, generator=g, dtype=torch.float64)
+    terms = [((a0 + 1e-2 * torch.randn(16, 190, generator=g, dtype=torch.float64)).float(),
+              (b0 + 1e-2 * torch.randn(230, 16, generator=g, dtype=torch.float64)).float(), c) for c in (1.0, -1.0)]
+    new_a, new_b, _ = truncate(terms, 8, dtype=torch.float32)
+    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 8)
+    assert torch.equal(new_a, exact_a.float()) and torch.equal(new_b, exact_b.float())
 
 
 def test_results_do_not_depend_on_threads_or_batching():

@@ -52,12 +52,15 @@ bool cholesky(std::int64_t n, const double* g, double* u, GramSvdWork& wk) {
 }
 
 /// The kk leading eigenvectors of the symmetric k_mat (n x n, upper triangle
-/// read) into w (n x ldw, columns 0..kk); false if inverse iteration failed.
+/// read) into w (n x ldw, columns 0..kk), and the sum of their eigenvalues
+/// into energy; false if inverse iteration failed.
 bool leading_vectors(std::int64_t n, const double* k_mat, std::int64_t kk, double* w, std::int64_t ldw,
-                     SymEigWork& ew) {
+                     SymEigWork& ew, double& energy) {
     SymEig eig(n, k_mat, n, &ew);
     std::vector<double> values(static_cast<std::size_t>(kk));
     eig.top_values(kk, values.data());
+    energy = 0.0;
+    for (double v : values) energy += std::max(v, 0.0);
     return eig.vectors(kk, values.data(), w, ldw) == 0;
 }
 
@@ -108,7 +111,7 @@ void congruence_upper(std::int64_t n, const double* g, const double* u, double* 
 }
 
 /// Cholesky route; false if Cholesky or the orthonormality check rejects the module.
-bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
+bool cholesky_route(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r, kk = std::min(rank, R);
     double* lt = wk.lt.get<double>(static_cast<std::size_t>(R * R));  // L^T
     if (!cholesky(R, t.ga, lt, wk)) return false;
@@ -116,7 +119,8 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     congruence_upper(R, t.gb, lt, k_mat, wk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(R * rank));
     std::fill(w, w + R * rank, 0.0);
-    if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig)) return false;
+    if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig, t.energy)) return false;
+    t.kept = kk;
     // T_B = L W = (L^T)^T W; T_A = L^{-T} W.
     XtyShape by_lt;  // X = L^T, upper triangular
     by_lt.x_upper = true;
@@ -138,7 +142,7 @@ bool cholesky_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
 }
 
 /// Eigen route; false if an eigenproblem failed.
-bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
+bool eigen_route(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r;
     SymEig eig_a(R, t.ga, R);  // its own buffers: leading_vectors below uses wk.eig
     std::vector<double> la(static_cast<std::size_t>(R));
@@ -148,6 +152,7 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     while (nk < R && la[static_cast<std::size_t>(nk)] > cut) ++nk;
     std::fill(t.t_b, t.t_b + R * rank, 0.0);
     std::fill(t.t_a, t.t_a + R * rank, 0.0);
+    t.energy = 0.0, t.kept = 0;
     if (nk == 0) return true;  // Ga = 0: the product is zero
     double* va = wk.va.get<double>(static_cast<std::size_t>(R * nk));
     if (eig_a.vectors(nk, la.data(), va, nk) != 0) return false;
@@ -161,7 +166,8 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     xty(R, nk, nk, s, nk, u, nk, k_mat, nk, {false, false, true}, wk.xty);
     const std::int64_t kk = std::min(rank, nk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(nk * kk));
-    if (!leading_vectors(nk, k_mat, kk, w, kk, wk.eig)) return false;
+    if (!leading_vectors(nk, k_mat, kk, w, kk, wk.eig, t.energy)) return false;
+    t.kept = kk;
     for (std::int64_t i = 0; i < R; ++i) {
         double* __restrict tb = t.t_b + i * rank;
         double* __restrict ta = t.t_a + i * rank;
@@ -182,6 +188,7 @@ bool eigen_route(const GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
 
 void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r;
+    t.energy = 0.0, t.kept = 0;
     if (R == 0) {
         t.route = kRouteCholesky;
     } else if (!all_finite(t.gb, R * R) || !all_finite(t.ga, R * R)) {

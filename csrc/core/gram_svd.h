@@ -21,6 +21,10 @@ struct GramSvdTask {
     std::int64_t big_r = 0;
     double* t_b = nullptr;
     double* t_a = nullptr;
+    /// Out: the sum of the kept squared singular values, ||B'||_F^2 = ||B' A'||_F^2,
+    /// and the number of kept (nonzero) columns, ||A'||_F^2.
+    double energy = 0.0;
+    std::int64_t kept = 0;
     /// Out: kRouteCholesky, kRouteEigen, or kRouteFailed (T_B, T_A unspecified:
     /// the caller must solve this module another way).
     int route = 0;

@@ -1,6 +1,7 @@
 #include "truncate.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -74,6 +75,53 @@ private:
     std::vector<std::unique_ptr<Worker>> w_;
 };
 
+/// Largest estimated relative error of a float32 rebuild accepted for float32 outputs.
+constexpr double kFloatRebuildTol = 1e-5;
+
+/// Unit roundoff of a storage dtype.
+double unit_roundoff(int dtype) {
+    switch (dtype) {
+        case kF16: return 0x1p-11;
+        case kBF16: return 0x1p-8;
+        case kF64: return 0x1p-53;
+        default: return 0x1p-24;
+    }
+}
+
+/// Sum of the squares of a float64 array.
+double sum_sq(const double* x, std::int64_t n) {
+    double s = 0.0;
+    for (std::int64_t i = 0; i < n; ++i) s += x[i] * x[i];
+    return s;
+}
+
+/// Whether the rebuild B' = B T_B, A'^T = A^T T_A may accumulate in float32
+/// (twice the rate of float64). Rounding T and the sums to float32 errs by
+/// about u32 (kappa_B + kappa_A) relative to B'A' (measured: a sixteenth of
+/// that on random stacks of rank 256), where kappa_B = |B| |T_B| / |B'| and
+/// kappa_A = |A| |T_A| / |A'| (Frobenius norms, |B|^2 = tr Gb, |A|^2 = tr Ga)
+/// measure the cancellation in the two products. Float32 is taken when that
+/// estimate is within kFloatRebuildTol, or within the outputs' own rounding
+/// if coarser; never for float64 data, nor for a zero or non-finite result.
+bool float_rebuild_ok(const TruncateTask& t, const GramSvdTask& core, std::int64_t rank) {
+    double u_out = 0.0;
+    for (const Stack* s : {&t.b, &t.at})
+        for (const Mat& m : s->blocks)
+            if (m.dtype == kF64) return false;
+    for (const Mat* m : {&t.out_b, &t.out_at}) {
+        if (m->dtype == kF64) return false;
+        u_out = std::max(u_out, unit_roundoff(m->dtype));
+    }
+    if (!(core.energy > 0.0) || core.kept <= 0) return false;
+    const std::int64_t R = core.big_r;
+    double tr_b = 0.0, tr_a = 0.0;
+    for (std::int64_t i = 0; i < R; ++i) tr_b += core.gb[i * R + i], tr_a += core.ga[i * R + i];
+    const double kappa_b = std::sqrt(tr_b * sum_sq(core.t_b, R * rank) / core.energy);
+    const double kappa_a = std::sqrt(tr_a * sum_sq(core.t_a, R * rank) / static_cast<double>(core.kept));
+    const double estimate = unit_roundoff(kF32) * (kappa_b + kappa_a);
+    return estimate <= std::max(kFloatRebuildTol, u_out);  // false for NaN too
+}
+
 /// One module, its Grams and rebuild on `threads` threads.
 void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     const std::int64_t R = t.b.cols;
@@ -94,14 +142,15 @@ void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     gram_svd_one(core, rank, wk.core);
     t.route = core.route;
     if (core.route == kRouteFailed) return;
+    const bool precise = !float_rebuild_ok(t, core, rank);
     ApplyTask ab, aa;
     ab.x = t.b, ab.t = core.t_b, ab.c = rank, ab.out = t.out_b;
     aa.x = t.at, aa.t = core.t_a, aa.c = rank, aa.out = t.out_at;
     if (threads == 1) {
-        apply_one(ab, true, wk.apply);
-        apply_one(aa, true, wk.apply);
+        apply_one(ab, precise, wk.apply);
+        apply_one(aa, precise, wk.apply);
     } else {
-        apply({ab, aa}, true, threads);
+        apply({ab, aa}, precise, threads);
     }
 }
 
