@@ -23,7 +23,8 @@ struct TruncateTask {
 };
 
 /// Gb = B^T B and Ga = A A^T in float64, then gram_svd_one, then
-/// B' = B T_B and A'^T = A^T T_A accumulated in float64. Modules run in
+/// B' = B T_B and A'^T = A^T T_A, accumulated in float32 where the estimated
+/// error allows (see float_rebuild_ok in truncate.cpp), else in float64. Modules run in
 /// parallel, each on one thread; with fewer modules than threads they run one
 /// after another, each Gram and rebuild on all threads.
 void truncate(std::vector<TruncateTask>& tasks, std::int64_t rank, int threads);

@@ -173,7 +173,9 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
 
     One ``_C.truncate`` call, one module per thread: the Grams Gb = B^T B and
     Ga = A A^T, their R x R algebra (the two routes of ``ops/gram_svd.py``, in
-    C++), and the rebuild B' = B T_B, A'^T = A^T T_A. The tall stacks are read
+    C++), and the rebuild B' = B T_B, A'^T = A^T T_A (accumulated in float32
+    where its estimated error is at most 1e-5 relative, else in float64; see
+    ``float_rebuild_ok`` in csrc/core/truncate.cpp). The tall stacks are read
     twice and the R x R Grams never leave the worker's scratch. A module the
     C++ algebra cannot settle (non-finite Grams, an eigenproblem that did not
     converge) is redone with the torch algebra of ``ops/gram_svd.py``.
