@@ -256,6 +256,14 @@ def test_well_conditioned_rebuilds_err_at_the_output_rounding(dtype):
     assert excess(terms, new_a, new_b, 12) <= 1e-4
 
 
+def test_float64_outputs_keep_the_float64_rebuild():
+    # float32 inputs are exact in float64: float64 outputs equal those of float64 inputs
+    terms = gaussian_terms(120, 97, [8, 8, 5], seed=12, dtype=torch.float32, coefs=[0.5, 1.0, -1.5])
+    new_a, new_b, _ = truncate(terms, 6, dtype=torch.float64)
+    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 6)
+    assert torch.equal(new_a, exact_a) and torch.equal(new_b, exact_b)
+
+
 def test_cancelling_sums_keep_the_float64_rebuild():
     # B1 A1 - B2 A2 of nearly equal adapters: |B| |A| is ~100 |B'A'|, so a float32
     # rebuild would err by ~1e-5; the float64 one rounds once to float32
