@@ -256,6 +256,20 @@ def test_well_conditioned_rebuilds_err_at_the_output_rounding(dtype):
     assert excess(terms, new_a, new_b, 12) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_outputs_of_mildly_cancelling_sums_err_at_their_rounding(dtype):
+    # estimate u32 (kappa_B + kappa_A) ~ 2e-5: above the float32 tolerance, below half precision's rounding, so
+    # the rebuild may run in float32 for these outputs; the error stays at their rounding
+    g = torch.Generator().manual_seed(13)
+    a0, b0 = torch.randn(16, 190, generator=g, dtype=torch.float64), torch.randn(230, 16, generator=g, dtype=torch.float64)
+    terms = [((a0 + 0.02 * torch.randn(16, 190, generator=g, dtype=torch.float64)).to(dtype),
+              (b0 + 0.02 * torch.randn(230, 16, generator=g, dtype=torch.float64)).to(dtype), c) for c in (1.0, -1.0)]
+    new_a, new_b, _ = truncate(terms, 8, dtype=dtype)
+    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 8)
+    err = relative_product_error(new_a, new_b, exact_a, exact_b)
+    assert err <= 2 * relative_product_error(exact_a.to(dtype), exact_b.to(dtype), exact_a, exact_b)
+
+
 def test_float64_outputs_keep_the_float64_rebuild():
     # float32 inputs are exact in float64: float64 outputs equal those of float64 inputs
     terms = gaussian_terms(120, 97, [8, 8, 5], seed=12, dtype=torch.float32, coefs=[0.5, 1.0, -1.5])
