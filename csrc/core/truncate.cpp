@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "apply.h"
+#include "blas1.h"
 #include "gram.h"
 #include "gram_svd.h"
 #include "parallel.h"
@@ -88,13 +89,6 @@ double unit_roundoff(int dtype) {
     }
 }
 
-/// Sum of the squares of a float64 array.
-double sum_sq(const double* x, std::int64_t n) {
-    double s = 0.0;
-    for (std::int64_t i = 0; i < n; ++i) s += x[i] * x[i];
-    return s;
-}
-
 /// Whether the rebuild B' = B T_B, A'^T = A^T T_A may accumulate in float32
 /// (twice the rate of float64). Rounding T and the sums to float32 errs by
 /// about u32 (kappa_B + kappa_A) relative to B'A' (measured: a sixteenth of
@@ -116,8 +110,8 @@ bool float_rebuild_ok(const TruncateTask& t, const GramSvdTask& core, std::int64
     const std::int64_t R = core.big_r;
     double tr_b = 0.0, tr_a = 0.0;
     for (std::int64_t i = 0; i < R; ++i) tr_b += core.gb[i * R + i], tr_a += core.ga[i * R + i];
-    const double kappa_b = std::sqrt(tr_b * sum_sq(core.t_b, R * rank) / core.energy);
-    const double kappa_a = std::sqrt(tr_a * sum_sq(core.t_a, R * rank) / static_cast<double>(core.kept));
+    const double kappa_b = std::sqrt(tr_b * dot(core.t_b, core.t_b, R * rank) / core.energy);
+    const double kappa_a = std::sqrt(tr_a * dot(core.t_a, core.t_a, R * rank) / static_cast<double>(core.kept));
     const double estimate = unit_roundoff(kF32) * (kappa_b + kappa_a);
     return estimate <= std::max(kFloatRebuildTol, u_out);  // false for NaN too
 }
