@@ -237,6 +237,21 @@ def test_large_stacks_are_float64_optimal(spectrum):
     assert excess(terms, new_a, new_b, rank) <= 1e-10
 
 
+def truncate_and_exact(terms, rank: int, dtype):
+    """(A', B') in dtype, and (A', B') in float64 of the same terms taken as float64."""
+    new_a, new_b, _ = truncate(terms, rank, dtype=dtype)
+    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], rank)
+    return new_a, new_b, exact_a, exact_b
+
+
+def near_cancelling_terms(seed: int, eps: float, dtype):
+    """B1 A1 - B2 A2 of two rank-16 adapters within eps of a common one (A 16 x 190, B 230 x 16)."""
+    g = torch.Generator().manual_seed(seed)
+    a0, b0 = torch.randn(16, 190, generator=g, dtype=torch.float64), torch.randn(230, 16, generator=g, dtype=torch.float64)
+    return [((a0 + eps * torch.randn(16, 190, generator=g, dtype=torch.float64)).to(dtype),
+             (b0 + eps * torch.randn(230, 16, generator=g, dtype=torch.float64)).to(dtype), c) for c in (1.0, -1.0)]
+
+
 def relative_product_error(new_a, new_b, exact_a, exact_b) -> float:
     """|B'A' - (B'A')_64| / |(B'A')_64| against the float64 result of float64 inputs."""
     exact = exact_b @ exact_a
@@ -248,8 +263,7 @@ def test_well_conditioned_rebuilds_err_at_the_output_rounding(dtype):
     # no cancellation: the rebuild may accumulate in float32 (kFloatRebuildTol = 1e-5
     # bounds its estimated error for float32 outputs; coarser outputs round more anyway)
     terms = gaussian_terms(301, 257, [16, 16, 9, 16], seed=9, dtype=dtype, coefs=[0.5, -2.0, 1.0, 0.25])
-    new_a, new_b, _ = truncate(terms, 12, dtype=dtype)
-    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 12)
+    new_a, new_b, exact_a, exact_b = truncate_and_exact(terms, 12, dtype)
     err = relative_product_error(new_a, new_b, exact_a, exact_b)
     rounding = relative_product_error(exact_a.to(dtype), exact_b.to(dtype), exact_a, exact_b)
     assert err <= (1e-5 if dtype == torch.float32 else 2 * rounding)
@@ -260,12 +274,7 @@ def test_well_conditioned_rebuilds_err_at_the_output_rounding(dtype):
 def test_half_outputs_of_mildly_cancelling_sums_err_at_their_rounding(dtype):
     # estimate u32 (kappa_B + kappa_A) ~ 2e-5: above the float32 tolerance, below half precision's rounding, so
     # the rebuild may run in float32 for these outputs; the error stays at their rounding
-    g = torch.Generator().manual_seed(13)
-    a0, b0 = torch.randn(16, 190, generator=g, dtype=torch.float64), torch.randn(230, 16, generator=g, dtype=torch.float64)
-    terms = [((a0 + 0.02 * torch.randn(16, 190, generator=g, dtype=torch.float64)).to(dtype),
-              (b0 + 0.02 * torch.randn(230, 16, generator=g, dtype=torch.float64)).to(dtype), c) for c in (1.0, -1.0)]
-    new_a, new_b, _ = truncate(terms, 8, dtype=dtype)
-    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 8)
+    new_a, new_b, exact_a, exact_b = truncate_and_exact(near_cancelling_terms(13, 0.02, dtype), 8, dtype)
     err = relative_product_error(new_a, new_b, exact_a, exact_b)
     assert err <= 2 * relative_product_error(exact_a.to(dtype), exact_b.to(dtype), exact_a, exact_b)
 
@@ -273,20 +282,14 @@ def test_half_outputs_of_mildly_cancelling_sums_err_at_their_rounding(dtype):
 def test_float64_outputs_keep_the_float64_rebuild():
     # float32 inputs are exact in float64: float64 outputs equal those of float64 inputs
     terms = gaussian_terms(120, 97, [8, 8, 5], seed=12, dtype=torch.float32, coefs=[0.5, 1.0, -1.5])
-    new_a, new_b, _ = truncate(terms, 6, dtype=torch.float64)
-    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 6)
+    new_a, new_b, exact_a, exact_b = truncate_and_exact(terms, 6, torch.float64)
     assert torch.equal(new_a, exact_a) and torch.equal(new_b, exact_b)
 
 
 def test_cancelling_sums_keep_the_float64_rebuild():
     # B1 A1 - B2 A2 of nearly equal adapters: |B| |A| is ~100 |B'A'|, so a float32
     # rebuild would err by ~1e-5; the float64 one rounds once to float32
-    g = torch.Generator().manual_seed(11)
-    a0, b0 = torch.randn(16, 190, generator=g, dtype=torch.float64), torch.randn(230, 16, generator=g, dtype=torch.float64)
-    terms = [((a0 + 1e-2 * torch.randn(16, 190, generator=g, dtype=torch.float64)).float(),
-              (b0 + 1e-2 * torch.randn(230, 16, generator=g, dtype=torch.float64)).float(), c) for c in (1.0, -1.0)]
-    new_a, new_b, _ = truncate(terms, 8, dtype=torch.float32)
-    exact_a, exact_b, _ = truncate([(a.double(), b.double(), c) for a, b, c in terms], 8)
+    new_a, new_b, exact_a, exact_b = truncate_and_exact(near_cancelling_terms(11, 1e-2, torch.float32), 8, torch.float32)
     assert torch.equal(new_a, exact_a.float()) and torch.equal(new_b, exact_b.float())
 
 

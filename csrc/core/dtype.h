@@ -45,6 +45,16 @@ inline const char* dtype_name(int code) {
     }
 }
 
+/// Unit roundoff (half an ulp of 1) of a storage dtype.
+inline double unit_roundoff(int code) {
+    switch (code) {
+        case kF16: return 0x1p-11;
+        case kBF16: return 0x1p-8;
+        case kF64: return 0x1p-53;
+        default: return 0x1p-24;
+    }
+}
+
 inline uint32_t f32_bits(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);

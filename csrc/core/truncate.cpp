@@ -10,6 +10,7 @@
 
 #include "apply.h"
 #include "blas1.h"
+#include "dtype.h"
 #include "gram.h"
 #include "gram_svd.h"
 #include "parallel.h"
@@ -78,16 +79,6 @@ private:
 
 /// Largest estimated relative error of a float32 rebuild accepted for float32 outputs.
 constexpr double kFloatRebuildTol = 1e-5;
-
-/// Unit roundoff of a storage dtype.
-double unit_roundoff(int dtype) {
-    switch (dtype) {
-        case kF16: return 0x1p-11;
-        case kBF16: return 0x1p-8;
-        case kF64: return 0x1p-53;
-        default: return 0x1p-24;
-    }
-}
 
 /// Whether the rebuild B' = B T_B, A'^T = A^T T_A may accumulate in float32
 /// (twice the rate of float64). Rounding T and the sums to float32 errs by
