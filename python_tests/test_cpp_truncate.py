@@ -215,6 +215,17 @@ def test_rank_above_stacked_rank_pads_with_zeros():
     torch.testing.assert_close(new_b @ new_a, m, rtol=0, atol=1e-12 * float(m.norm()))
 
 
+def terms_with_spectrum(s: torch.Tensor, n_out: int, n_in: int, g: torch.Generator, dtype=torch.float64):
+    """Rank-32 terms whose sum M (n_out x n_in) has singular values s (R of them, R a multiple of 32),
+    its stacks mixed by a random R x R matrix, so that neither stack is orthogonal."""
+    big_r = s.numel()
+    u = torch.linalg.qr(torch.randn(n_out, big_r, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n_in, big_r, generator=g, dtype=torch.float64)).Q
+    mix = torch.randn(big_r, big_r, generator=g, dtype=torch.float64)
+    b, a = (u * s.double()) @ torch.linalg.inv(mix), mix @ v.T
+    return [(a[i:i + 32].to(dtype), b[:, i:i + 32].to(dtype), 1.0) for i in range(0, big_r, 32)]
+
+
 @pytest.mark.parametrize("spectrum", ["flat", "tied_at_r", "steep", "rank_below_r"])
 def test_large_stacks_are_float64_optimal(spectrum):
     """R = 192 > r = 32, on the spectra that stress the eigensolver."""
@@ -227,11 +238,7 @@ def test_large_stacks_are_float64_optimal(spectrum):
                                      torch.rand(big_r - rank - 2, generator=g)]),
              "steep": torch.logspace(0, -12, big_r),
              "rank_below_r": torch.cat([torch.rand(20, generator=g) + 0.5, torch.zeros(big_r - 20)])}[spectrum]
-        u = torch.linalg.qr(torch.randn(n_out, big_r, generator=g, dtype=torch.float64)).Q
-        v = torch.linalg.qr(torch.randn(n_in, big_r, generator=g, dtype=torch.float64)).Q
-        mix = torch.randn(big_r, big_r, generator=g, dtype=torch.float64)
-        b, a = (u * s.double()) @ torch.linalg.inv(mix), mix @ v.T
-        terms = [(a[i:i + 32], b[:, i:i + 32], 1.0) for i in range(0, big_r, 32)]
+        terms = terms_with_spectrum(s, n_out, n_in, g)
     new_a, new_b, route = truncate(terms, rank)
     assert route in (cpu.ROUTE_CHOLESKY, cpu.ROUTE_EIGEN)
     assert excess(terms, new_a, new_b, rank) <= 1e-10
@@ -291,6 +298,50 @@ def test_cancelling_sums_keep_the_float64_rebuild():
     # rebuild would err by ~1e-5; the float64 one rounds once to float32
     new_a, new_b, exact_a, exact_b = truncate_and_exact(near_cancelling_terms(11, 1e-2, torch.float32), 8, torch.float32)
     assert torch.equal(new_a, exact_a.float()) and torch.equal(new_b, exact_b.float())
+
+
+def test_float32_grams_give_way_to_float64_on_mixed_graded_stacks():
+    # Float32 Grams err by ~u32 |x_i| |x_j| per entry. M of rank r = 32 with
+    # sigma_32 = 1e-3 sigma_1, behind stacks mixed by a random matrix, amplifies
+    # that to an excess of 2e-3 (measured with float32 Grams forced); the
+    # estimate sends it to float64 Grams
+    g = torch.Generator().manual_seed(21)
+    terms = terms_with_spectrum(torch.cat([torch.logspace(0, -3, 32), torch.zeros(96)]), 260, 230, g, torch.float32)
+    new_a, new_b, route = truncate(terms, 32, dtype=torch.float32)
+    assert route == cpu.ROUTE_CHOLESKY
+    assert excess(terms, new_a, new_b, 32) <= 1e-5  # float32 outputs: ~1e-6 from their rounding
+
+
+def test_float32_grams_give_way_to_float64_on_cancelling_sums():
+    # float32 Grams alone: product error 1e-6; with float64 Grams and rebuild the
+    # results equal the float64 inputs' bit for bit
+    terms = near_cancelling_terms(22, 1e-2, torch.float32)
+    new_a, new_b, exact_a, exact_b = truncate_and_exact(terms, 8, torch.float32)
+    assert torch.equal(new_a, exact_a.float()) and torch.equal(new_b, exact_b.float())
+
+
+def test_float32_grams_give_way_to_float64_on_near_dependent_stacks():
+    # four adapters 1e-4 apart in A: cond(Ga) ~ 1e8 > 1 / u32, which the float32
+    # Grams' Cholesky cannot factor (they would need the eigen route: excess 9e-7);
+    # float64 Grams factor it: the Cholesky route, float64-level excess
+    g = torch.Generator().manual_seed(21)
+    a0 = torch.randn(8, 150, generator=g, dtype=torch.float64)
+    terms = [((a0 + 1e-4 * torch.randn(8, 150, generator=g, dtype=torch.float64)).float(),
+              torch.randn(170, 8, generator=g, dtype=torch.float64).float(), 1.0) for _ in range(4)]
+    new_a, new_b, route = truncate(terms, 8, dtype=torch.float32)
+    assert route == cpu.ROUTE_CHOLESKY
+    assert excess(terms, new_a, new_b, 8) <= 1e-8
+
+
+def test_float32_grams_give_way_to_float64_below_float32_range():
+    # |B| ~ 2^-74: float32 products of B's entries (~2^-148) are subnormal with a
+    # bit or two left (float32 Grams forced: excess 2e-3); the underflow check
+    # sends them to float64, where the scale is harmless
+    terms = gaussian_terms(140, 120, [16, 16], seed=23, coefs=[1.0, -0.5])
+    tiny = [(a.float(), (b * 2.0 ** -74).float(), c) for a, b, c in terms]
+    new_a, new_b, route = truncate(tiny, 12, dtype=torch.float32)
+    assert route == cpu.ROUTE_CHOLESKY
+    assert excess(tiny, new_a, new_b, 12) <= 1e-6
 
 
 def test_results_do_not_depend_on_threads_or_batching():

@@ -52,16 +52,15 @@ bool cholesky(std::int64_t n, const double* g, double* u, GramSvdWork& wk) {
 }
 
 /// The kk leading eigenvectors of the symmetric k_mat (n x n, upper triangle
-/// read) into w (n x ldw, columns 0..kk), and the sum of their eigenvalues
-/// into energy; false if inverse iteration failed.
+/// read) into w (n x ldw, columns 0..kk), and their eigenvalues, clamped at
+/// zero, into values (kk); false if inverse iteration failed.
 bool leading_vectors(std::int64_t n, const double* k_mat, std::int64_t kk, double* w, std::int64_t ldw,
-                     SymEigWork& ew, double& energy) {
+                     SymEigWork& ew, double* values) {
     SymEig eig(n, k_mat, n, &ew);
-    std::vector<double> values(static_cast<std::size_t>(kk));
-    eig.top_values(kk, values.data());
-    energy = 0.0;
-    for (double v : values) energy += std::max(v, 0.0);
-    return eig.vectors(kk, values.data(), w, ldw) == 0;
+    eig.top_values(kk, values);
+    const bool ok = eig.vectors(kk, values, w, ldw) == 0;
+    for (std::int64_t p = 0; p < kk; ++p) values[p] = std::max(values[p], 0.0);
+    return ok;
 }
 
 /// X = U^{-1} W in place for upper triangular U (n x n) and W (n x c, row
@@ -119,7 +118,7 @@ bool cholesky_route(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     congruence_upper(R, t.gb, lt, k_mat, wk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(R * rank));
     std::fill(w, w + R * rank, 0.0);
-    if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig, t.energy)) return false;
+    if (!leading_vectors(R, k_mat, kk, w, rank, wk.eig, t.sigma2)) return false;
     t.kept = kk;
     // T_B = L W = (L^T)^T W; T_A = L^{-T} W.
     XtyShape by_lt;  // X = L^T, upper triangular
@@ -152,7 +151,8 @@ bool eigen_route(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     while (nk < R && la[static_cast<std::size_t>(nk)] > cut) ++nk;
     std::fill(t.t_b, t.t_b + R * rank, 0.0);
     std::fill(t.t_a, t.t_a + R * rank, 0.0);
-    t.energy = 0.0, t.kept = 0;
+    std::fill(t.sigma2, t.sigma2 + rank, 0.0);  // a rejected Cholesky route may have written them
+    t.kept = 0;
     if (nk == 0) return true;  // Ga = 0: the product is zero
     double* va = wk.va.get<double>(static_cast<std::size_t>(R * nk));
     if (eig_a.vectors(nk, la.data(), va, nk) != 0) return false;
@@ -166,7 +166,7 @@ bool eigen_route(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     xty(R, nk, nk, s, nk, u, nk, k_mat, nk, {false, false, true}, wk.xty);
     const std::int64_t kk = std::min(rank, nk);
     double* w = wk.w.get<double>(static_cast<std::size_t>(nk * kk));
-    if (!leading_vectors(nk, k_mat, kk, w, kk, wk.eig, t.energy)) return false;
+    if (!leading_vectors(nk, k_mat, kk, w, kk, wk.eig, t.sigma2)) return false;
     t.kept = kk;
     for (std::int64_t i = 0; i < R; ++i) {
         double* __restrict tb = t.t_b + i * rank;
@@ -188,15 +188,18 @@ bool eigen_route(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
 
 void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     const std::int64_t R = t.big_r;
-    t.energy = 0.0, t.kept = 0;
+    std::fill(t.sigma2, t.sigma2 + rank, 0.0);
+    t.kept = 0;
     if (R == 0) {
         t.route = kRouteCholesky;
     } else if (!all_finite(t.gb, R * R) || !all_finite(t.ga, R * R)) {
         t.route = kRouteFailed;
     } else if (cholesky_route(t, rank, wk)) {
         t.route = kRouteCholesky;
-    } else {
+    } else if (t.allow_eigen) {
         t.route = eigen_route(t, rank, wk) ? kRouteEigen : kRouteFailed;
+    } else {
+        t.route = kRouteFailed;
     }
 }
 

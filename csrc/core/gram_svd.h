@@ -1,5 +1,5 @@
 // The R x R algebra of truncation: the best rank-r factors of M = B A from the
-// float64 Grams Gb = B^T B and Ga = A A^T (the C++ twin of ops/gram_svd.py).
+// Grams Gb = B^T B and Ga = A A^T, held in float64 (the C++ twin of ops/gram_svd.py).
 #pragma once
 
 #include <cstdint>
@@ -21,10 +21,14 @@ struct GramSvdTask {
     std::int64_t big_r = 0;
     double* t_b = nullptr;
     double* t_a = nullptr;
-    /// Out: the sum of the kept squared singular values, ||B'||_F^2 = ||B' A'||_F^2,
-    /// and the number of kept (nonzero) columns, ||A'||_F^2.
-    double energy = 0.0;
+    /// Out (rank entries, the caller's buffer): the kept squared singular
+    /// values, sigma2[p] = ||B' e_p||^2, descending, zero beyond `kept`; and the
+    /// number of kept (nonzero) columns, ||A'||_F^2.
+    double* sigma2 = nullptr;
     std::int64_t kept = 0;
+    /// false: a module the Cholesky route rejects is reported kRouteFailed
+    /// without trying the eigen route (for Grams the caller will redo in float64).
+    bool allow_eigen = true;
     /// Out: kRouteCholesky, kRouteEigen, or kRouteFailed (T_B, T_A unspecified:
     /// the caller must solve this module another way).
     int route = 0;

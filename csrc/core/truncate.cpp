@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <vector>
 
 #include "apply.h"
-#include "blas1.h"
 #include "dtype.h"
 #include "gram.h"
 #include "gram_svd.h"
@@ -20,7 +20,7 @@ namespace {
 
 /// One thread's buffers, reused across its modules.
 struct Worker {
-    Scratch gb, ga, t_b, t_a;
+    Scratch gb, ga, t_b, t_a, sigma2, norms;
     GramWork gram;
     GramSvdWork core;
     ApplyWork apply;
@@ -79,32 +79,89 @@ private:
 
 /// Largest estimated relative error of a float32 rebuild accepted for float32 outputs.
 constexpr double kFloatRebuildTol = 1e-5;
+/// Largest estimated relative perturbation of the kept factors accepted from float32 Grams.
+constexpr double kFloatGramTol = 1e-4;
 
-/// Whether the rebuild B' = B T_B, A'^T = A^T T_A may accumulate in float32
-/// (twice the rate of float64). Rounding T and the sums to float32 errs by
-/// about u32 (kappa_B + kappa_A) relative to B'A' (measured: a sixteenth of
-/// that on random stacks of rank 256), where kappa_B = |B| |T_B| / |B'| and
-/// kappa_A = |A| |T_A| / |A'| (Frobenius norms, |B|^2 = tr Gb, |A|^2 = tr Ga)
-/// measure the cancellation in the two products. Float32 is taken when that
-/// estimate is within kFloatRebuildTol, or within the outputs' own rounding
-/// if coarser; never for float64 data, nor for a zero or non-finite result.
-bool float_rebuild_ok(const TruncateTask& t, const GramSvdTask& core, std::int64_t rank) {
-    double u_out = 0.0;
+/// Whether the task has float64 inputs or outputs: those keep float64 Grams and rebuilds.
+bool has_float64(const TruncateTask& t) {
     for (const Stack* s : {&t.b, &t.at})
         for (const Mat& m : s->blocks)
-            if (m.dtype == kF64) return false;
-    for (const Mat* m : {&t.out_b, &t.out_at}) {
-        if (m->dtype == kF64) return false;
-        u_out = std::max(u_out, unit_roundoff(m->dtype));
-    }
-    if (!(core.energy > 0.0) || core.kept <= 0) return false;
-    const std::int64_t R = core.big_r;
+            if (m.dtype == kF64) return true;
+    return t.out_b.dtype == kF64 || t.out_at.dtype == kF64;
+}
+
+/// Float32 error estimates of one solved module, both relative and both
+/// from what the R x R algebra left at hand (tr Gb = |B|^2, tr Ga = |A|^2,
+/// the columns t_p of T_B and T_A, and sigma2_p = |B' e_p|^2, with |A' e_p| = 1):
+///
+///   rebuild = u32 (kappa_B + kappa_A), kappa_B^2 = |B|^2 |T_B|^2 / |B'|^2,
+///             kappa_A^2 = |A|^2 |T_A|^2 / |A'|^2: rounding T and the sums
+///             of B' = B T_B, A'^T = A^T T_A to float32 errs by about this
+///             relative to B'A' (measured: a sixteenth of it on random stacks);
+///   gram    = u32 max_p (|A|^2 |t_A,p|^2 + |B|^2 |t_B,p|^2 / sigma2_p):
+///             float32 Grams err by ~u32 |x_i| |x_j| in entry (i, j), which
+///             moves t_p^T G t_p, the squared norm of kept column p, by about
+///             u32 |X|^2 |t_p|^2, relative to its value (1 for A', sigma2_p for
+///             B'). The Grams square the cancellation that the rebuild sees
+///             once, so this is the square of a per-column kappa.
+///
+/// Both are infinite for a zero or non-finite result (never taken then).
+struct FloatErrors {
+    double rebuild = HUGE_VAL, gram = HUGE_VAL;
+};
+
+FloatErrors float_errors(const GramSvdTask& core, std::int64_t rank, Scratch& buf) {
+    FloatErrors e;
+    const std::int64_t R = core.big_r, kept = core.kept;
+    if (kept <= 0) return e;
     double tr_b = 0.0, tr_a = 0.0;
     for (std::int64_t i = 0; i < R; ++i) tr_b += core.gb[i * R + i], tr_a += core.ga[i * R + i];
-    const double kappa_b = std::sqrt(tr_b * dot(core.t_b, core.t_b, R * rank) / core.energy);
-    const double kappa_a = std::sqrt(tr_a * dot(core.t_a, core.t_a, R * rank) / static_cast<double>(core.kept));
-    const double estimate = unit_roundoff(kF32) * (kappa_b + kappa_a);
-    return estimate <= std::max(kFloatRebuildTol, u_out);  // false for NaN too
+    // Squared column norms of T_B and T_A (row-major R x rank).
+    double* norm_b = buf.get<double>(static_cast<std::size_t>(2 * rank));
+    double* norm_a = norm_b + rank;
+    std::fill(norm_b, norm_b + 2 * rank, 0.0);
+    for (std::int64_t i = 0; i < R; ++i)
+        for (std::int64_t p = 0; p < kept; ++p) {
+            const double b = core.t_b[i * rank + p], a = core.t_a[i * rank + p];
+            norm_b[p] += b * b, norm_a[p] += a * a;
+        }
+    double energy = 0.0, sum_b = 0.0, sum_a = 0.0, worst = 0.0;
+    for (std::int64_t p = 0; p < kept; ++p) {
+        energy += core.sigma2[p], sum_b += norm_b[p], sum_a += norm_a[p];
+        const double q = tr_a * norm_a[p] + tr_b * norm_b[p] / core.sigma2[p];
+        worst = std::isfinite(q) ? std::max(worst, q) : HUGE_VAL;  // sigma2_p = 0, or NaN
+    }
+    if (!(energy > 0.0)) return e;
+    const double u = unit_roundoff(kF32);
+    e.rebuild = u * (std::sqrt(tr_b * sum_b / energy) + std::sqrt(tr_a * sum_a / static_cast<double>(kept)));
+    e.gram = u * worst;
+    if (!std::isfinite(e.rebuild)) e.rebuild = HUGE_VAL;  // NaN: never taken
+    if (!std::isfinite(e.gram)) e.gram = HUGE_VAL;
+    return e;
+}
+
+/// Whether float32 Grams of K rows are safe from underflow: each entry's
+/// products below FLT_MIN lose their digits, at most K FLT_MIN in all, which
+/// must stay far below the u32 |x_i| |x_j| the estimate allows for; so every
+/// column's squared norm (the Gram's diagonal) must exceed K FLT_MIN / u32.
+bool above_underflow(const double* g, std::int64_t R, std::int64_t K) {
+    const double floor = static_cast<double>(K) * static_cast<double>(std::numeric_limits<float>::min()) /
+                         unit_roundoff(kF32);
+    for (std::int64_t i = 0; i < R; ++i)
+        if (!(g[i * R + i] > floor)) return false;
+    return true;
+}
+
+/// Gb and Ga of the task, accumulated in float64 (precise) or float32 (in
+/// K-chunks, each chunk added into the float64 Grams), on `threads` threads.
+void grams(const TruncateTask& t, double* gb, double* ga, bool precise, int threads, Worker& wk) {
+    const GramTask gram_b{t.b, t.b, gb, true}, gram_a{t.at, t.at, ga, true};
+    if (threads == 1) {
+        gram_one(gram_b, precise, wk.gram);
+        gram_one(gram_a, precise, wk.gram);
+    } else {
+        gram({gram_b, gram_a}, precise, threads);
+    }
 }
 
 /// One module, its Grams and rebuild on `threads` threads.
@@ -117,17 +174,30 @@ void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     core.gb = gb, core.ga = ga;
     core.t_b = wk.t_b.get<double>(static_cast<std::size_t>(R * rank));
     core.t_a = wk.t_a.get<double>(static_cast<std::size_t>(R * rank));
-    const GramTask gram_b{t.b, t.b, gb, true}, gram_a{t.at, t.at, ga, true};
-    if (threads == 1) {
-        gram_one(gram_b, true, wk.gram);
-        gram_one(gram_a, true, wk.gram);
-    } else {
-        gram({gram_b, gram_a}, true, threads);
+    core.sigma2 = wk.sigma2.get<double>(static_cast<std::size_t>(rank));
+    const bool wide = has_float64(t);
+    FloatErrors err;
+    bool solved = false;
+    if (!wide) {  // float32 Grams first: kept if the Cholesky route takes them and the estimate allows
+        grams(t, gb, ga, false, threads, wk);
+        if (above_underflow(gb, R, t.b.rows) && above_underflow(ga, R, t.at.rows)) {
+            core.allow_eigen = false;
+            gram_svd_one(core, rank, wk.core);
+            if (core.route == kRouteCholesky) err = float_errors(core, rank, wk.norms);
+            solved = core.route == kRouteCholesky && err.gram <= kFloatGramTol;
+        }
     }
-    gram_svd_one(core, rank, wk.core);
+    if (!solved) {
+        grams(t, gb, ga, true, threads, wk);
+        core.allow_eigen = true;
+        gram_svd_one(core, rank, wk.core);
+        if (!wide && core.route != kRouteFailed) err = float_errors(core, rank, wk.norms);
+    }
     t.route = core.route;
     if (core.route == kRouteFailed) return;
-    const bool precise = !float_rebuild_ok(t, core, rank);
+    // Float32 rebuilds only without float64 data; coarser outputs round more than the estimate anyway.
+    const double u_out = std::max(unit_roundoff(t.out_b.dtype), unit_roundoff(t.out_at.dtype));
+    const bool precise = wide || !(err.rebuild <= std::max(kFloatRebuildTol, u_out));
     ApplyTask ab, aa;
     ab.x = t.b, ab.t = core.t_b, ab.c = rank, ab.out = t.out_b;
     aa.x = t.at, aa.t = core.t_a, aa.c = rank, aa.out = t.out_at;

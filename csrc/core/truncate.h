@@ -22,11 +22,15 @@ struct TruncateTask {
     int route = 0;
 };
 
-/// Gb = B^T B and Ga = A A^T in float64, then gram_svd_one, then
-/// B' = B T_B and A'^T = A^T T_A, accumulated in float32 where the estimated
-/// error allows (see float_rebuild_ok in truncate.cpp), else in float64. Modules run in
-/// parallel, each on one thread; with fewer modules than threads they run one
-/// after another, each Gram and rebuild on all threads.
+/// Gb = B^T B and Ga = A A^T, then gram_svd_one, then B' = B T_B and
+/// A'^T = A^T T_A. Without float64 inputs or outputs, the Grams accumulate in
+/// float32 first (twice the rate) and are redone in float64 unless the
+/// Cholesky route takes them and their estimated effect on the kept factors
+/// is within kFloatGramTol; the rebuild accumulates in float32 where its
+/// estimated error allows, else in float64 (see float_errors in
+/// truncate.cpp). Modules run in parallel, each on one thread; with fewer
+/// modules than threads they run one after another, each Gram and rebuild on
+/// all threads.
 void truncate(std::vector<TruncateTask>& tasks, std::int64_t rank, int threads);
 
 }  // namespace kmf

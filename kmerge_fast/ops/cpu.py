@@ -169,13 +169,17 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
 
 
 def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Best rank-r approximation from float64 Grams, without QR of the tall stacks.
+    """Best rank-r approximation from the Grams, without QR of the tall stacks.
 
     One ``_C.truncate`` call, one module per thread: the Grams Gb = B^T B and
-    Ga = A A^T, their R x R algebra (the two routes of ``ops/gram_svd.py``, in
-    C++), and the rebuild B' = B T_B, A'^T = A^T T_A (accumulated in float32
-    where its estimated error is at most 1e-5 relative, else in float64; see
-    ``float_rebuild_ok`` in csrc/core/truncate.cpp). The tall stacks are read
+    Ga = A A^T, their R x R algebra in float64 (the two routes of
+    ``ops/gram_svd.py``, in C++), and the rebuild B' = B T_B, A'^T = A^T T_A.
+    Without float64 data the Grams accumulate in float32 first and are
+    redone in float64 unless the Cholesky route takes them with an estimated
+    perturbation of the kept factors of at most 1e-4 (cancelling, graded or
+    nearly dependent stacks are redone); the rebuild accumulates in float32
+    where its estimated error is at most 1e-5 relative, else in float64 (see
+    ``float_errors`` in csrc/core/truncate.cpp). The tall stacks are read
     twice and the R x R Grams never leave the worker's scratch. A module the
     C++ algebra cannot settle (non-finite Grams, an eigenproblem that did not
     converge) is redone with the torch algebra of ``ops/gram_svd.py``.
