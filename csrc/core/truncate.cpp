@@ -79,7 +79,12 @@ private:
 
 /// Largest estimated relative error of a float32 rebuild accepted for float32 outputs.
 constexpr double kFloatRebuildTol = 1e-5;
-/// Largest estimated relative perturbation of the kept factors accepted from float32 Grams.
+/// Largest estimated relative perturbation of the kept factors accepted from
+/// float32 Grams (FloatErrors::gram). Measured on float32 stacks: random
+/// adapters estimate ~2e-5 with an excess over the optimal error of ~2e-14;
+/// on mixed graded, tied or steep spectra, cancelling sums and nearly
+/// dependent adapters, excesses above 1e-7 came only at estimates of 0.05 and
+/// more, above 1e-5 only at 0.9 and more: this leaves 500x of margin.
 constexpr double kFloatGramTol = 1e-4;
 
 /// Whether the task has float64 inputs or outputs: those keep float64 Grams and rebuilds.
