@@ -333,6 +333,33 @@ def test_float32_grams_give_way_to_float64_on_near_dependent_stacks():
     assert excess(terms, new_a, new_b, 8) <= 1e-8
 
 
+def shared_a_terms(seed: int, coefs: list[float], b_spread: float | None = None):
+    """float32 adapters with one A (8 x 150), as when only B is trained: Ga is singular.
+    B_i independent (b_spread None) or within b_spread of a common B."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(8, 150, generator=g, dtype=torch.float64).float()
+    b0 = torch.randn(170, 8, generator=g, dtype=torch.float64)
+    bs = [torch.randn(170, 8, generator=g, dtype=torch.float64) if b_spread is None else
+          b0 + b_spread * torch.randn(170, 8, generator=g, dtype=torch.float64) for _ in coefs]
+    return [(a, b.float(), c) for b, c in zip(bs, coefs)]
+
+
+def test_shared_a_takes_the_eigen_route_on_a_float64_ga():
+    # the float32 Ga fails Cholesky and is redone in float64 for the eigen route; Gb may stay float32
+    terms = shared_a_terms(24, [0.5, 1.0, -0.7, 0.3])
+    new_a, new_b, route = truncate(terms, 5, dtype=torch.float32)
+    assert route == cpu.ROUTE_EIGEN
+    assert excess(terms, new_a, new_b, 5) <= 1e-6
+
+
+def test_shared_a_with_cancelling_b_redoes_both_grams():
+    # (B1 - B2) A with B1, B2 1e-2 apart: after Ga, Gb's estimate sends it to float64 too,
+    # and the float64 rebuild makes the results those of float64 inputs, bit for bit
+    terms = shared_a_terms(25, [1.0, -1.0], b_spread=1e-2)
+    new_a, new_b, exact_a, exact_b = truncate_and_exact(terms, 5, torch.float32)
+    assert torch.equal(new_a, exact_a.float()) and torch.equal(new_b, exact_b.float())
+
+
 def test_float32_grams_give_way_to_float64_below_float32_range():
     # |B| ~ 2^-74: float32 products of B's entries (~2^-148) are subnormal with a
     # bit or two left (float32 Grams forced: excess 2e-3); the underflow check

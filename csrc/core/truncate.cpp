@@ -80,8 +80,9 @@ private:
 /// Largest estimated relative error of a float32 rebuild accepted for float32 outputs.
 constexpr double kFloatRebuildTol = 1e-5;
 /// Largest estimated relative perturbation of the kept factors accepted from
-/// float32 Grams (FloatErrors::gram). Measured on float32 stacks: random
-/// adapters estimate ~2e-5 with an excess over the optimal error of ~2e-14;
+/// float32 Grams (FloatErrors::gram_a + gram_b; each Gram is held to half).
+/// Measured on float32 stacks: random adapters estimate ~2e-5 in all, with an
+/// excess over the optimal error of ~2e-14;
 /// on mixed graded, tied or steep spectra, cancelling sums and nearly
 /// dependent adapters, excesses above 1e-7 came only at estimates of 0.05 and
 /// more, above 1e-5 only at 0.9 and more: this leaves 500x of margin.
@@ -95,24 +96,24 @@ bool has_float64(const TruncateTask& t) {
     return t.out_b.dtype == kF64 || t.out_at.dtype == kF64;
 }
 
-/// Float32 error estimates of one solved module, both relative and both
-/// from what the R x R algebra left at hand (tr Gb = |B|^2, tr Ga = |A|^2,
-/// the columns t_p of T_B and T_A, and sigma2_p = |B' e_p|^2, with |A' e_p| = 1):
+/// Float32 error estimates of one solved module, relative and from what the
+/// R x R algebra left at hand (tr Gb = |B|^2, tr Ga = |A|^2, the columns t_p
+/// of T_B and T_A, and sigma2_p = |B' e_p|^2, with |A' e_p| = 1):
 ///
 ///   rebuild = u32 (kappa_B + kappa_A), kappa_B^2 = |B|^2 |T_B|^2 / |B'|^2,
 ///             kappa_A^2 = |A|^2 |T_A|^2 / |A'|^2: rounding T and the sums
 ///             of B' = B T_B, A'^T = A^T T_A to float32 errs by about this
 ///             relative to B'A' (measured: a sixteenth of it on random stacks);
-///   gram    = u32 max_p (|A|^2 |t_A,p|^2 + |B|^2 |t_B,p|^2 / sigma2_p):
-///             float32 Grams err by ~u32 |x_i| |x_j| in entry (i, j), which
+///   gram_a  = u32 max_p |A|^2 |t_A,p|^2, gram_b = u32 max_p |B|^2 |t_B,p|^2 / sigma2_p:
+///             a float32 Gram errs by ~u32 |x_i| |x_j| in entry (i, j), which
 ///             moves t_p^T G t_p, the squared norm of kept column p, by about
-///             u32 |X|^2 |t_p|^2, relative to its value (1 for A', sigma2_p for
-///             B'). The Grams square the cancellation that the rebuild sees
-///             once, so this is the square of a per-column kappa.
+///             u32 |X|^2 |t_p|^2, relative to its value (1 for A', sigma2_p
+///             for B'). A Gram squares the cancellation that the rebuild sees
+///             once, so these are squares of per-column kappas.
 ///
-/// Both are infinite for a zero or non-finite result (never taken then).
+/// All are infinite for a zero or non-finite result (never taken then).
 struct FloatErrors {
-    double rebuild = HUGE_VAL, gram = HUGE_VAL;
+    double rebuild = HUGE_VAL, gram_a = HUGE_VAL, gram_b = HUGE_VAL;
 };
 
 FloatErrors float_errors(const GramSvdTask& core, std::int64_t rank, Scratch& buf) {
@@ -130,18 +131,20 @@ FloatErrors float_errors(const GramSvdTask& core, std::int64_t rank, Scratch& bu
             const double b = core.t_b[i * rank + p], a = core.t_a[i * rank + p];
             norm_b[p] += b * b, norm_a[p] += a * a;
         }
-    double energy = 0.0, sum_b = 0.0, sum_a = 0.0, worst = 0.0;
+    double energy = 0.0, sum_b = 0.0, sum_a = 0.0, worst_a = 0.0, worst_b = 0.0;
     for (std::int64_t p = 0; p < kept; ++p) {
         energy += core.sigma2[p], sum_b += norm_b[p], sum_a += norm_a[p];
-        const double q = tr_a * norm_a[p] + tr_b * norm_b[p] / core.sigma2[p];
-        worst = std::isfinite(q) ? std::max(worst, q) : HUGE_VAL;  // sigma2_p = 0, or NaN
+        worst_a = std::max(worst_a, norm_a[p]);
+        const double q = norm_b[p] / core.sigma2[p];
+        worst_b = std::isfinite(q) ? std::max(worst_b, q) : HUGE_VAL;  // sigma2_p = 0, or NaN
     }
     if (!(energy > 0.0)) return e;
     const double u = unit_roundoff(kF32);
-    e.rebuild = u * (std::sqrt(tr_b * sum_b / energy) + std::sqrt(tr_a * sum_a / static_cast<double>(kept)));
-    e.gram = u * worst;
-    if (!std::isfinite(e.rebuild)) e.rebuild = HUGE_VAL;  // NaN: never taken
-    if (!std::isfinite(e.gram)) e.gram = HUGE_VAL;
+    // NaN (non-finite traces or transforms) becomes infinite: never taken.
+    auto finite_or_inf = [](double x) { return std::isfinite(x) ? x : HUGE_VAL; };
+    e.rebuild = finite_or_inf(u * (std::sqrt(tr_b * sum_b / energy) + std::sqrt(tr_a * sum_a / static_cast<double>(kept))));
+    e.gram_a = finite_or_inf(u * tr_a * worst_a);
+    e.gram_b = finite_or_inf(u * tr_b * worst_b);
     return e;
 }
 
@@ -157,19 +160,14 @@ bool above_underflow(const double* g, std::int64_t R, std::int64_t K) {
     return true;
 }
 
-/// Gb and Ga of the task, accumulated in float64 (precise) or float32 (in
-/// K-chunks, each chunk added into the float64 Grams), on `threads` threads.
-void grams(const TruncateTask& t, double* gb, double* ga, bool precise, int threads, Worker& wk) {
-    const GramTask gram_b{t.b, t.b, gb, true}, gram_a{t.at, t.at, ga, true};
-    if (threads == 1) {
-        gram_one(gram_b, precise, wk.gram);
-        gram_one(gram_a, precise, wk.gram);
-    } else {
-        gram({gram_b, gram_a}, precise, threads);
-    }
-}
-
 /// One module, its Grams and rebuild on `threads` threads.
+///
+/// Without float64 data both Grams start in float32. A Gram stays so while
+/// its estimate (FloatErrors::gram_a / gram_b) is within kFloatGramTol / 2;
+/// otherwise it is redone in float64 and the algebra rerun. A float32 Ga
+/// allows only the Cholesky route (the eigen route's rank cut assumes float64
+/// noise), so a Ga that Cholesky rejects is redone first, keeping Gb: stacks
+/// that share A (singular Ga) then pay for one extra float32 Ga only.
 void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     const std::int64_t R = t.b.cols;
     GramSvdTask core;
@@ -181,22 +179,36 @@ void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     core.t_a = wk.t_a.get<double>(static_cast<std::size_t>(R * rank));
     core.sigma2 = wk.sigma2.get<double>(static_cast<std::size_t>(rank));
     const bool wide = has_float64(t);
+    const GramTask gram_b{t.b, t.b, gb, true}, gram_a{t.at, t.at, ga, true};
+    // Float32 Grams where they start, float64 for the rest, on the task's threads.
+    auto compute = [&](bool b, bool a, bool precise) {
+        std::vector<GramTask> todo;
+        if (b) todo.push_back(gram_b);
+        if (a) todo.push_back(gram_a);
+        if (threads == 1)
+            for (const GramTask& g : todo) gram_one(g, precise, wk.gram);
+        else
+            gram(todo, precise, threads);
+    };
+    bool fast_b = !wide, fast_a = !wide;
+    compute(true, true, wide);
+    if (fast_b && !above_underflow(gb, R, t.b.rows)) compute(true, false, true), fast_b = false;
+    if (fast_a && !above_underflow(ga, R, t.at.rows)) compute(false, true, true), fast_a = false;
     FloatErrors err;
-    bool solved = false;
-    if (!wide) {  // float32 Grams first: kept if the Cholesky route takes them and the estimate allows
-        grams(t, gb, ga, false, threads, wk);
-        if (above_underflow(gb, R, t.b.rows) && above_underflow(ga, R, t.at.rows)) {
-            core.allow_eigen = false;
-            gram_svd_one(core, rank, wk.core);
-            if (core.route == kRouteCholesky) err = float_errors(core, rank, wk.norms);
-            solved = core.route == kRouteCholesky && err.gram <= kFloatGramTol;
-        }
-    }
-    if (!solved) {
-        grams(t, gb, ga, true, threads, wk);
-        core.allow_eigen = true;
+    for (;;) {
+        core.allow_eigen = !fast_a;
         gram_svd_one(core, rank, wk.core);
-        if (!wide && core.route != kRouteFailed) err = float_errors(core, rank, wk.norms);
+        err = (wide || core.route == kRouteFailed) ? FloatErrors{} : float_errors(core, rank, wk.norms);
+        bool redo_b = false, redo_a = false;
+        if (core.route == kRouteFailed) {
+            redo_a = fast_a, redo_b = !fast_a && fast_b;  // Ga first: it decides the route
+        } else {
+            redo_a = fast_a && !(err.gram_a <= 0.5 * kFloatGramTol);
+            redo_b = fast_b && !(err.gram_b <= 0.5 * kFloatGramTol);
+        }
+        if (!redo_a && !redo_b) break;
+        compute(redo_b, redo_a, true);
+        fast_b = fast_b && !redo_b, fast_a = fast_a && !redo_a;
     }
     t.route = core.route;
     if (core.route == kRouteFailed) return;

@@ -24,9 +24,10 @@ struct TruncateTask {
 
 /// Gb = B^T B and Ga = A A^T, then gram_svd_one, then B' = B T_B and
 /// A'^T = A^T T_A. Without float64 inputs or outputs, the Grams accumulate in
-/// float32 first (twice the rate) and are redone in float64 unless the
-/// Cholesky route takes them and their estimated effect on the kept factors
-/// is within kFloatGramTol; the rebuild accumulates in float32 where its
+/// float32 first (twice the rate); each is redone in float64 when its
+/// estimated effect on the kept factors exceeds kFloatGramTol / 2, and Ga
+/// also when the Cholesky route rejects it (truncate_one in truncate.cpp);
+/// the rebuild accumulates in float32 where its
 /// estimated error allows, else in float64 (see float_errors in
 /// truncate.cpp). Modules run in parallel, each on one thread; with fewer
 /// modules than threads they run one after another, each Gram and rebuild on

@@ -174,10 +174,10 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     One ``_C.truncate`` call, one module per thread: the Grams Gb = B^T B and
     Ga = A A^T, their R x R algebra in float64 (the two routes of
     ``ops/gram_svd.py``, in C++), and the rebuild B' = B T_B, A'^T = A^T T_A.
-    Without float64 data the Grams accumulate in float32 first and are
-    redone in float64 unless the Cholesky route takes them with an estimated
-    perturbation of the kept factors of at most 1e-4 (cancelling, graded or
-    nearly dependent stacks are redone); the rebuild accumulates in float32
+    Without float64 data the Grams accumulate in float32 first; each is
+    redone in float64 when its estimated perturbation of the kept factors
+    exceeds 5e-5 (cancelling, graded or nearly dependent stacks), and Ga also
+    when the Cholesky route rejects it; the rebuild accumulates in float32
     where its estimated error is at most 1e-5 relative, else in float64 (see
     ``float_errors`` in csrc/core/truncate.cpp). The tall stacks are read
     twice and the R x R Grams never leave the worker's scratch. A module the
