@@ -180,20 +180,25 @@ void truncate_one(TruncateTask& t, std::int64_t rank, int threads, Worker& wk) {
     core.sigma2 = wk.sigma2.get<double>(static_cast<std::size_t>(rank));
     const bool wide = has_float64(t);
     const GramTask gram_b{t.b, t.b, gb, true}, gram_a{t.at, t.at, ga, true};
-    // Float32 Grams where they start, float64 for the rest, on the task's threads.
+    // Gb and / or Ga, accumulated in float64 (precise) or float32, on the task's threads.
     auto compute = [&](bool b, bool a, bool precise) {
-        std::vector<GramTask> todo;
-        if (b) todo.push_back(gram_b);
-        if (a) todo.push_back(gram_a);
-        if (threads == 1)
-            for (const GramTask& g : todo) gram_one(g, precise, wk.gram);
-        else
-            gram(todo, precise, threads);
+        if (threads == 1) {
+            if (b) gram_one(gram_b, precise, wk.gram);
+            if (a) gram_one(gram_a, precise, wk.gram);
+        } else if (b && a) {
+            gram({gram_b, gram_a}, precise, threads);
+        } else {
+            gram({b ? gram_b : gram_a}, precise, threads);
+        }
     };
     bool fast_b = !wide, fast_a = !wide;
     compute(true, true, wide);
-    if (fast_b && !above_underflow(gb, R, t.b.rows)) compute(true, false, true), fast_b = false;
-    if (fast_a && !above_underflow(ga, R, t.at.rows)) compute(false, true, true), fast_a = false;
+    const bool underflow_b = fast_b && !above_underflow(gb, R, t.b.rows);
+    const bool underflow_a = fast_a && !above_underflow(ga, R, t.at.rows);
+    if (underflow_b || underflow_a) {
+        compute(underflow_b, underflow_a, true);
+        fast_b = fast_b && !underflow_b, fast_a = fast_a && !underflow_a;
+    }
     FloatErrors err;
     for (;;) {
         core.allow_eigen = !fast_a;
