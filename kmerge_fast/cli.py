@@ -24,7 +24,7 @@ from . import __version__, ops
 from .errors import KMergeError
 from .lora import LoRA
 from .merge import merge
-from .online import MODES, STRATEGIES, OnlineMerger
+from .online import DEFAULT_MODE, MODES, STRATEGIES, OnlineMerger
 from .similarity import METRICS, similarity_matrix
 from .store import MANIFEST
 
@@ -96,7 +96,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         if args.budget is None:
             raise ValueError("--budget: required to start a new store")
         merger = OnlineMerger(args.budget, strategy=args.strategy, similarity=args.similarity,
-                              threshold=args.threshold, mode=args.mode, store=store, seed=args.seed)
+                              threshold=_threshold(args.threshold), mode=args.mode, store=store, seed=args.seed)
     with merger, tqdm(args.adapters, desc="adapters", unit="adapter", disable=args.quiet) as bar:
         for folder in bar:
             task = Path(folder).name
@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--budget", type=int, help="K, the number of slots (required for a new store)")
     stream.add_argument("--strategy", default="kmerge", choices=STRATEGIES, help="default kmerge")
     stream.add_argument("--similarity", default="cos", choices=METRICS, help="default cos")
-    stream.add_argument("--threshold", type=float, help="kmerge++'s similarity threshold")
-    stream.add_argument("--mode", default="faithful", choices=MODES, help="default faithful")
+    stream.add_argument("--threshold", help="kmerge++'s similarity threshold: a number, or "
+                        "'auto' (default: mean over modules of rank / n_in)")
+    stream.add_argument("--mode", choices=MODES, help=f"merge mode of the running-average strategies "
+                        f"(default {DEFAULT_MODE}; 'faithful' reproduces the published K-Merge)")
     stream.add_argument("--seed", type=int, help="seed of the random and DARE strategies")
     stream.add_argument("--replace", action="store_true", help="let a stored task's adapter replace it")
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -274,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--quiet", action="store_true", help="no progress bars")
     cluster.set_defaults(func=_cmd_cluster)
     return parser
+
+
+def _threshold(text: str | None):
+    """--threshold: None, 'auto' or a number."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--threshold: expected a number or 'auto', got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,26 +11,36 @@ Strategies (all share the API; the slot choice, then the merge):
   (cosine by default), with weights (1 - 1/n, 1/n), n = tasks in the slot
   after the merge (a running average where every task weighs the same).
 - ``kmerge++``: a newcomer opens a free slot only if its best similarity is
-  below ``threshold`` (see :func:`calibrate_threshold`); otherwise it merges.
+  below ``threshold``; otherwise it merges. ``threshold="auto"`` (default)
+  takes :func:`width_threshold` of each newcomer (mean over modules of
+  r / n_in); :func:`calibrate_threshold` on held-out adapters is the
+  alternative.
 - ``linear`` (0.5 / 0.5), ``ties``, ``dare_linear``, ``dare_ties`` (weights
   [1, 1], ``density``): K-Merge's slot choice, merged with that peft method.
 - ``random``: a seeded random slot once the K slots are full; running average.
-- ``oracle``: ``oracle(task)`` names a group; a group keeps one slot (a new
-  group takes a free slot, or the most similar one when none is left);
-  running average.
+- ``oracle`` (by task type, as published): the first K arrivals take free
+  slots; afterwards a newcomer joins the first slot whose first member has
+  its group (``oracle(task)``), else the most similar slot; running average.
 - ``opcm``: K-Merge's slot choice, merged by orthogonal-projection continual
   merging in low-rank form (``kmerge_fast/opcm.py``).
 
-Modes of the running-average merges (``kmerge``, ``kmerge++``, ``random``, ``oracle``):
+Modes of the running-average merges (``kmerge``, ``kmerge++``, ``random``, ``oracle``).
+A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
 
-- ``faithful`` (default): as the published code, peft's factor-wise ``linear``
-  combination: A = sqrt(w1 s1) A_slot + sqrt(w2 s2) A_new, B likewise, scaling 1.
-  Cheap and rank-preserving, but not the average of the updates: the product
-  carries cross terms B_slot A_new (and, with a shared A initialisation, it
-  no longer averages at all).
-- ``exact``: the slot holds the best rank-r approximation of the true running
-  average of the updates: an ``svd`` merge of (slot, newcomer) with the same
-  weights, truncated to the slot's rank by the SVD kernel.
+- ``faithful``: the published method, peft's factor-wise ``linear``
+  combination with weights (1 - 1/n, 1/n): A = sqrt(w1 s1) A_slot +
+  sqrt(w2 s2) A_new, B likewise, scaling 1. Cheap and rank-preserving, but
+  not the average of the updates: the product carries cross terms
+  B_slot A_new, and when the members share an A initialisation it returns
+  (nearly) their *sum*. A warning is raised when a newcomer's A is that
+  aligned with the slot's (:data:`ALIGNED_A`).
+- ``exact``: c_n = 1/n, the true running average; each step is an ``svd``
+  merge of (slot, newcomer) with weights (1 - 1/n, 1/n), truncated back to
+  the slot's rank by the SVD kernel.
+- ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
+  as in ``exact``. For members with orthogonal updates of equal norm the slot
+  keeps a member's norm, where the average shrinks each task's update to 1/n.
+- ``sum``: c_n = 1 (task arithmetic with lambda = 1), re-truncated.
 
 With ``store=folder`` the state lives on disk (:mod:`kmerge_fast.store`):
 every ``add`` commits atomically before it returns, and
@@ -42,6 +52,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +68,11 @@ from .similarity import METRICS, cache_norms, similarity_matrix
 from .store import Store, StoreError
 
 STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
-MODES = ("faithful", "exact")
+MODES = ("faithful", "exact", "rms", "sum")
+#: The default mode (chosen on bench/quality's S-score; see README, "Quality").
+DEFAULT_MODE = "faithful"
+#: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
+ALIGNED_A = 0.5
 #: Strategies that keep a running average (and so honour ``mode``).
 RUNNING_AVERAGE = ("kmerge", "kmerge++", "random", "oracle")
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -75,6 +90,48 @@ class Step:
     action: str            # "new" (took a free slot), "merge" or "replace"
     similarities: list     # similarity to each slot before the add (empty when there was none)
     seconds: float
+
+
+def width_threshold(lora: LoRA) -> float:
+    """K-Merge++'s threshold from shapes alone: the mean over modules of r / n_in.
+
+    The published 0.020 (Llama-3.2-1B, r = 32, n_in = 2048: r / n_in = 0.016)
+    sits near it. Needs no other adapter and never sees the stream's
+    similarities; used by ``threshold="auto"``.
+    """
+    mods = list(lora.modules.values())
+    return sum(m.rank / m.shape[1] for m in mods) / len(mods)
+
+
+def slot_scale(mode: str, n: int) -> float:
+    """c_n: a slot of n tasks holds c_n * sum_i dW_i (``faithful`` aims at the average, as ``exact``).
+
+    1/n for ``exact`` and ``faithful``, 1/sqrt(n) for ``rms``, 1 for ``sum``.
+    """
+    if mode == "rms":
+        return 1.0 / math.sqrt(n)
+    if mode == "sum":
+        return 1.0
+    return 1.0 / n
+
+
+def running_weights(mode: str, n: int) -> list[float]:
+    """(w_slot, w_new) = (c_n / c_{n-1}, c_n): they take a slot of n - 1 members to n (see :func:`slot_scale`)."""
+    return [slot_scale(mode, n) / slot_scale(mode, n - 1), slot_scale(mode, n)]
+
+
+def a_alignment(slot: LoRA, lora: LoRA) -> float:
+    """Mean over shared modules of |<A_slot, A_new>_F| / (|A_slot|_F |A_new|_F) (0 for independent
+    random A of rank r << n_in; near 1 for adapters trained from one initialisation)."""
+    vals = []
+    for name, m in lora.modules.items():
+        s = slot.modules.get(name)
+        if s is None or s.A.shape != m.A.shape:
+            continue
+        a, b = s.A.double(), m.A.double()
+        den = float(a.norm() * b.norm())
+        vals.append(abs(float((a * b).sum())) / den if den > 0 else 0.0)
+    return sum(vals) / len(vals) if vals else 0.0
 
 
 def calibrate_threshold(loras: Sequence[LoRA], metric: str = "cos") -> float:
@@ -96,8 +153,10 @@ class OnlineMerger:
         budget: K, the number of slots (>= 1).
         strategy: one of :data:`STRATEGIES` (module docstring).
         similarity: ``"cos"`` (default, published), ``"l2"``, ``"l1"`` or ``"linf"``.
-        threshold: K-Merge++'s similarity threshold (required by ``kmerge++`` only).
-        mode: ``"faithful"`` or ``"exact"`` for the running-average strategies.
+        threshold: K-Merge++'s similarity threshold (``kmerge++`` only): a number, or
+            ``"auto"`` (default) for :func:`width_threshold` of each newcomer.
+        mode: ``"faithful"``, ``"exact"``, ``"rms"`` or ``"sum"`` for the running-average
+            strategies (module docstring); default :data:`DEFAULT_MODE`.
         store: a folder to keep the state in (created; must not hold a store
             yet - use :meth:`open` to resume one). None: in memory only.
         seed: seeds ``random``'s slot choice and DARE's masks (per step, so a
@@ -108,8 +167,8 @@ class OnlineMerger:
     Use as a context manager (or call :meth:`close`) to release a store's lock.
     """
 
-    def __init__(self, budget: int, strategy: str = "kmerge", similarity: str = "cos", threshold: float | None = None,
-                 mode: str = "faithful", store: str | Path | None = None, seed: int | None = None,
+    def __init__(self, budget: int, strategy: str = "kmerge", similarity: str = "cos",
+                 threshold: float | str | None = None, mode: str | None = None, store: str | Path | None = None, seed: int | None = None,
                  oracle: Callable[[str], object] | None = None, density: float = 0.5):
         settings = _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density)
         self._init(settings, oracle)
@@ -120,7 +179,7 @@ class OnlineMerger:
         self.budget: int = settings["budget"]
         self.strategy: str = settings["strategy"]
         self.similarity: str = settings["similarity"]
-        self.threshold: float | None = settings["threshold"]
+        self.threshold: float | str | None = settings["threshold"]
         self.mode: str = settings["mode"]
         self.seed: int = settings["seed"]
         self.density: float = settings["density"]
@@ -211,7 +270,7 @@ class OnlineMerger:
             extra = {"group": self._extra[slot]["group"]} if "group" in self._extra[slot] else {}
             return self._apply(task, slot, "replace", lora, extra, [], start)
         sims = self._similarities(lora)
-        slot = self._choose(task, sims)
+        slot = self._choose(task, sims, lora)
         if slot == len(self.slots):
             extra = {"group": self._group(task)} if self.strategy == "oracle" else {}
             return self._apply(task, slot, "new", lora, extra, sims, start)
@@ -254,17 +313,23 @@ class OnlineMerger:
     def _step_seed(self) -> int:
         return mix64((self.seed or 0) * 0x100000001B3 + len(self.history))
 
-    def _choose(self, task: str, sims: list[float]) -> int:
+    def threshold_for(self, lora: LoRA) -> float:
+        """K-Merge++'s threshold for this newcomer (a fixed number, or the ``"auto"`` rule)."""
+        return width_threshold(lora) if self.threshold == "auto" else float(self.threshold)
+
+    def _choose(self, task: str, sims: list[float], lora: LoRA) -> int:
         """The slot for a newcomer; ``len(self.slots)`` means a new slot."""
         free = len(self.slots) < self.budget
         if self.strategy == "oracle":
+            if free:
+                return len(self.slots)
             group = self._group(task)
-            for i, extra in enumerate(self._extra):
+            for i, extra in enumerate(self._extra):    # the slot whose first member has this group
                 if extra.get("group") == group:
                     return i
-            return len(self.slots) if free else _argmax(sims)
+            return _argmax(sims)
         if self.strategy == "kmerge++":
-            return len(self.slots) if free and (not sims or max(sims) < self.threshold) else _argmax(sims)
+            return len(self.slots) if free and (not sims or max(sims) < self.threshold_for(lora)) else _argmax(sims)
         if free:
             return len(self.slots)
         if self.strategy == "random":
@@ -286,9 +351,14 @@ class OnlineMerger:
         if self.strategy == "opcm":
             merged, state = opcm_step(current, lora, self._extra[slot].get("opcm", {}), rank)
             return merged, {"opcm": state}
-        n = len(self.members[slot]) + 1
-        weights = [1.0 - 1.0 / n, 1.0 / n]
+        weights = running_weights(self.mode, len(self.members[slot]) + 1)
         if self.mode == "faithful":
+            align = a_alignment(current, lora)
+            if align > ALIGNED_A:
+                warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
+                              f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "
+                              "nearly the sum of the updates, not their average (mode='exact' or 'rms' does not)",
+                              stacklevel=3)
             return merge([current, lora], weights, method="linear"), dict(self._extra[slot])
         return merge([current, lora], weights, method="svd", rank=rank), dict(self._extra[slot])
 
@@ -330,15 +400,21 @@ def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle,
         raise ValueError(f"strategy: unknown {strategy!r}; choose from {list(STRATEGIES)}")
     if similarity not in METRICS:
         raise ValueError(f"similarity: unknown {similarity!r}; choose from {list(METRICS)}")
+    if mode is None:
+        mode = DEFAULT_MODE if strategy in RUNNING_AVERAGE else "faithful"
     if mode not in MODES:
         raise ValueError(f"mode: unknown {mode!r}; choose from {list(MODES)}")
     if mode != "faithful" and strategy not in RUNNING_AVERAGE:
         raise ValueError(f"mode: {mode!r} applies to the running-average strategies {list(RUNNING_AVERAGE)}, "
                          f"not {strategy!r}")
     if strategy == "kmerge++":
-        if threshold is None or isinstance(threshold, bool) or not math.isfinite(float(threshold)):
-            raise ValueError("threshold: kmerge++ needs a finite threshold (see kf.calibrate_threshold)")
-        threshold = float(threshold)
+        if threshold is None or threshold == "auto":
+            threshold = "auto"
+        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"threshold: kmerge++ needs a finite number or 'auto', got {threshold!r} "
+                             "(see kf.calibrate_threshold, kf.online.width_threshold)")
+        else:
+            threshold = float(threshold)
     elif threshold is not None:
         raise ValueError(f"threshold: only kmerge++ uses a threshold, not {strategy!r}")
     if (strategy == "oracle") != (oracle is not None):
@@ -353,4 +429,5 @@ def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle,
             "mode": mode, "seed": seed, "density": float(density)}
 
 
-__all__ = ["MODES", "STRATEGIES", "OnlineMerger", "Step", "StoreError", "calibrate_threshold"]
+__all__ = ["DEFAULT_MODE", "MODES", "STRATEGIES", "OnlineMerger", "Step", "StoreError", "calibrate_threshold",
+           "running_weights", "slot_scale", "width_threshold"]

@@ -53,7 +53,8 @@ def test_stream_inspect_export(tmp_path, adapter_dirs, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["stream", "--store", "{tmp}/new", "{a0}"], "--budget: required"),
     (["stream", "--store", "{tmp}/new", "--budget", "0", "{a0}"], "budget: must be"),
-    (["stream", "--store", "{tmp}/new", "--budget", "2", "--strategy", "kmerge++", "{a0}"], "threshold"),
+    (["stream", "--store", "{tmp}/new", "--budget", "2", "--strategy", "kmerge++", "--threshold", "high", "{a0}"],
+     "threshold"),
     (["stream", "--store", "{tmp}/new", "--budget", "2", "{tmp}/missing"], "missing"),
     (["inspect", "--store", "{tmp}/nothing"], "no store here"),
     (["export", "--store", "{tmp}/s", "--slot", "7", "{tmp}/o"], "--slot 7"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,6 +150,96 @@ def test_exact_mode_is_exact_while_rank_allows():
         assert float((m.delta(torch.float64) - truth).norm()) <= best * (1 + 1e-4) + 1e-9
 
 
+@pytest.mark.parametrize("mode,power", [("exact", 1.0), ("rms", 0.5), ("sum", 0.0)])
+def test_scaled_modes_hold_the_scaled_sum_while_rank_allows(mode, power):
+    """Rank-1 members into a rank-3 slot: no truncation, so the slot is exactly n^-power * sum dW (float64 truth)."""
+    adapters = family_adapters(3, families=3, rank=1, dtype=torch.float64)
+    wide = [kf.LoRA.from_factors({n: (torch.cat([m.A, torch.zeros(2, m.A.shape[1], dtype=m.A.dtype)]),
+                                      torch.cat([m.B, torch.zeros(m.B.shape[0], 2, dtype=m.B.dtype)], 1))
+                                  for n, m in lo.modules.items()}, scaling={n: m.scaling for n, m in lo.modules.items()})
+            for lo in adapters[:1]] + adapters[1:]
+    merger = kf.OnlineMerger(1, mode=mode)
+    for k, lora in enumerate(wide):
+        merger.add(lora, f"t{k}")
+    for name, m in merger.slots[0].modules.items():
+        truth = sum(a.modules[name].delta(torch.float64) for a in adapters) * 3 ** -power
+        torch.testing.assert_close(m.delta(torch.float64), truth, rtol=1e-9, atol=1e-9)
+        assert m.rank == 3
+
+
+@pytest.mark.parametrize("mode", ["rms", "sum"])
+def test_scaled_modes_keep_the_best_rank_r_approximation(mode):
+    """Each step is the best rank-r approximation of w_slot * slot + w_new * dW_new (Eckart-Young bound)."""
+    a, b = family_adapters(2, families=2, rank=2)
+    merger = kf.OnlineMerger(1, mode=mode)
+    merger.add(a, "a")
+    merger.add(b, "b")
+    w = kf.online.running_weights(mode, 2)
+    for name, m in merger.slots[0].modules.items():
+        truth = w[0] * a.modules[name].delta(torch.float64) + w[1] * b.modules[name].delta(torch.float64)
+        best = float(torch.linalg.svdvals(truth)[2:].square().sum().sqrt())
+        assert float((m.delta(torch.float64) - truth).norm()) <= best * (1 + 1e-4) + 1e-9
+
+
+def test_running_weights_give_the_scaled_sum():
+    """Composing the per-step weights from n = 2 to 6 gives c_n = n^-1, n^-1/2, 1 on every member."""
+    for mode, power in (("exact", 1.0), ("faithful", 1.0), ("rms", 0.5), ("sum", 0.0)):
+        coeffs = [1.0]
+        for n in range(2, 7):
+            w_slot, w_new = kf.online.running_weights(mode, n)
+            coeffs = [c * w_slot for c in coeffs] + [w_new]
+            assert coeffs == pytest.approx([n ** -power] * n), (mode, n)
+
+
+def test_default_mode_is_documented_and_used():
+    merger = kf.OnlineMerger(2)
+    assert merger.mode == kf.online.DEFAULT_MODE
+    assert kf.OnlineMerger(2, strategy="ties").mode == "faithful"   # the peft baselines have no modes
+
+
+def test_kmerge_plus_plus_auto_threshold_is_the_width_rule():
+    """threshold='auto' (the default) = mean over modules of r / n_in of the newcomer; decides like a number."""
+    adapters = family_adapters(6)
+    rule = kf.online.width_threshold(adapters[0])
+    assert rule == pytest.approx(sum(4 / 32 for _ in SHAPES) / len(SHAPES))
+    auto = kf.OnlineMerger(4, strategy="kmerge++")
+    fixed = kf.OnlineMerger(4, strategy="kmerge++", threshold=rule)
+    for k, lora in enumerate(adapters):
+        assert auto.add(lora, f"t{k}") == fixed.add(lora, f"t{k}")
+    assert auto.threshold == "auto" and auto.members == fixed.members
+
+
+def test_kmerge_plus_plus_auto_threshold_persists(tmp_path):
+    adapters = family_adapters(4)
+    with kf.OnlineMerger(3, strategy="kmerge++", store=tmp_path / "s") as merger:
+        merger.add(adapters[0], "t0")
+    with kf.OnlineMerger.open(tmp_path / "s") as merger:
+        assert merger.threshold == "auto"
+        merger.add(adapters[1], "t1")
+
+
+def test_faithful_mode_warns_when_a_is_shared():
+    """Adapters trained from one A initialisation: faithful mode approaches a sum, and says so."""
+    g = torch.Generator().manual_seed(0)
+    a0 = {n: torch.randn(4, shape[1], generator=g) for n, shape in SHAPES.items()}
+    shared = [kf.LoRA.from_factors({n: (a0[n] + 0.05 * torch.randn(a0[n].shape, generator=g),
+                                        torch.randn(shape[0], 4, generator=g)) for n, shape in SHAPES.items()})
+              for _ in range(2)]
+    assert kf.online.a_alignment(shared[0], shared[1]) > 0.9
+    merger = kf.OnlineMerger(1, mode="faithful")
+    merger.add(shared[0], "a")
+    with pytest.warns(UserWarning, match="aligned"):
+        merger.add(shared[1], "b")
+    independent = family_adapters(2, families=2)
+    assert kf.online.a_alignment(independent[0], independent[1]) < 0.3
+    for mode in ("faithful", "rms"):    # independent A (faithful) or another mode: no warning
+        merger = kf.OnlineMerger(1, mode=mode)
+        merger.add((independent if mode == "faithful" else shared)[0], "a")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            merger.add((independent if mode == "faithful" else shared)[1], "b")
+
+
 @pytest.mark.parametrize("strategy", ["linear", "ties", "dare_linear", "dare_ties", "random", "opcm"])
 def test_baselines_run_and_route(strategy):
     adapters = family_adapters(8)
@@ -173,13 +265,21 @@ def test_random_strategy_is_seeded():
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
-def test_oracle_strategy_groups_by_task_type():
+def test_oracle_strategy_is_the_published_by_type_rule():
+    """Free slots first in arrival order; then the first slot whose FIRST member has the newcomer's type,
+    else the most similar slot (the published baseline; a type may hold several slots)."""
     adapters = family_adapters(7)
     merger = kf.OnlineMerger(4, strategy="oracle", oracle=lambda task: task.split("_")[0])
     names = ["qa_en", "sum_en", "qa_de", "sum_de", "ner_en", "qa_fr", "ner_de"]
     for name, lora in zip(names, adapters):
         merger.add(lora, name)
-    assert merger.members == [["qa_en", "qa_de", "qa_fr"], ["sum_en", "sum_de"], ["ner_en", "ner_de"]]
+    steps = {h.task: h for h in merger.history}
+    assert [steps[n].slot for n in names[:4]] == [0, 1, 2, 3]          # two qa slots: free slots come first
+    assert steps["qa_fr"].slot == 0                                     # the first slot whose first member is qa
+    for ner in ("ner_en", "ner_de"):                                    # no ner slot: the most similar one
+        sims = steps[ner].similarities
+        assert steps[ner].slot == max(range(4), key=lambda i: (sims[i], -i))
+    assert sorted(t for m in merger.members for t in m) == sorted(names)
 
 
 def test_opcm_projects_out_the_shared_subspace():
@@ -251,7 +351,8 @@ def test_calibrate_threshold_is_median_pairwise():
     (dict(similarity="dot"), "similarity: unknown"),
     (dict(mode="approx"), "mode: unknown"),
     (dict(strategy="ties", mode="exact"), "mode: 'exact' applies"),
-    (dict(strategy="kmerge++"), "threshold: kmerge\\+\\+ needs"),
+    (dict(strategy="kmerge++", threshold=float("nan")), "threshold: kmerge\\+\\+ needs"),
+    (dict(strategy="kmerge++", threshold="median"), "threshold: kmerge\\+\\+ needs"),
     (dict(threshold=0.1), "threshold: only kmerge\\+\\+"),
     (dict(strategy="oracle"), "oracle:"),
     (dict(density=0.0), "density"),

@@ -1,8 +1,9 @@
 """The quality benchmark (bench/quality) end to end on a tiny config-built Llama: no downloads, < 3 minutes.
 
 Runs what ``python -m bench.quality all --tiny`` runs: tiny base pre-trained from scratch, 2 task types x
-2 languages, one LoRA each (same seed), every OnlineMerger strategy at K = 1..3 over 3 arrival orders,
-D2C vs K-Means vs random; the outputs go to a temporary folder, never bench/results.
+2 languages (+ 2 held-out adapters), one LoRA each (independent A), every row at K = 1..3 over 2 random
+orders + the adversarial one, D2C vs K-Means vs random, the decoding cross-check; the outputs go to a
+temporary folder, never bench/results. Also the pieces: scoring, bootstrap intervals, arrival orders.
 """
 
 from __future__ import annotations
@@ -45,53 +46,144 @@ def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
     seconds = time.perf_counter() - start
     assert seconds < 180, f"tiny quality run took {seconds:.0f} s (CI budget: 3 minutes)"
 
-    saved = json.loads((tmp_path / "quality.json").read_text())
-    for key in ("model", "tasks", "n_adapters", "orders", "single", "s_score", "d2c"):
+    saved = json.loads((tmp_path / "quality.json").read_text())["arms"]["independent"]
+    for key in ("model", "tasks", "n_adapters", "orders", "single", "summary", "d2c", "crosscheck", "train"):
         assert key in saved, key
-    assert saved["n_adapters"] == 4 and len(saved["orders"]) == 3
-    assert set(saved["s_score"]) == set(STRATEGIES)
-    assert all(set(row) == {"1", "2", "3"} for row in saved["s_score"].values())
-    assert {"budget", "d2c", "kmeans", "random"} <= set(saved["d2c"])
-    assert "| kmerge |" in (tmp_path / "quality.md").read_text()
-    assert all(n == 3 for row in saved["orders_done"].values() for n in row.values())
-    assert saved["machine"]["cores"] >= 1 and "Machine:" in (tmp_path / "quality.md").read_text()
+    assert saved["n_adapters"] == 4 and len(saved["orders"]) == 3        # 2 random + the adversarial
+    cells = saved["summary"]["cells"]
+    assert set(cells) == set(STRATEGIES)
+    for row in cells.values():
+        assert set(row) == {"1", "2", "3"}
+        for c in row.values():
+            s, lo, hi = c["s"]
+            assert c["orders"] == 2 and lo <= s <= hi and "s_adversarial" in c
+    # K = 1 puts every task in one slot, whatever the row
+    assert all(row["1"]["slots"] == [1, 1, 1] for row in cells.values())
+    assert {"d2c", "kmeans", "random"} <= set(saved["d2c"]["s"])
+    # the adapters record their training, held-out score and how far A moved
+    assert all(t["steps"] > 0 and t["a_moved"] > 0 and t["held_out"] is not None for t in saved["train"].values())
+    # teacher-forced exact match equals greedy decoding's on every decoded example
+    assert saved["crosscheck"]["agreement"] == 1.0, saved["crosscheck"]
+    md = (tmp_path / "quality.md").read_text()
+    assert "| kmerge-rms" in md and "Machine:" in md and "[" in md
     # `report` re-renders the markdown from the JSON alone
     (tmp_path / "quality.md").unlink()
     from bench.quality.__main__ import main
     main(["report", "--out", str(tmp_path)])
-    assert "| kmerge |" in (tmp_path / "quality.md").read_text()
-    # the adapters are cached with a manifest under the output folder
+    assert "| kmerge-rms" in (tmp_path / "quality.md").read_text()
+    # the adapters are cached with a manifest under the output folder (4 streamed + 2 held out)
     manifests = list((tmp_path / "adapters").glob("*/manifest.json"))
-    assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["adapters"]) == 4
+    assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["train"]) == 6
     # merging beats the zero-shot base on average (also asserted by run_tiny)
     base = sum(results["base"].values()) / len(results["base"])
-    merged = [v for row in results["score"].values() for v in row.values()]
+    merged = [c["exact"] for row in cells.values() for c in row.values()]
     assert sum(merged) / len(merged) > base
     # nothing written to bench/results
     assert {p: p.stat().st_mtime for p in RESULTS.glob("quality.*")} == before
 
 
 def test_deadline_keeps_every_cell_on_the_first_order(monkeypatch):
-    """Orders outermost: a run cut short has each (strategy, K) on order 0 before any gets order 1."""
+    """Orders outermost: a run cut short has each (row, K) on order 0 before any gets order 1."""
     from conftest import random_lora
 
     from bench.quality import evaluate
 
-    class Scores:  # stands in for the decoding Evaluator: a score per task, no model
+    class Scores:  # stands in for the Scorer: the same per-example results for every adapter, no model
         def score(self, lora, tasks):
-            return {t: 0.5 for t in tasks}
+            return {t: {"exact": [1, 0], "ll": [-1.0, -2.0]} for t in tasks}
+
+        def save(self):
+            pass
 
     adapters = {f"{kind}_{lang}": random_lora({"q": (6, 5)}, 2, seed=i)
                 for i, (kind, lang) in enumerate([("date", "en"), ("date", "de"), ("typo", "en"), ("typo", "de")])}
-    single = {t: 1.0 for t in adapters}
     orders = evaluate.arrival_orders(list(adapters), 3)
-    cells = 2 * 2  # strategies x budgets
+    cells = 2 * 2  # rows x budgets
     clock = iter(range(10_000))
     # evaluate's own clock only: one tick per deadline check
     monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: next(clock), perf_counter=time.perf_counter))
-    out = evaluate.run_online(Scores(), adapters, single, [1, 2], orders, ["kmerge", "linear"],
+    out = evaluate.run_online(Scores(), adapters, [1, 2], orders, ["kmerge", "linear"], "auto",
                               deadline=cells + 1.5, log=lambda *_: None)  # every cell once, then 2 more
-    done = [out["orders_done"][label][k] for k in ("1", "2") for label in ("kmerge", "linear")]
+    done = [len(out["cells"][label][k]) for k in ("1", "2") for label in ("kmerge", "linear")]
     assert sorted(done) == [1, 1, 2, 2] and done[:2] == [2, 2]  # K=1 cells got the second order first
-    assert all(out["s_score"][label][k] == pytest.approx(0.5) for label in ("kmerge", "linear") for k in ("1", "2"))
     assert len(out["skipped"]) == 3 * cells - 6 and all("order" in s for s in out["skipped"])
+
+
+def test_adversarial_order_groups_task_types():
+    from bench.quality.evaluate import adversarial_order, arrival_orders
+
+    tasks = [f"{k}_{l}" for l in ("en", "de", "fr") for k in ("date", "typo", "count")]
+    assert adversarial_order(tasks) == ["date_en", "date_de", "date_fr", "typo_en", "typo_de", "typo_fr",
+                                        "count_en", "count_de", "count_fr"]
+    orders = arrival_orders(tasks, 3, adversarial=True)
+    assert len(orders) == 4 and orders[-1] == adversarial_order(tasks)
+    assert all(sorted(o) == sorted(tasks) for o in orders) and len({tuple(o) for o in orders}) == 4
+
+
+def test_bootstrap_intervals():
+    import numpy as np
+
+    from bench.quality import stats
+
+    rng = np.random.default_rng(0)
+    single = (rng.random((6, 32)) < 0.9).astype(float)
+    # a merge that keeps the single adapter's answers: S = 1 in every replicate
+    same = np.stack([single] * 3)
+    assert stats.s_interval(same, single, 200) == pytest.approx((1.0, 1.0, 1.0))
+    # a merge that loses about half of the answers: S near 0.5, an interval around it that excludes 1
+    half = same * (rng.random(same.shape) < 0.5)
+    s, lo, hi = stats.s_interval(half, single, 400)
+    assert lo < s < hi and 0.3 < s < 0.7 and hi < 0.8
+    d, dlo, dhi = stats.difference_interval(same, half, single, 400)
+    assert d == pytest.approx(1.0 - s) and 0 < dlo < d < dhi
+    assert stats.difference_interval(half, half, single, 100) == pytest.approx((0.0, 0.0, 0.0))
+    # tasks whose single score is 0 are left out
+    zero = single.copy()
+    zero[0] = 0
+    assert stats.s_point(np.stack([zero]), zero) == pytest.approx(1.0)
+    m, mlo, mhi = stats.mean_interval(single, 200)
+    assert mlo <= m <= mhi and m == pytest.approx(single.mean())
+
+
+def test_teacher_forced_scoring_equals_greedy_and_ignores_the_shared_prefix(one_thread):
+    """Scorer: the prefix cache changes nothing (float32), and exact match equals greedy decoding's."""
+    from bench.quality import model as base
+    from bench.quality.scoring import Scorer, generation_f1
+    from bench.quality.tasks import dataset
+
+    import numpy as np
+
+    tests = {f"{k}_en": dataset(k, "en", 0, 12)[1] for k in ("reply", "count")}
+    words = sorted({w for ex in tests.values() for e in ex for w in (e.prompt + " " + e.target).split()})
+    tok = base.tiny_tokenizer(words)
+    model = base.tiny_model(len(tok), seed=3).eval()
+    # fit the model on half of the examples, so that some answers are right and some wrong
+    from bench.quality.train import _batch, encode
+
+    pairs = [encode(tok, e.prompt, e.target) for ex in tests.values() for e in ex[::2]]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        ids, mask, labels = _batch(pairs, tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    scorer = Scorer(model, tok, tests, batch_size=5)
+    outcomes = set()
+    try:
+        assert all(scorer.prefix[t] > 0 for t in tests)       # the instruction is shared
+        for t in tests:
+            cached = scorer.run(t)
+            keep, scorer.prefix[t] = scorer.prefix[t], 0
+            plain = scorer.run(t)
+            scorer.prefix[t] = keep
+            assert cached["exact"] == plain["exact"]
+            np.testing.assert_allclose(cached["ll"], plain["ll"], rtol=1e-4, atol=1e-4)
+            greedy = generation_f1(model, tok, None, tests[t])
+            assert greedy["exact"] == cached["exact"]
+            outcomes.update(cached["exact"])
+    finally:
+        scorer.close()
+    assert outcomes == {0, 1}, "the check needs right and wrong answers"

@@ -1,220 +1,192 @@
-"""Scoring with a (merged) adapter applied, the online mergers over arrival orders, and D2C.
+"""The methods under test: online mergers over arrival orders, budget-breaking baselines, and D2C.
 
-Adapters are applied to the base model in place through the forward hooks of
-``kmerge_fast.scoring._Hooks`` (the ones ``kf.d2c.LossScorer`` uses): no peft
-model is re-created and the base weights are never touched. Decoding is greedy
-and batched with left padding. Scores are cached by (adapter content, task), so
-a slot holding a single adapter costs nothing after the single-adapter pass.
+Each online row is one ``kf.OnlineMerger`` configuration, streamed over every
+arrival order at every budget K; every task is then scored with its slot
+(``Scorer``, cached by adapter content, so slots holding one adapter reuse the
+single-adapter scores). The group rows reuse the slot membership of
+``GROUPS_FROM`` (K-Merge's routing with exact slots) and merge each group in
+one shot:
+
+- ``task_arithmetic``: lambda * sum of the group's updates, truncated to rank r
+  (lambda = ``TA_LAMBDA``; a group of one keeps its adapter as it is);
+- ``avg_unbounded``: the exact average of the group at full rank (``cat``):
+  an upper bound for any averaging merge that breaks the storage budget.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 
-import torch
+import numpy as np
 
 import kmerge_fast as kf
-from kmerge_fast.scoring import _Hooks
 
-from .tasks import Example, f1, split
-from .train import encode
+from .tasks import Example, split
 
-#: every OnlineMerger strategy evaluated: label -> constructor kwargs (threshold filled in later)
-STRATEGIES = {
-    "kmerge": {"strategy": "kmerge"},
-    "kmerge++": {"strategy": "kmerge++"},
+#: online rows: label -> OnlineMerger keyword arguments (threshold filled in by the run)
+ONLINE = {
+    "kmerge": {"strategy": "kmerge", "mode": "faithful"},
     "kmerge-exact": {"strategy": "kmerge", "mode": "exact"},
+    "kmerge-rms": {"strategy": "kmerge", "mode": "rms"},
+    "kmerge-sum": {"strategy": "kmerge", "mode": "sum"},
+    "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
+    "kmerge++-rms": {"strategy": "kmerge++", "mode": "rms"},
     "linear": {"strategy": "linear"},
     "ties": {"strategy": "ties"},
     "dare_linear": {"strategy": "dare_linear"},
     "dare_ties": {"strategy": "dare_ties"},
     "opcm": {"strategy": "opcm"},
-    "random": {"strategy": "random"},
-    "oracle": {"strategy": "oracle"},
+    "random": {"strategy": "random", "mode": "faithful"},
+    "oracle": {"strategy": "oracle", "mode": "faithful"},
+    "oracle-rms": {"strategy": "oracle", "mode": "rms"},
 }
+#: rows merging the groups of GROUPS_FROM in one shot
+GROUPED = ("task_arithmetic", "avg_unbounded")
+GROUPS_FROM = "kmerge-exact"
+TA_LAMBDA = 0.5
+STRATEGIES = tuple(ONLINE) + GROUPED
+#: upper bounds that break the budget (reported apart from the budgeted rows)
+UPPER_BOUNDS = ("avg_unbounded",)
+#: candidate default modes and the peers each must beat (paired differences in the report)
+CANDIDATES = ("kmerge-exact", "kmerge-rms")
+PEERS = ("ties", "opcm", "task_arithmetic", "kmerge")
 
 
-def fingerprint(lora: kf.LoRA) -> str:
-    h = hashlib.sha1()
-    for name in sorted(lora.modules):
-        m = lora.modules[name]
-        h.update(name.encode())
-        h.update(m.A.detach().contiguous().float().numpy().tobytes())
-        h.update(m.B.detach().contiguous().float().numpy().tobytes())
-        h.update(repr(float(m.scaling)).encode())
-    return h.hexdigest()
-
-
-class Evaluator:
-    """``score(lora | None, tasks) -> {task: mean F1}`` on each task's test examples."""
-
-    def __init__(self, model, tok, tests: dict[str, list[Example]], batch_size: int = 16):
-        self.model = model.eval()
-        self.tok = tok
-        self.batch_size = batch_size
-        self.tests = tests
-        self.prompts = {t: [encode(tok, e.prompt)[0] for e in ex] for t, ex in tests.items()}
-        self.max_new = {t: max(len(encode(tok, "", e.target)[1]) for e in ex) + 1 for t, ex in tests.items()}
-        self.hooks = _Hooks(model)
-        self.cache: dict[tuple[str, str], float] = {}
-        self.passes = 0          # task evaluations actually decoded
-        self.seconds = 0.0
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.cache_path = None
-
-    def persist(self, path) -> None:
-        """Keep the scores in ``path`` (JSON) across runs: a rerun with more orders decodes only what is new."""
-        import json
-        from pathlib import Path
-
-        self.cache_path = Path(path)
-        if self.cache_path.exists():
-            for k, v in json.loads(self.cache_path.read_text()).items():
-                self.cache[tuple(k.split("|", 1))] = v
-
-    def _save(self) -> None:
-        import json
-
-        if self.cache_path is not None:
-            tmp = self.cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({f"{a}|{b}": v for (a, b), v in self.cache.items()}))
-            tmp.replace(self.cache_path)
-
-    def score(self, lora: kf.LoRA | None, tasks) -> dict[str, float]:
-        key = fingerprint(lora) if lora is not None else "base"
-        todo = [t for t in tasks if (key, t) not in self.cache]
-        if todo:
-            param = next(self.model.parameters())
-            if lora is not None:
-                self.hooks.load(lora, param.dtype, param.device)
-            try:
-                for t in todo:
-                    self.cache[key, t] = self._task(t)
-                self._save()
-            finally:
-                self.hooks.active = {}
-        return {t: self.cache[key, t] for t in tasks}
-
-    def _task(self, task: str) -> float:
-        start = time.perf_counter()
-        prompts, examples = self.prompts[task], self.tests[task]
-        scores = []
-        with torch.inference_mode():
-            for s in range(0, len(prompts), self.batch_size):
-                batch = prompts[s:s + self.batch_size]
-                width = max(map(len, batch))
-                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, p in enumerate(batch):    # left padding
-                    ids[i, width - len(p):] = torch.tensor(p)
-                    mask[i, width - len(p):] = 1
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new[task],
-                                          do_sample=False, pad_token_id=self.pad, eos_token_id=self.tok.eos_token_id)
-                for i, row in enumerate(out[:, width:]):
-                    text = self.tok.decode(row, skip_special_tokens=True)
-                    scores.append(f1(text, examples[s + i].target))
-        self.passes += 1
-        self.seconds += time.perf_counter() - start
-        return sum(scores) / len(scores)
-
-    def close(self) -> None:
-        self.hooks.remove()
-
-
-def s_score(scores: dict[str, float], single: dict[str, float]) -> float:
-    """Mean over tasks of score / single-adapter score (tasks whose single score is 0 are left out)."""
-    ratios = [scores[t] / single[t] for t in scores if single[t] > 0]
-    return sum(ratios) / len(ratios) if ratios else float("nan")
-
-
-def arrival_orders(tasks: list[str], n: int, seed: int = 0) -> list[list[str]]:
+def arrival_orders(tasks: list[str], n: int, seed: int = 0, adversarial: bool = False) -> list[list[str]]:
+    """``n`` seeded random orders, then (``adversarial``) the grouped order of :func:`adversarial_order`."""
     out = []
     for i in range(n):
         order = list(tasks)
         random.Random(f"order-{seed}-{i}").shuffle(order)
         out.append(order)
+    if adversarial:
+        out.append(adversarial_order(tasks))
     return out
 
 
-def run_online(ev: Evaluator, adapters: dict[str, kf.LoRA], single: dict[str, float], budgets: list[int],
-               orders: list[list[str]], strategies: list[str], deadline: float | None = None, log=print) -> dict:
-    """S-score and mean score per strategy and budget, averaged over the arrival orders each cell reached.
+def adversarial_order(tasks: list[str]) -> list[str]:
+    """Our adversarial order: all languages of one task type, then of the next, ...
 
-    Orders outermost, then budgets, then strategies: a run cut short by ``deadline`` (a
-    ``time.time()`` value) has every (strategy, K) cell on the first order before any cell
-    gets a second one; ``orders_done`` says how many orders each cell averages.
+    Free slots go to the first arrivals, so under every free-slot-first rule the K
+    slots fill with adapters of one or two types, and the later types must merge
+    into slots of another type (K-Merge++ and by-type routing are built for it).
     """
-    threshold = kf.calibrate_threshold(list(adapters.values()))
-    cells: dict[tuple[str, int], dict[str, list]] = {
-        (label, k): {"s": [], "score": [], "members": []} for k in budgets for label in strategies}
+    kinds = list(dict.fromkeys(split(t)[0] for t in tasks))
+    return [t for k in kinds for t in tasks if split(t)[0] == k]
+
+
+def _slot_scores(scorer, slots, members) -> dict[str, dict]:
+    scores = {}
+    for lora, tasks in zip(slots, members):
+        scores.update(scorer.score(lora, tasks))
+    return scores
+
+
+def _group_merge(label: str, adapters: dict[str, kf.LoRA], group: list[str]) -> kf.LoRA:
+    loras = [adapters[t] for t in group]
+    if len(loras) == 1:
+        return loras[0]
+    if label == "task_arithmetic":
+        rank = max(max(lo.ranks.values()) for lo in loras)
+        return kf.merge(loras, [TA_LAMBDA] * len(loras), method="svd", rank=rank)
+    return kf.merge(loras, [1.0 / len(loras)] * len(loras), method="cat")
+
+
+def run_online(scorer, adapters: dict[str, kf.LoRA], budgets: list[int], orders: list[list[str]],
+               strategies: list[str], threshold: float | str, deadline: float | None = None, log=print,
+               secondary: tuple = (), secondary_orders: int | None = None) -> dict:
+    """Every (order, K, row) cell: members and per-task scores. Orders outermost, so a run cut short by
+    ``deadline`` (a ``time.time()`` value) has every cell on the first orders. The rows in ``secondary``
+    run on the first ``secondary_orders`` orders only (None: all); the last order (the adversarial one,
+    when there is one) runs second, right after order 0.
+
+    Returns {"cells": {label: {K: [ {order, members, slots_opened, scores: {task: {exact, ll}}} ]}}, "skipped"}.
+    """
+    cells: dict = {label: {str(k): [] for k in budgets} for label in strategies}
     skipped = []
-    for i, order in enumerate(orders):
+    done, start = 0, time.perf_counter()
+    online = [s for s in strategies if s in ONLINE]
+    grouped = [s for s in strategies if s in GROUPED]
+    if grouped and GROUPS_FROM not in online:
+        online.insert(0, GROUPS_FROM)     # its groups are needed; its cells are kept only if asked for
+    schedule = list(range(len(orders)))
+    if len(schedule) > 2:
+        schedule = [0, schedule[-1]] + schedule[1:-1]
+    total = sum(len(budgets) * sum(1 for s_ in strategies if s_ not in secondary or secondary_orders is None
+                                   or i < secondary_orders) for i in schedule)
+    for i in schedule:
+        order = orders[i]
         for k in budgets:
-            for label in strategies:
+            groups = None
+            for label in online + grouped:
+                if (label in secondary and label != GROUPS_FROM and secondary_orders is not None
+                        and i >= secondary_orders):
+                    continue
                 if deadline is not None and time.time() > deadline:
                     skipped.append(f"{label} K={k} order {i}")
                     continue
-                kwargs = dict(STRATEGIES[label])
-                if kwargs["strategy"] == "kmerge++":
-                    kwargs["threshold"] = threshold
-                if kwargs["strategy"] == "oracle":
-                    kwargs["oracle"] = lambda task: split(task)[0]       # by task type
-                start = time.perf_counter()
-                merger = kf.OnlineMerger(budget=k, seed=i, **kwargs)
-                for task in order:
-                    merger.add(adapters[task], task=task)
-                merge_s = time.perf_counter() - start
-                scores = {}
-                for slot, tasks in enumerate(merger.members):
-                    scores.update(ev.score(merger.slots[slot], tasks))
-                cell = cells[label, k]
-                cell["s"].append(s_score(scores, single))
-                cell["score"].append(sum(scores.values()) / len(scores))
-                cell["members"].append([list(m) for m in merger.members])
-                log(f"  {label:12s} K={k} order {i}: S={cell['s'][-1]:.3f} mean={cell['score'][-1]:.3f} "
-                    f"slots={len(merger.slots)} merge {merge_s:.1f}s total {time.perf_counter() - start:.1f}s")
+                t0 = time.perf_counter()
+                if label in ONLINE:
+                    kwargs = dict(ONLINE[label])
+                    if kwargs["strategy"] == "kmerge++":
+                        kwargs["threshold"] = threshold
+                    if kwargs["strategy"] == "oracle":
+                        kwargs["oracle"] = lambda task: split(task)[0]       # by task type
+                    merger = kf.OnlineMerger(budget=k, seed=i, **kwargs)
+                    for task in order:
+                        merger.add(adapters[task], task=task)
+                    slots, members = merger.slots, [list(m) for m in merger.members]
+                    if label == GROUPS_FROM:
+                        groups = members
+                else:
+                    members = groups
+                    slots = [_group_merge(label, adapters, g) for g in members]
+                merge_s = time.perf_counter() - t0
+                if label not in strategies:
+                    continue
+                scores = _slot_scores(scorer, slots, members)
+                cells[label][str(k)].append({"order": i, "arrival": order, "members": members, "scores": scores})
+                done += 1
+                s_mean = np.mean([np.mean(v["exact"]) for v in scores.values()])
+                eta = (time.perf_counter() - start) / done * (total - done)
+                log(f"  {label:16s} K={k} order {i}: exact {s_mean:.3f} slots={len(slots)} merge {merge_s:.1f}s "
+                    f"total {time.perf_counter() - t0:.1f}s  [{done}/{total}, ~{eta / 60:.0f} min left]")
+        scorer.save()
     if skipped:
-        log(f"deadline reached: skipped {skipped}")
-    out = {"s_score": {}, "score": {}, "members": {}, "orders_done": {}}
-    for label in strategies:
-        for key in out:
-            out[key][label] = {}
-        for k in budgets:
-            cell = cells[label, k]
-            if cell["s"]:
-                out["s_score"][label][str(k)] = sum(cell["s"]) / len(cell["s"])
-                out["score"][label][str(k)] = sum(cell["score"]) / len(cell["score"])
-                out["members"][label][str(k)] = cell["members"]
-                out["orders_done"][label][str(k)] = len(cell["s"])
-    return {**out, "threshold": threshold, "skipped": skipped}
+        log(f"deadline reached: skipped {len(skipped)} cells")
+    return {"cells": cells, "skipped": skipped}
 
 
-def run_d2c(ev: Evaluator, model, tok, adapters: dict[str, kf.LoRA], single: dict[str, float],
-            examples: dict[str, list[Example]], budget: int, seed: int = 0, log=print) -> dict:
-    """D2C (LossScorer on train examples) vs K-Means vs random at ``budget``: S-score of each."""
+def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str, list[Example]],
+            budgets: list[int], seeds: int, log=print) -> dict:
+    """D2C (LossScorer on ``examples``) vs K-Means vs random, at each budget and seed."""
     from kmerge_fast import d2c
 
-    # token ids, tokenised as in training (prompt, target + EOS)
-    scorer = d2c.LossScorer(model, tok, {t: [encode(tok, e.prompt, e.target) for e in ex]
-                                         for t, ex in examples.items()})
-    out = {"budget": budget, "examples_per_task": len(next(iter(examples.values())))}
+    from .train import encode
+
+    loss = d2c.LossScorer(model, tok, {t: [encode(tok, e.prompt, e.target) for e in ex]
+                                       for t, ex in examples.items()}, batch_size=64)
+    out = {"examples_per_task": len(next(iter(examples.values()))), "cells": {}}
     try:
-        for name, fn in (("d2c", lambda: d2c.cluster(adapters, budget, scorer, seed=seed)),
-                         ("kmeans", lambda: d2c.kmeans(adapters, budget, seed=seed)),
-                         ("random", lambda: d2c.random_clusters(adapters, budget, seed=seed))):
-            start = time.perf_counter()
-            result = fn()
-            fit_s = time.perf_counter() - start
-            scores = {}
-            for adapter, tasks in zip(result.adapters, result.clusters):
-                scores.update(ev.score(adapter, tasks))
-            out[name] = s_score(scores, single)
-            out[f"{name}_score"] = sum(scores.values()) / len(scores)
-            out[f"{name}_clusters"] = result.clusters
-            log(f"  {name:7s} K={budget}: S={out[name]:.3f} mean={out[f'{name}_score']:.3f} fit {fit_s:.1f}s "
-                f"clusters={result.clusters}")
+        for k in budgets:
+            for name in ("d2c", "kmeans", "random"):
+                runs = []
+                for seed in range(seeds):
+                    t0 = time.perf_counter()
+                    if name == "d2c":
+                        result = d2c.cluster(adapters, k, loss, seed=seed)
+                    elif name == "kmeans":
+                        result = d2c.kmeans(adapters, k, seed=seed)
+                    else:
+                        result = d2c.random_clusters(adapters, k, seed=seed)
+                    fit_s = time.perf_counter() - t0
+                    scores = _slot_scores(scorer, result.adapters, result.clusters)
+                    runs.append({"order": seed, "members": result.clusters, "scores": scores, "fit_seconds": fit_s})
+                    log(f"  {name:7s} K={k} seed {seed}: exact "
+                        f"{np.mean([np.mean(v['exact']) for v in scores.values()]):.3f} fit {fit_s:.1f}s "
+                        f"clusters={result.clusters}")
+                out["cells"].setdefault(name, {})[str(k)] = runs
     finally:
-        scorer.close()
+        loss.close()
     return out

@@ -10,32 +10,44 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import kmerge_fast as kf
 
 from . import model as base
-from .evaluate import STRATEGIES, Evaluator, arrival_orders, run_d2c, run_online
+from . import stats
+from .evaluate import CANDIDATES, ONLINE, PEERS, STRATEGIES, arrival_orders, run_d2c, run_online
+from .scoring import Scorer, generation_f1, mean
 from .report import write_report
-from .tasks import LANGS, TYPES, dataset, task_name
+from .tasks import TYPES, dataset, split, task_name
 from .train import Recipe, train_lora
 
 
 @dataclass
 class Config:
-    types: list = field(default_factory=lambda: list(TYPES))
-    langs: list = field(default_factory=lambda: list(LANGS))
+    types: list = field(default_factory=lambda: list(TYPES[:5]))
+    langs: list = field(default_factory=lambda: ["en", "de", "fr", "es"])
+    calib_langs: list = field(default_factory=lambda: ["it"])   # held-out adapters for K-Merge++'s threshold
     n_train: int = 256
+    n_val: int = 32          # held-out examples per task: the training plateau check
     n_test: int = 32
     recipe: Recipe = field(default_factory=Recipe)
-    budgets: list = field(default_factory=lambda: [1, 2, 4, 6, 8])
-    orders: int = 3
+    budgets: list = field(default_factory=lambda: list(range(1, 9)))
+    orders: int = 5          # random arrival orders; the adversarial one is added (``adversarial``)
+    adversarial: bool = True
     strategies: list = field(default_factory=lambda: list(STRATEGIES))
-    d2c_budget: int = 5
+    secondary: list = field(default_factory=list)   # rows run on the first ``secondary_orders`` orders only
+    secondary_orders: int | None = None
+    d2c_budgets: list = field(default_factory=lambda: [3, 5, 8])
     d2c_examples: int = 10
-    batch_size: int = 16
+    d2c_seeds: int = 3
+    crosscheck: int = 8      # test examples per task decoded greedily for the F1 cross-check (0: off)
+    bootstrap: int = 1000
+    batch_size: int = 64
+    dtype: str = "bfloat16"  # the base model's dtype for training and scoring
     tiny: bool = False
-    reductions: list = field(default_factory=list)   # what this run cut from the full protocol, for quality.md
+    reductions: list = field(default_factory=list)   # what this run cut from the protocol, for quality.md
     deadline: float | None = None   # time.time() after which eval starts no new (strategy, K) cell
     base_id: str = ""     # fingerprint of the base model's weights (set by load_model): adapters belong to one base
 
@@ -43,10 +55,14 @@ class Config:
     def tasks(self) -> list[str]:
         return [task_name(k, l) for k in self.types for l in self.langs]
 
+    @property
+    def calib_tasks(self) -> list[str]:
+        return [task_name(k, l) for k in self.types for l in self.calib_langs if l not in self.langs]
+
     def key(self) -> str:
-        """Identifies a set of adapters: tasks, data sizes and the recipe."""
-        blob = json.dumps({"tasks": self.tasks, "n_train": self.n_train, "n_test": self.n_test,
-                           "recipe": self.recipe.to_dict(), "tiny": self.tiny,
+        """Identifies a set of adapters: data sizes, the recipe (initialisation arm included), the base."""
+        blob = json.dumps({"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test,
+                           "recipe": self.recipe.to_dict(), "tiny": self.tiny, "dtype": self.dtype,
                            "base": self.base_id}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -57,19 +73,21 @@ class Config:
 
 
 def tiny_config() -> Config:
-    return Config(types=["reply", "extract"], langs=["en", "de"], n_train=128, n_test=16,
-                  recipe=Recipe(rank=8, alpha=16, steps=300, batch_size=16, lr=1e-2),
-                  budgets=[1, 2, 3], orders=3, d2c_budget=2, d2c_examples=10, batch_size=16, tiny=True)
+    return Config(types=["reply", "extract"], langs=["en", "de"], calib_langs=["fr"], n_train=128, n_val=16,
+                  n_test=16, recipe=Recipe(rank=8, alpha=16, max_steps=300, min_steps=300, check_every=300,
+                                           batch_size=16, lr=1e-2, autocast=False),
+                  budgets=[1, 2, 3], orders=2, d2c_budgets=[2], d2c_examples=10, d2c_seeds=1, crosscheck=4,
+                  bootstrap=200, batch_size=64, dtype="float32", tiny=True)
 
 
 # ------------------------------------------------------------------ data and model
 def data(cfg: Config):
-    train, test = {}, {}
-    for kind in cfg.types:
-        for lang in cfg.langs:
-            t = task_name(kind, lang)
-            train[t], test[t] = dataset(kind, lang, cfg.n_train, cfg.n_test)
-    return train, test
+    """(train, val, test): task -> examples, for the stream's tasks and the held-out calibration tasks."""
+    train, val, test = {}, {}, {}
+    for t in cfg.tasks + cfg.calib_tasks:
+        kind, lang = split(t)
+        train[t], val[t], test[t] = dataset(kind, lang, cfg.n_train, cfg.n_test, n_val=cfg.n_val)
+    return train, val, test
 
 
 def _base_id(model) -> str:
@@ -81,9 +99,13 @@ def _base_id(model) -> str:
 
 
 def load_model(cfg: Config, train, test, log=print):
-    """The real prepared model, or (tiny) a config-built Llama pre-trained from scratch; sets ``cfg.base_id``."""
+    """The real prepared model (in ``cfg.dtype``), or (tiny) a config-built Llama pre-trained from scratch.
+
+    Sets ``cfg.base_id`` (from the float32 weights, before any cast).
+    """
     model, tok, name = _load_model(cfg, train, test, log)
     cfg.base_id = _base_id(model)
+    model.to(getattr(torch, cfg.dtype))
     return model, tok, name
 
 
@@ -121,36 +143,42 @@ def adapters_dir(cfg: Config, root: Path | None = None) -> Path:
     return (root or base.cache_dir() / "adapters") / cfg.key()
 
 
-def train_stage(cfg: Config, model, tok, train, test, root: Path | None = None, log=print) -> dict:
-    """Train (or resume) every adapter, then score each alone and the base; returns the manifest."""
+def train_stage(cfg: Config, model, tok, train, val, test, root: Path | None = None, log=print) -> dict:
+    """Train (or resume) every adapter of the stream and of the calibration set; returns the manifest.
+
+    The manifest (``<adapters>/manifest.json``) is rewritten after every adapter, so an
+    interrupted run continues with the next one.
+    """
     folder = adapters_dir(cfg, root)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
-    manifest.update({"config": cfg.to_dict(), "tasks": cfg.tasks})
-    manifest.setdefault("adapters", {})
+    manifest.update({"recipe": cfg.recipe.to_dict(), "base_id": cfg.base_id})
     manifest.setdefault("train", {})
-    for i, t in enumerate(cfg.tasks):
-        if t in manifest["adapters"] and (folder / t / "adapter_model.safetensors").exists():
-            continue
-        lora, stats = train_lora(model, tok, train[t], cfg.recipe, stream_seed=i)
-        lora.save(folder / t)
-        manifest["adapters"][t] = t
-        manifest["train"][t] = stats
-        log(f"  trained {t:12s} in {stats['seconds']:6.1f}s loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}")
-        path.write_text(json.dumps(manifest, indent=1))    # resumable after every adapter
-    if "single" not in manifest or set(manifest["single"]) != set(cfg.tasks):
-        ev = Evaluator(model, tok, test, cfg.batch_size)
-        try:
-            start = time.perf_counter()
-            manifest["base"] = ev.score(None, cfg.tasks)
-            manifest["single"] = {t: ev.score(kf.LoRA.load(folder / t), [t])[t] for t in cfg.tasks}
-            manifest["eval_seconds_per_task"] = (time.perf_counter() - start) / (2 * len(cfg.tasks))
-        finally:
-            ev.close()
-        path.write_text(json.dumps(manifest, indent=1))
-    log(f"adapters: {folder}  single mean {_mean(manifest['single']):.3f}  base mean {_mean(manifest['base']):.3f}")
+    tasks = cfg.tasks + cfg.calib_tasks
+    held = Scorer(model, tok, {t: val[t] for t in tasks}, cfg.batch_size)
+    try:
+        for i, t in enumerate(tasks):
+            if t in manifest["train"] and (folder / t / "adapter_model.safetensors").exists():
+                continue
+            held.hooks.active = {}
+            lora, stats = train_lora(model, tok, train[t], cfg.recipe, t, stream_seed=i,
+                                     held_out=lambda: mean(held.run(t)["exact"]))
+            lora.save(folder / t)
+            manifest["train"][t] = stats
+            log(f"  trained {t:12s} {stats['steps']:3d} steps in {stats['seconds']:6.1f}s "
+                f"({stats['seconds_per_step']:.2f} s/step) loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f} "
+                f"held-out exact {stats['held_out']:.3f}  A moved {stats['a_moved']:.2f}")
+            _write_json(path, manifest)    # resumable after every adapter
+    finally:
+        held.close()
     return manifest
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 def machine() -> dict:
@@ -166,64 +194,172 @@ def _mean(d: dict) -> float:
 
 
 # ------------------------------------------------------------------ stage: eval
-def eval_stage(cfg: Config, model, tok, model_name: str, train, test, out_dir: Path, root: Path | None = None,
-               log=print) -> dict:
+def _exact(scores: dict, tasks: list[str]) -> np.ndarray:
+    return np.array([scores[t]["exact"] for t in tasks], dtype=float)
+
+
+def summarize(cells: dict, tasks: list[str], single: np.ndarray, n_random: int, boot: int,
+              compare: list[tuple[str, list[str]]] = ()) -> dict:
+    """Per (row, K): S with its 95% interval over the random orders, S on the adversarial order (if run),
+    mean exact and log-likelihood, slots used; and paired differences S(row) - S(peer) for each
+    ``(row, [peers])`` of ``compare``, on the orders both rows ran."""
+    out: dict = {}
+    arrays: dict = {}
+    for label, by_k in cells.items():
+        for k, runs in by_k.items():
+            rnd = [r for r in runs if r["order"] < n_random]
+            adv = [r for r in runs if r["order"] >= n_random]
+            row = out.setdefault(label, {})
+            cell = {"orders": len(rnd), "slots": [len(r["members"]) for r in runs]}
+            if rnd:
+                m = np.stack([_exact(r["scores"], tasks) for r in rnd])
+                arrays[label, k] = m
+                cell["s"] = stats.s_interval(m, single, boot)
+                cell["exact"] = float(m.mean())
+                cell["ll"] = float(np.mean([[np.mean(r["scores"][t]["ll"]) for t in tasks] for r in rnd]))
+            if adv:
+                cell["s_adversarial"] = stats.s_interval(_exact(adv[0]["scores"], tasks)[None], single, boot)
+            row[k] = cell
+    diffs: dict = {}
+    for row, peers in compare:
+        for peer in peers:
+            for k in out.get(row, {}):
+                if (row, k) in arrays and (peer, k) in arrays:
+                    n = min(len(arrays[row, k]), len(arrays[peer, k]))
+                    diffs.setdefault(row, {}).setdefault(peer, {})[k] = stats.difference_interval(
+                        arrays[row, k][:n], arrays[peer, k][:n], single, boot)
+    return {"cells": out, "differences": diffs}
+
+
+def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_dir: Path,
+               root: Path | None = None, log=print) -> dict:
+    """Score the base, every single adapter, every row at every K and order, and D2C; write the report."""
+    from kmerge_fast.online import width_threshold
+
     folder = adapters_dir(cfg, root)
     path = folder / "manifest.json"
-    if not path.exists():
-        raise SystemExit(f"no adapters at {folder}: run `python -m bench.quality train` (same flags) first")
-    manifest = json.loads(path.read_text())
-    if "single" not in manifest:
-        raise SystemExit(f"{path}: adapters incomplete; rerun `python -m bench.quality train`")
-    adapters = {t: kf.LoRA.load(folder / t) for t in cfg.tasks}
-    single = manifest["single"]
-    ev = Evaluator(model, tok, test, cfg.batch_size)
-    ev.persist(folder / "scores.json")       # test scores by (adapter content, task), reused across runs
-    from .evaluate import fingerprint
-
-    for t, lora in adapters.items():      # single scores are known: never decode them again
-        ev.cache[fingerprint(lora), t] = single[t]
-    for t, v in manifest["base"].items():
-        ev.cache["base", t] = v
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    missing = [t for t in cfg.tasks + cfg.calib_tasks if t not in manifest.get("train", {})]
+    if missing:
+        raise SystemExit(f"{folder}: no adapters for {missing[:5]}: run `python -m bench.quality train` "
+                         "(same flags) first")
     start = time.perf_counter()
+    tasks = cfg.tasks
+    adapters = {t: kf.LoRA.load(folder / t) for t in tasks}
+    calib = [kf.LoRA.load(folder / t) for t in cfg.calib_tasks]
+    rule = width_threshold(next(iter(adapters.values())))
+    threshold = kf.calibrate_threshold(calib) if len(calib) >= 2 else "auto"
+    scorer = Scorer(model, tok, {t: test[t] for t in tasks}, cfg.batch_size)
+    scorer.persist(folder / "scores.json")
     try:
-        orders = arrival_orders(cfg.tasks, cfg.orders)
-        budgets = [k for k in cfg.budgets if k <= len(cfg.tasks)]
-        online = run_online(ev, adapters, single, budgets, orders, cfg.strategies, cfg.deadline, log=log)
+        base_scores = scorer.score(None, tasks)
+        single_scores = {t: scorer.score(adapters[t], [t])[t] for t in tasks}
+        single = _exact(single_scores, tasks)
+        log(f"base exact {_exact(base_scores, tasks).mean():.3f}  single exact {single.mean():.3f}  "
+            f"threshold {threshold if isinstance(threshold, str) else f'{threshold:.4f}'} (rule r/n_in {rule:.4f})")
+        orders = arrival_orders(tasks, cfg.orders, adversarial=cfg.adversarial)
+        budgets = [k for k in cfg.budgets if k <= len(tasks)]
+        online = run_online(scorer, adapters, budgets, orders, cfg.strategies, threshold, cfg.deadline, log=log,
+                            secondary=tuple(cfg.secondary), secondary_orders=cfg.secondary_orders)
         d2c = None
-        if cfg.d2c_budget and cfg.d2c_budget <= len(cfg.tasks):
-            if cfg.deadline is not None and time.time() > cfg.deadline:
-                online["skipped"].append(f"D2C / K-Means / random K={cfg.d2c_budget}")
-                log("deadline reached: D2C skipped")
-            else:
-                examples = {t: train[t][:cfg.d2c_examples] for t in cfg.tasks}
-                d2c = run_d2c(ev, model, tok, adapters, single, examples, cfg.d2c_budget, log=log)
+        budgets_d2c = [k for k in cfg.d2c_budgets if k <= len(tasks)]
+        if budgets_d2c:
+            examples = {t: train[t][:cfg.d2c_examples] for t in tasks}
+            d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, log=log)
+        check = crosscheck(cfg, model, tok, scorer, adapters, test, online["cells"], budgets, log)
     finally:
-        ev.close()
+        scorer.close()
+    summary = summarize(online["cells"], tasks, single, cfg.orders, cfg.bootstrap,
+                        [(c, [p for p in PEERS if p != c]) for c in CANDIDATES])
     results = {
         "model": model_name,
-        "tasks": cfg.tasks,
+        "arm": cfg.recipe.init,
+        "tasks": tasks,
+        "calib_tasks": cfg.calib_tasks,
         "n_adapters": len(adapters),
         "orders": orders,
-        "single": single,
-        "s_score": online["s_score"],
-        "d2c": d2c,
-        # extras
-        "base": manifest["base"],
-        "score": online["score"],
-        "members": online["members"],
-        "orders_done": online["orders_done"],
-        "kmerge++_threshold": online["threshold"],
+        "n_random_orders": cfg.orders,
+        "summary": summary,
+        "members": {label: {k: [r["members"] for r in runs] for k, runs in by_k.items()}
+                    for label, by_k in online["cells"].items()},
+        "task_exact": {label: {k: [{t: float(np.mean(r["scores"][t]["exact"])) for t in tasks} for r in runs]
+                               for k, runs in by_k.items()} for label, by_k in online["cells"].items()},
+        "single": {t: float(np.mean(single_scores[t]["exact"])) for t in tasks},
+        "single_interval": stats.mean_interval(single, cfg.bootstrap),
+        "single_ll": float(np.mean([np.mean(single_scores[t]["ll"]) for t in tasks])),
+        "base": {t: float(np.mean(base_scores[t]["exact"])) for t in tasks},
+        "base_interval": stats.mean_interval(_exact(base_scores, tasks), cfg.bootstrap),
+        "base_ll": float(np.mean([np.mean(base_scores[t]["ll"]) for t in tasks])),
+        "d2c": _summarize_d2c(d2c, tasks, single, cfg.bootstrap) if d2c else None,
+        "kmerge++_threshold": threshold,
+        "threshold_rule": rule,
+        "crosscheck": check,
         "skipped": online["skipped"],
         "config": cfg.to_dict(),
-        "train_seconds": {t: s["seconds"] for t, s in manifest.get("train", {}).items()},
-        "eval": {"decoded_task_passes": ev.passes, "decode_seconds": ev.seconds,
+        "train": manifest.get("train", {}),
+        "eval": {"scored_task_passes": scorer.passes, "scoring_seconds": scorer.seconds,
                  "seconds": time.perf_counter() - start},
         "threads": torch.get_num_threads(),
         "machine": machine(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_report(results, out_dir)
-    log(f"wrote {out_dir}/quality.json, quality.md" + (", quality.png" if (out_dir / "quality.png").exists() else ""))
+    log(f"wrote {out_dir}/quality.json (arm {cfg.recipe.init}), quality.md, quality.png")
     return results
 
+
+def _summarize_d2c(d2c: dict, tasks, single, boot) -> dict:
+    out = {"examples_per_task": d2c["examples_per_task"], "s": {}, "clusters": {}, "fit_seconds": {}}
+    for name, by_k in d2c["cells"].items():
+        for k, runs in by_k.items():
+            m = np.stack([_exact(r["scores"], tasks) for r in runs])
+            out["s"].setdefault(name, {})[k] = stats.s_interval(m, single, boot)
+            out["clusters"].setdefault(name, {})[k] = [r["members"] for r in runs]
+            out["fit_seconds"].setdefault(name, {})[k] = float(np.mean([r["fit_seconds"] for r in runs]))
+    arrays = {(n, k): np.stack([_exact(r["scores"], tasks) for r in runs])
+              for n, by_k in d2c["cells"].items() for k, runs in by_k.items()}
+    out["d2c_minus_kmeans"] = {k: stats.difference_interval(arrays["d2c", k], arrays["kmeans", k], single, boot)
+                               for n, k in arrays if n == "d2c" and ("kmeans", k) in arrays}
+    return out
+
+
+def crosscheck(cfg: Config, model, tok, scorer, adapters, test, cells, budgets, log=print) -> dict | None:
+    """Greedy decoding on ``cfg.crosscheck`` test examples per task: token F1 and exact match, and how often
+    the decoded exact match agrees with the teacher-forced one (base, singles, one merged cell per mode)."""
+    n = cfg.crosscheck
+    if not n:
+        return None
+    tasks = cfg.tasks
+    sub = {t: test[t][:n] for t in tasks}
+    cases = [("base", None, [tasks])] + [("single", [adapters[t]], [[t]]) for t in tasks]
+    k = str(budgets[len(budgets) // 2])
+    for label in ("kmerge", "kmerge-rms", "kmerge-exact"):
+        runs = cells.get(label, {}).get(k, [])
+        if runs:
+            members = runs[0]["members"]
+            cases.append((f"{label} K={k}", _rebuild(label, adapters, members, int(k), runs[0]), members))
+    agree = total = 0
+    f1s: dict = {}
+    start = time.perf_counter()
+    for name, loras, groups in cases:
+        for i, group in enumerate(groups):
+            lora = loras[i] if loras else None
+            tf = scorer.score(lora, group)
+            for t in group:
+                g = generation_f1(model, tok, lora, sub[t])
+                f1s.setdefault(name.split(" ")[0], []).extend(g["f1"])
+                agree += sum(int(a == b) for a, b in zip(g["exact"], tf[t]["exact"][:n]))
+                total += n
+    out = {"examples_per_task": n, "agreement": agree / total, "compared": total,
+           "f1": {k: float(np.mean(v)) for k, v in f1s.items()}, "seconds": time.perf_counter() - start}
+    log(f"cross-check: decoded exact match agrees with teacher-forced on {agree}/{total} examples")
+    return out
+
+
+def _rebuild(label: str, adapters, members, k: int, run) -> list:
+    """The slots of one online cell again (the merges are deterministic)."""
+    kwargs = dict(ONLINE[label])
+    merger = kf.OnlineMerger(budget=k, seed=run["order"], **kwargs)
+    for task in run["arrival"]:
+        merger.add(adapters[task], task=task)
+    assert [list(m) for m in merger.members] == members
+    return merger.slots

@@ -1,4 +1,5 @@
-"""quality.json, quality.md (tables) and quality.png (S-score vs K, one line per strategy)."""
+"""quality.json (one entry per initialisation arm), quality.md (tables with 95% intervals) and
+quality.png (S-score vs K with interval bands, one panel per arm)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import json
 import math
 from pathlib import Path
 
+ARMS = ("independent", "shared")
+ARM_TEXT = {"independent": "independent LoRA-A initialisation (as users and the published code train)",
+            "shared": "one shared LoRA-A initialisation for every adapter"}
+#: rows drawn in the plot (the rest are in the tables)
+PLOTTED = ("kmerge", "kmerge-exact", "kmerge-rms", "kmerge-sum", "ties", "opcm", "task_arithmetic", "avg_unbounded")
 
-def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+def default_row() -> str:
+    """The benchmark row of the package's default online mode (kmerge_fast.online.DEFAULT_MODE)."""
+    from kmerge_fast.online import DEFAULT_MODE
+
+    return "kmerge" if DEFAULT_MODE == "faithful" else f"kmerge-{DEFAULT_MODE}"
 
 
 def _clean(x):
@@ -21,65 +31,115 @@ def _clean(x):
     return x
 
 
-def _orders_text(r: dict) -> str:
-    done = sorted({n for row in r.get("orders_done", {}).values() for n in row.values()})
-    planned = len(r["orders"])
-    if not done or done == [planned]:
-        return f"{planned} arrival order(s)"
-    return (f"the arrival orders each cell reached before the deadline ({' to '.join(map(str, [done[0], done[-1]]))} "
-            f"of {planned} planned; per cell in quality.json `orders_done`)")
+def _ci(v) -> str:
+    if not v or v[0] is None:
+        return "-"
+    return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
 
 
-def markdown(r: dict) -> str:
-    cfg = r["config"]
-    budgets = sorted({int(k) for v in r["s_score"].values() for k in v})
-    lines = [f"# Quality benchmark: S-score of the online mergers and D2C", "",
-             f"Model: {r['model']}. {r['n_adapters']} adapters ({len(cfg['types'])} task types x "
-             f"{len(cfg['langs'])} languages: {', '.join(cfg['types'])} / {', '.join(cfg['langs'])}), "
-             f"LoRA r={cfg['recipe']['rank']} alpha={cfg['recipe']['alpha']} on "
-             f"{'/'.join(t.split('_')[0] for t in cfg['recipe']['targets'])}, {cfg['recipe']['steps']} steps x "
-             f"batch {cfg['recipe']['batch_size']}, lr {cfg['recipe']['lr']}, the same seed for every adapter. "
-             f"{cfg['n_test']} test examples per task, greedy decoding, token F1 (exact match for one-token answers). "
-             f"S-score = mean over tasks of (score with its slot / its single-adapter score), "
-             f"averaged over {_orders_text(r)}.", ""]
-    if r.get("machine"):
-        m = r["machine"]
-        lines += [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch {m['torch']}; "
-                  f"kmerge_fast @ {m['commit']}.", ""]
-    if cfg.get("reductions"):
-        lines += ["**Reduced run** (not the full protocol of issue 7):", ""]
-        lines += [f"- {x}" for x in cfg["reductions"]] + [""]
-    lines += ["## S-score by budget K", "", "| strategy | " + " | ".join(f"K={k}" for k in budgets) + " |",
-              "|---|" + "---:|" * len(budgets)]
-    for label, row in r["s_score"].items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(str(k))) for k in budgets) + " |")
-    if r.get("skipped"):
-        lines += ["", f"Not reached before the deadline: {', '.join(r['skipped'])}."]
-    lines += ["", f"kmerge++ threshold (median pairwise cosine): {r['kmerge++_threshold']:.4f}", ""]
+def _budgets(r: dict) -> list[str]:
+    return sorted({k for row in r["summary"]["cells"].values() for k in row}, key=int)
+
+
+def _arm_markdown(r: dict) -> list[str]:
+    cfg, rec = r["config"], r["config"]["recipe"]
+    budgets = _budgets(r)
+    cells = r["summary"]["cells"]
+    default = default_row()
+    n_orders = max((c["orders"] for row in cells.values() for c in row.values()), default=0)
+    tr = r.get("train", {})
+    steps = [v["steps"] for t, v in tr.items() if t in r["tasks"]]
+    lines = [f"## Arm: {r['arm']} ({ARM_TEXT.get(r['arm'], '')})", "",
+             f"{r['n_adapters']} adapters ({len(cfg['types'])} task types x {len(cfg['langs'])} languages: "
+             f"{', '.join(cfg['types'])} / {', '.join(cfg['langs'])}); LoRA r={rec['rank']} alpha={rec['alpha']} on "
+             f"{'/'.join(t.split('_')[0] for t in rec['targets'])}, batch {rec['batch_size']}, lr {rec['lr']}, "
+             f"trained until the held-out exact match plateaued ({min(steps, default=0)}-{max(steps, default=0)} "
+             f"steps). {cfg['n_test']} test examples per task, up to {n_orders} random arrival orders (per cell in "
+             "quality.json `summary.cells.<row>.<K>.orders`)"
+             + (" + the adversarial order" if cfg.get("adversarial") else "") + ".", "",
+             f"Zero-shot base (chat template): exact {_ci(r['base_interval'])}, log-lik {r['base_ll']:.2f} nats/token. "
+             f"Single adapters: exact {_ci(r['single_interval'])}, log-lik {r['single_ll']:.2f}.", "",
+             "### S-score by budget K (95% bootstrap interval over test examples and random orders)", "",
+             "| row | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for label, row in cells.items():
+        mark = " (breaks the budget)" if label == "avg_unbounded" else (" (default)" if label == default else "")
+        lines.append(f"| {label}{mark} | " + " | ".join(_ci(row.get(k, {}).get("s")) for k in budgets) + " |")
+    adv = {label: row for label, row in cells.items() if any("s_adversarial" in c for c in row.values())}
+    if adv:
+        lines += ["", "### S-score on the adversarial order (all languages of one type, then the next; "
+                  "interval over test examples)", "",
+                  "| row | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for label, row in adv.items():
+            lines.append(f"| {label} | " + " | ".join(_ci(row.get(k, {}).get("s_adversarial")) for k in budgets) + " |")
+    for cand, peers in (r["summary"].get("differences") or {}).items():
+        lines += ["", f"### {cand} minus each peer (paired bootstrap over the orders both ran, 95% interval; "
+                  "above 0: the candidate is better)", "",
+                  "| peer | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for peer, row in peers.items():
+            lines.append(f"| {peer} | " + " | ".join(_ci(row.get(k)) for k in budgets) + " |")
+    pp = {label: row for label, row in cells.items() if label.startswith("kmerge++")}
+    if pp:
+        thr = r["kmerge++_threshold"]
+        thr_text = thr if isinstance(thr, str) else f"{thr:.4f}"
+        lines += ["", f"K-Merge++ threshold {thr_text} (median pairwise cosine of the held-out adapters "
+                  f"{', '.join(r.get('calib_tasks') or []) or '-'}; the width rule r / n_in gives "
+                  f"{r['threshold_rule']:.4f}). Slots in use after the stream (mean over orders):", "",
+                  "| row | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for label, row in pp.items():
+            lines.append(f"| {label} | " + " | ".join(
+                f"{sum(row[k]['slots']) / len(row[k]['slots']):.1f}" if k in row else "-" for k in budgets) + " |")
     if r.get("d2c"):
         d = r["d2c"]
-        lines += [f"## Offline clustering at K = {d['budget']} ({d['examples_per_task']} train examples per task "
-                  "for D2C's LossScorer; clusters merged with `svd`)", "",
-                  "| method | S-score | mean score | clusters |", "|---|---:|---:|---|"]
-        for m in ("d2c", "kmeans", "random"):
-            lines.append(f"| {m} | {_fmt(d[m])} | {_fmt(d[m + '_score'])} | "
-                         + " ; ".join(",".join(c) for c in d[m + "_clusters"]) + " |")
-        lines.append("")
-    lines += ["## Per task: base (zero-shot) and single-adapter score", "", "| task | base | single |", "|---|---:|---:|"]
-    for t in r["tasks"]:
-        lines.append(f"| {t} | {_fmt(r['base'][t])} | {_fmt(r['single'][t])} |")
-    mean = lambda d: sum(d.values()) / len(d)
-    lines += [f"| **mean** | {_fmt(mean(r['base']))} | {_fmt(mean(r['single']))} |", ""]
-    train_s = r.get("train_seconds") or {}
-    if train_s:
-        lines.append(f"Training: {mean(train_s):.1f} s per adapter on average ({r['threads']} CPU threads). ")
-    lines.append(f"Evaluation: {r['eval']['decoded_task_passes']} task passes decoded in "
-                 f"{r['eval']['decode_seconds']:.0f} s, {r['eval']['seconds']:.0f} s in all (cached by adapter "
-                 "content: a slot holding one adapter reuses its single score).")
-    return "\n".join(lines) + "\n"
+        ks = sorted({k for v in d["s"].values() for k in v}, key=int)
+        lines += ["", f"### Offline clustering ({d['examples_per_task']} train examples per task for D2C's loss; "
+                  "clusters merged with `svd`; interval over test examples and seeds)", "",
+                  "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for m, row in d["s"].items():
+            lines.append(f"| {m} | " + " | ".join(_ci(row.get(k)) for k in ks) + " |")
+        lines.append("| d2c minus kmeans (paired) | " + " | ".join(_ci(d["d2c_minus_kmeans"].get(k)) for k in ks) + " |")
+    if r.get("crosscheck"):
+        c = r["crosscheck"]
+        lines += ["", f"Cross-check by greedy decoding ({c['examples_per_task']} test examples per task; base, "
+                  f"singles, one merged cell per mode): decoded exact match equals the teacher-forced one on "
+                  f"{c['agreement'] * c['compared']:.0f}/{c['compared']} examples ({100 * c['agreement']:.1f}%); "
+                  "token F1 " + ", ".join(f"{k} {v:.3f}" for k, v in c["f1"].items()) + "."]
+    lines += ["", "### Adapters", "", "| task | base | single | steps | s/step | final loss | held-out | A moved |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in r["tasks"] + (r.get("calib_tasks") or []):
+        s = tr.get(t, {})
+        lines.append(f"| {t}{' (held out)' if t not in r['tasks'] else ''} | "
+                     f"{r['base'].get(t, float('nan')):.3f} | {r['single'].get(t, float('nan')):.3f} | "
+                     f"{s.get('steps', '-')} | {s.get('seconds_per_step', float('nan')):.2f} | "
+                     f"{s.get('last_loss', float('nan')):.4f} | {s.get('held_out') or float('nan'):.3f} | "
+                     f"{s.get('a_moved', float('nan')):.2f} |")
+    train_s = sum(v["seconds"] for v in tr.values())
+    lines += ["", f"Training {train_s / 60:.1f} min for {len(tr)} adapters; evaluation "
+              f"{r['eval']['seconds'] / 60:.1f} min ({r['eval']['scored_task_passes']} (adapter, task) passes scored, "
+              f"{r['eval']['scoring_seconds'] / 60:.1f} min of it in scoring) on {r['threads']} threads."]
+    if r.get("skipped"):
+        lines += ["", f"Not reached before the deadline: {len(r['skipped'])} cells ({', '.join(r['skipped'][:8])}...)."]
+    return lines
 
 
-def plot(r: dict, path: Path) -> bool:
+def markdown(arms: dict) -> str:
+    first = next(iter(arms.values()))
+    lines = ["# Quality benchmark: S-score of the online mergers and D2C", "",
+             f"Model: {first['model']}. Score: exact match of the whole answer (teacher-forced argmax of every "
+             "target token and the end of turn, which equals greedy exact match), prompts through the chat template. "
+             "S-score = mean over tasks of (exact match with the task's slot / with its own adapter).", ""]
+    m = first.get("machine")
+    if m:
+        lines += [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch {m['torch']}; "
+                  f"kmerge_fast @ {m['commit']}.", ""]
+    if first["config"].get("reductions"):
+        lines += ["Reductions against the default configuration:", ""]
+        lines += [f"- {x}" for x in first["config"]["reductions"]] + [""]
+    for arm in sorted(arms, key=lambda a: ARMS.index(a) if a in ARMS else 9):
+        lines += _arm_markdown(arms[arm]) + [""]
+    return "\n".join(lines)
+
+
+def plot(arms: dict, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -87,23 +147,42 @@ def plot(r: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, row in r["s_score"].items():
-        ks = sorted(int(k) for k in row)
-        ax.plot(ks, [row[str(k)] for k in ks], marker="o", label=label)
-    ax.set_xlabel("budget K (slots)")
-    ax.set_ylabel("S-score")
-    ax.set_title(f"{r['model'].split(' (')[0]}: {r['n_adapters']} adapters, {_orders_text(r)}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    names = sorted(arms, key=lambda a: ARMS.index(a) if a in ARMS else 9)
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
+    for ax, arm in zip(axes[0], names):
+        cells = arms[arm]["summary"]["cells"]
+        for label in PLOTTED:
+            row = cells.get(label)
+            if not row:
+                continue
+            ks = [k for k in sorted(row, key=int) if row[k].get("s")]
+            x = [int(k) for k in ks]
+            line, = ax.plot(x, [row[k]["s"][0] for k in ks], marker="o", ms=3, label=label,
+                            ls="--" if label == "avg_unbounded" else "-")
+            ax.fill_between(x, [row[k]["s"][1] for k in ks], [row[k]["s"][2] for k in ks], alpha=0.15,
+                            color=line.get_color())
+        ax.set_xlabel("budget K (slots)")
+        ax.set_ylabel("S-score (95% interval)")
+        ax.set_title(f"{arms[arm]['model'].split(' (')[0]}, {arm} A init, {arms[arm]['n_adapters']} adapters",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def write_report(r: dict, out_dir: Path) -> None:
+def write_report(r: dict | None, out_dir: Path) -> dict:
+    """Put arm ``r`` (None: only re-render) into ``out_dir/quality.json`` and render quality.md / .png."""
     out_dir = Path(out_dir)
-    (out_dir / "quality.json").write_text(json.dumps(_clean(r), indent=1, ensure_ascii=False) + "\n")
-    (out_dir / "quality.md").write_text(markdown(r))
-    plot(r, out_dir / "quality.png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "quality.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    arms = data.get("arms", {})       # a file of the older single-run layout has none: replaced
+    if r is not None:
+        arms[r["arm"]] = _clean(r)
+    path.write_text(json.dumps({"arms": arms}, indent=1, ensure_ascii=False) + "\n")
+    (out_dir / "quality.md").write_text(markdown(arms))
+    plot(arms, out_dir / "quality.png")
+    return arms

@@ -9,7 +9,8 @@ train / test split drawn from disjoint seeds):
 - ``typo``: correct one injected typo (two swapped letters) in a word of the language.
 - ``count``: count the words of a short list of nouns (digits).
 
-The metric is token F1 between the greedy output (first line) and the target,
+The score is exact match of the whole target, measured by teacher forcing (``scoring.py``);
+token F1 of greedy output (first line) is the optional generation cross-check,
 which is exact match for one-token targets.
 """
 
@@ -140,22 +141,32 @@ def make(kind: str, lang: str, rng: random.Random) -> Example:
     raise ValueError(f"kind: unknown task type {kind!r}")
 
 
-def dataset(kind: str, lang: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """Train / test examples; the test set never repeats a train prompt."""
+def dataset(kind: str, lang: str, n_train: int, n_test: int, seed: int = 0,
+            n_val: int = 0) -> tuple[list[Example], list[Example]] | tuple[list[Example], list[Example], list[Example]]:
+    """Train / test examples (and ``n_val`` held-out ones when asked: train, val, test).
+
+    No prompt repeats across the splits; the test set is drawn before the held-out
+    set, so adding a held-out set leaves train and test unchanged.
+    """
     rng = random.Random(f"{seed}-{kind}-{lang}")
     train = [make(kind, lang, rng) for _ in range(n_train)]
     seen = {e.prompt for e in train}
-    test: list[Example] = []
-    for _ in range(50 * n_test + 100):
-        if len(test) == n_test:
-            break
-        e = make(kind, lang, rng)
-        if e.prompt not in seen:
-            seen.add(e.prompt)
-            test.append(e)
-    while len(test) < n_test:   # tiny spaces: allow repeats rather than fail
-        test.append(make(kind, lang, rng))
-    return train, test
+
+    def fresh(n: int) -> list[Example]:
+        out: list[Example] = []
+        for _ in range(50 * n + 100):
+            if len(out) == n:
+                break
+            e = make(kind, lang, rng)
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                out.append(e)
+        while len(out) < n:   # tiny spaces: allow repeats rather than fail
+            out.append(make(kind, lang, rng))
+        return out
+
+    test = fresh(n_test)
+    return (train, test) if not n_val else (train, fresh(n_val), test)
 
 
 def f1(prediction: str, target: str) -> float:
