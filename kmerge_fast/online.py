@@ -70,7 +70,7 @@ from .store import Store, StoreError
 STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
 MODES = ("faithful", "exact", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
-DEFAULT_MODE = "faithful"
+DEFAULT_MODE = "exact"
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Strategies that keep a running average (and so honour ``mode``).

@@ -91,7 +91,7 @@ def test_faithful_mode_matches_published_loop(tmp_path, strategy, budget):
     threshold = kf.calibrate_threshold(family_adapters(6, seed=99)) if strategy == "kmerge++" else None
 
     choices, slot_names, members = _published_kmerge(model, tasks, budget, threshold)
-    merger = kf.OnlineMerger(budget, strategy=strategy, threshold=threshold)
+    merger = kf.OnlineMerger(budget, strategy=strategy, threshold=threshold, mode="faithful")
     ours = [merger.add(kf.LoRA.load(tmp_path / t), t) for t in tasks]
     assert ours == choices
     assert merger.members == members
@@ -366,7 +366,7 @@ def test_bad_settings(kw, message):
 
 def test_bad_newcomers_change_nothing():
     adapters = family_adapters(3)
-    merger = kf.OnlineMerger(1)
+    merger = kf.OnlineMerger(1, mode="faithful")     # the mode that needs equal ranks
     merger.add(adapters[0], "t0")
     before = [{n: (m.A.clone(), m.B.clone()) for n, m in s.modules.items()} for s in merger.slots]
 

@@ -65,12 +65,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
     # teacher-forced exact match equals greedy decoding's on every decoded example
     assert saved["crosscheck"]["agreement"] == 1.0, saved["crosscheck"]
     md = (tmp_path / "quality.md").read_text()
-    assert "| kmerge-rms" in md and "Machine:" in md and "[" in md
+    assert "| kmerge-exact" in md and "Machine:" in md and "[" in md
     # `report` re-renders the markdown from the JSON alone
     (tmp_path / "quality.md").unlink()
     from bench.quality.__main__ import main
     main(["report", "--out", str(tmp_path)])
-    assert "| kmerge-rms" in (tmp_path / "quality.md").read_text()
+    assert "| kmerge-exact" in (tmp_path / "quality.md").read_text()
     # the adapters are cached with a manifest under the output folder (4 streamed + 2 held out)
     manifests = list((tmp_path / "adapters").glob("*/manifest.json"))
     assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["train"]) == 6

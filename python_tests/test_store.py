@@ -153,7 +153,7 @@ def test_tampered_store_is_refused(tmp_path, damage):
 
 def test_bad_add_leaves_store_untouched(tmp_path):
     adapters = family_adapters(3)
-    with kf.OnlineMerger(2, store=tmp_path / "s") as m:
+    with kf.OnlineMerger(2, store=tmp_path / "s", mode="faithful") as m:    # faithful: other ranks are refused
         m.add(adapters[0], "t0")
         before = _files(tmp_path / "s")
         nan = family_adapters(1)[0]

@@ -31,7 +31,7 @@ ONLINE = {
     "kmerge-rms": {"strategy": "kmerge", "mode": "rms"},
     "kmerge-sum": {"strategy": "kmerge", "mode": "sum"},
     "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
-    "kmerge++-rms": {"strategy": "kmerge++", "mode": "rms"},
+    "kmerge++-exact": {"strategy": "kmerge++", "mode": "exact"},
     "linear": {"strategy": "linear"},
     "ties": {"strategy": "ties"},
     "dare_linear": {"strategy": "dare_linear"},
@@ -39,7 +39,7 @@ ONLINE = {
     "opcm": {"strategy": "opcm"},
     "random": {"strategy": "random", "mode": "faithful"},
     "oracle": {"strategy": "oracle", "mode": "faithful"},
-    "oracle-rms": {"strategy": "oracle", "mode": "rms"},
+    "oracle-exact": {"strategy": "oracle", "mode": "exact"},
 }
 #: rows merging the groups of GROUPS_FROM in one shot
 GROUPED = ("task_arithmetic", "avg_unbounded")
