@@ -196,19 +196,16 @@ def run_in_memory(folders: list[Path], tasks: list[str], budget: int, mode: str)
             mean = c * sum(s * (b @ a) for a, b, s in (parts[t][name] for t in tasks_in))
             num += float(torch.linalg.norm(s_s * (b_s @ a_s) - mean)) ** 2
             den += float(torch.linalg.norm(mean)) ** 2
-            tail += best_rank_tail(parts, tasks_in, name, a_s.shape[0])
+            tail += best_rank_tail(parts, tasks_in, name, a_s.shape[0], c)
         errs.append(math.sqrt(num / den))
         best.append(math.sqrt(tail / den))
     return {"steps": steps, "members": [list(m) for m in merger.members], "errs": errs, "best": best}
 
 
-def best_rank_tail(parts: dict, tasks_in: list[str], name: str, rank: int) -> float:
-    """||mean - its best rank-``rank`` approximation||_F^2, from the stacked factors (exact, float64).
-
-    Relative to ||mean||_F^2 this is the same for any multiple c_n * sum of the updates (any mode's target).
-    """
-    n = len(tasks_in)
-    bs = torch.cat([parts[t][name][2] / n * parts[t][name][1] for t in tasks_in], dim=1)   # n_out x n r
+def best_rank_tail(parts: dict, tasks_in: list[str], name: str, rank: int, c: float) -> float:
+    """||T - its best rank-``rank`` approximation||_F^2 for T = c sum_i dW_i, from the stacked factors
+    (exact, float64)."""
+    bs = torch.cat([parts[t][name][2] * c * parts[t][name][1] for t in tasks_in], dim=1)   # n_out x n r
     as_ = torch.cat([parts[t][name][0] for t in tasks_in], dim=0)                         # n r x n_in
     _, r_b = torch.linalg.qr(bs)
     _, r_a = torch.linalg.qr(as_.T)
@@ -358,9 +355,9 @@ def main(argv=None) -> None:
 around LoRA.load + add (store / published: + the slot's save); in-memory rows time `add` only (no I/O).
 `x (kf store, merge steps)`: the row's median merge step / kmerge_fast (store)'s. `peak extra MiB`: VmHWM over the
 whole path - VmRSS before it; (K+1) fp16 adapters = {slots_mib:.1f} MiB. `same slots as kf`: steps routed to the
-same slot as kmerge_fast (store). Slot errors: per merged slot, sqrt(sum ||dW_slot - mean_i dW_i||^2 /
-sum ||mean_i dW_i||^2) over layer 0's 4 modules only (float64, dense), mean / max over the slots holding >= 2
-tasks; `best rank-32`: the same for the best rank-32 approximation of each true average (a lower bound).
+same slot as kmerge_fast (store). Slot errors: per merged slot, sqrt(sum ||dW_slot - c_n sum_i dW_i||^2 /
+sum ||c_n sum_i dW_i||^2) (c_n = 1/n; 1/sqrt(n) in rms mode) over layer 0's 4 modules only (float64, dense), mean / max over the slots holding >= 2
+tasks; `best rank-32`: the same for the best rank-32 approximation of each target (a lower bound).
 1-min load average at start / end: {load_start:.2f} / {load_end:.2f} (above ~0.5 on 2 cores, other processes
 share the cores: torch's 2-thread parallel ops then stall and every time here inflates).
 

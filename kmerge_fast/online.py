@@ -32,8 +32,8 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
   sqrt(w2 s2) A_new, B likewise, scaling 1. Cheap and rank-preserving, but
   not the average of the updates: the product carries cross terms
   B_slot A_new, and when the members share an A initialisation it returns
-  (nearly) their *sum*. A warning is raised when a newcomer's A is that
-  aligned with the slot's (:data:`ALIGNED_A`).
+  (nearly) their *sum*. A warning is raised (once per merger) when a
+  newcomer's A is that aligned with the slot's (:data:`ALIGNED_A`).
 - ``exact``: c_n = 1/n, the true running average; each step is an ``svd``
   merge of (slot, newcomer) with weights (1 - 1/n, 1/n), truncated back to
   the slot's rank by the SVD kernel.
@@ -189,6 +189,7 @@ class OnlineMerger:
         self.history: list[Step] = []
         self._extra: list[dict] = []       # per slot: strategy state (OPCM's lambdas, oracle groups)
         self._store: Store | None = None
+        self._warned_aligned = False
 
     # ------------------------------------------------------------ persistence
     @classmethod
@@ -354,7 +355,8 @@ class OnlineMerger:
         weights = running_weights(self.mode, len(self.members[slot]) + 1)
         if self.mode == "faithful":
             align = a_alignment(current, lora)
-            if align > ALIGNED_A:
+            if align > ALIGNED_A and not self._warned_aligned:   # once per merger: a stream repeats it
+                self._warned_aligned = True
                 warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
                               f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "
                               "nearly the sum of the updates, not their average (mode='exact' or 'rms' does not)",

@@ -224,12 +224,14 @@ def test_faithful_mode_warns_when_a_is_shared():
     a0 = {n: torch.randn(4, shape[1], generator=g) for n, shape in SHAPES.items()}
     shared = [kf.LoRA.from_factors({n: (a0[n] + 0.05 * torch.randn(a0[n].shape, generator=g),
                                         torch.randn(shape[0], 4, generator=g)) for n, shape in SHAPES.items()})
-              for _ in range(2)]
+              for _ in range(3)]
     assert kf.online.a_alignment(shared[0], shared[1]) > 0.9
     merger = kf.OnlineMerger(1, mode="faithful")
     merger.add(shared[0], "a")
-    with pytest.warns(UserWarning, match="aligned"):
+    with pytest.warns(UserWarning, match="aligned") as caught:
         merger.add(shared[1], "b")
+        merger.add(shared[2], "c")
+    assert len([w for w in caught if "aligned" in str(w.message)]) == 1     # once per merger
     independent = family_adapters(2, families=2)
     assert kf.online.a_alignment(independent[0], independent[1]) < 0.3
     for mode in ("faithful", "rms"):    # independent A (faithful) or another mode: no warning
