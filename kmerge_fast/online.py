@@ -354,8 +354,9 @@ class OnlineMerger:
             return merged, {"opcm": state}
         weights = running_weights(self.mode, len(self.members[slot]) + 1)
         if self.mode == "faithful":
-            align = a_alignment(current, lora)
-            if align > ALIGNED_A and not self._warned_aligned:   # once per merger: a stream repeats it
+            # once per merger (a stream repeats it): after the warning the check is not worth its cost
+            align = 0.0 if self._warned_aligned else a_alignment(current, lora)
+            if align > ALIGNED_A:
                 self._warned_aligned = True
                 warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
                               f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "

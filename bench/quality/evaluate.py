@@ -46,8 +46,6 @@ GROUPED = ("task_arithmetic", "avg_unbounded")
 GROUPS_FROM = "kmerge-exact"
 TA_LAMBDA = 0.5
 STRATEGIES = tuple(ONLINE) + GROUPED
-#: upper bounds that break the budget (reported apart from the budgeted rows)
-UPPER_BOUNDS = ("avg_unbounded",)
 #: candidate default modes and the peers each must beat (paired differences in the report)
 CANDIDATES = ("kmerge-exact", "kmerge-rms")
 PEERS = ("ties", "opcm", "task_arithmetic", "kmerge")

@@ -189,10 +189,6 @@ def machine() -> dict:
             "commit": git_commit()}
 
 
-def _mean(d: dict) -> float:
-    return sum(d.values()) / len(d)
-
-
 # ------------------------------------------------------------------ stage: eval
 def _exact(scores: dict, tasks: list[str]) -> np.ndarray:
     return np.array([scores[t]["exact"] for t in tasks], dtype=float)

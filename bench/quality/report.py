@@ -21,6 +21,10 @@ def default_row() -> str:
     return "kmerge" if DEFAULT_MODE == "faithful" else f"kmerge-{DEFAULT_MODE}"
 
 
+def _arm_order(arms: dict) -> list[str]:
+    return sorted(arms, key=lambda a: ARMS.index(a) if a in ARMS else len(ARMS))
+
+
 def _clean(x):
     if isinstance(x, float) and math.isnan(x):
         return None
@@ -134,7 +138,7 @@ def markdown(arms: dict) -> str:
     if first["config"].get("reductions"):
         lines += ["Reductions against the default configuration:", ""]
         lines += [f"- {x}" for x in first["config"]["reductions"]] + [""]
-    for arm in sorted(arms, key=lambda a: ARMS.index(a) if a in ARMS else 9):
+    for arm in _arm_order(arms):
         lines += _arm_markdown(arms[arm]) + [""]
     return "\n".join(lines)
 
@@ -147,7 +151,7 @@ def plot(arms: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = sorted(arms, key=lambda a: ARMS.index(a) if a in ARMS else 9)
+    names = _arm_order(arms)
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
     for ax, arm in zip(axes[0], names):
         cells = arms[arm]["summary"]["cells"]

@@ -14,18 +14,22 @@ import numpy as np
 
 
 def _replicates(merged: np.ndarray, single: np.ndarray, n: int, seed: int) -> np.ndarray:
-    orders, tasks, examples = merged.shape
+    """(n, rows): S of each row of ``merged`` (rows x orders x tasks x examples) in each replicate.
+
+    All rows are resampled with the same draw, so differences between rows are paired.
+    """
+    rows, orders, tasks, examples = merged.shape
     rng = np.random.default_rng(seed)
-    out = np.empty(n)
+    out = np.empty((n, rows))
     t_idx = np.arange(tasks)[:, None]
     for b in range(n):
         e = rng.integers(0, examples, (tasks, examples))
         o = rng.integers(0, orders, orders)
-        m = merged[o][:, t_idx, e].mean(-1)               # (orders, tasks)
+        m = merged[:, o][:, :, t_idx, e].mean(-1)          # (rows, orders, tasks)
         s = single[t_idx, e].mean(-1)                      # (tasks,)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(s > 0, m / s, np.nan)
-        out[b] = np.nanmean(np.nanmean(ratio, axis=1))
+        out[b] = np.nanmean(np.nanmean(ratio, axis=2), axis=1)
     return out
 
 
@@ -37,10 +41,14 @@ def s_point(merged: np.ndarray, single: np.ndarray) -> float:
     return float((m[:, keep] / s[keep]).mean()) if keep.any() else float("nan")
 
 
+def _interval(point: float, reps: np.ndarray) -> tuple[float, float, float]:
+    return point, float(np.nanpercentile(reps, 2.5)), float(np.nanpercentile(reps, 97.5))
+
+
 def s_interval(merged: np.ndarray, single: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """(S, low, high): the point estimate and its 95% bootstrap interval."""
-    reps = _replicates(np.asarray(merged, float), np.asarray(single, float), n, seed)
-    return s_point(merged, single), float(np.nanpercentile(reps, 2.5)), float(np.nanpercentile(reps, 97.5))
+    merged, single = np.asarray(merged, float), np.asarray(single, float)
+    return _interval(s_point(merged, single), _replicates(merged[None], single, n, seed)[:, 0])
 
 
 def difference_interval(a: np.ndarray, b: np.ndarray, single: np.ndarray, n: int = 1000,
@@ -50,22 +58,8 @@ def difference_interval(a: np.ndarray, b: np.ndarray, single: np.ndarray, n: int
     ``a`` and ``b`` are orders x tasks x examples on the same orders.
     """
     a, b, single = (np.asarray(x, float) for x in (a, b, single))
-    stacked = np.stack([a, b])            # resample both with one draw
-    orders, tasks, examples = a.shape
-    rng = np.random.default_rng(seed)
-    t_idx = np.arange(tasks)[:, None]
-    reps = np.empty(n)
-    for r in range(n):
-        e = rng.integers(0, examples, (tasks, examples))
-        o = rng.integers(0, orders, orders)
-        m = stacked[:, o][:, :, t_idx, e].mean(-1)        # (2, orders, tasks)
-        s = single[t_idx, e].mean(-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(s > 0, m / s, np.nan)
-        per = np.nanmean(np.nanmean(ratio, axis=2), axis=1)
-        reps[r] = per[0] - per[1]
-    return (s_point(a, single) - s_point(b, single), float(np.nanpercentile(reps, 2.5)),
-            float(np.nanpercentile(reps, 97.5)))
+    reps = _replicates(np.stack([a, b]), single, n, seed)
+    return _interval(s_point(a, single) - s_point(b, single), reps[:, 0] - reps[:, 1])
 
 
 def mean_interval(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -74,5 +68,5 @@ def mean_interval(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[flo
     rng = np.random.default_rng(seed)
     tasks, examples = values.shape
     t_idx = np.arange(tasks)[:, None]
-    reps = [values[t_idx, rng.integers(0, examples, (tasks, examples))].mean() for _ in range(n)]
-    return float(values.mean()), float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))
+    reps = np.array([values[t_idx, rng.integers(0, examples, (tasks, examples))].mean() for _ in range(n)])
+    return _interval(float(values.mean()), reps)
