@@ -258,7 +258,6 @@ def main(argv=None) -> None:
     cfg = QUICK if args.quick else FULL
     k, n_adapters = cfg["budget"], cfg["adapters"]
     shapes = h.llama_shapes(cfg["layers"])
-    machine = h.machine_info()
     load_start = os.getloadavg()[0]
     slots_bytes = (k + 1) * adapter_bytes(shapes)
     slots_mib = slots_bytes / 2 ** 20

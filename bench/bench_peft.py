@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 import zlib
 
 import torch

@@ -234,6 +234,21 @@ py::list all_finite(py::handle mats, int threads) {
     return out;
 }
 
+py::list max_abs(py::handle mats, int threads) {
+    check_threads(threads);
+    std::vector<kmf::Mat> parsed;
+    const auto list = task_list(mats);
+    for (std::size_t i = 0; i < list.size(); ++i) parsed.push_back(parse_mat(list[i], "max_abs mat " + std::to_string(i)));
+    std::vector<double> values;
+    {
+        py::gil_scoped_release release;
+        values = kmf::max_abs(parsed, threads);
+    }
+    py::list out;
+    for (const double v : values) out.append(v);
+    return out;
+}
+
 void copy(py::handle tasks, int threads) {
     check_threads(threads);
     std::vector<kmf::CopyTask> parsed;
@@ -459,6 +474,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("all_finite", &all_finite, py::arg("mats"), py::arg("threads") = 0,
           "all_finite(mats, threads=0) -> list[bool]\n\n"
           "mats: list of Mat. Per matrix: True when no entry is NaN or inf (coef ignored).");
+    m.def("max_abs", &max_abs, py::arg("mats"), py::arg("threads") = 0,
+          "max_abs(mats, threads=0) -> list[float]\n\n"
+          "mats: list of Mat. Per matrix: the largest |entry| as a float (coef ignored; 0.0 when empty,\n"
+          "NaN when an entry is NaN).");
     m.def("copy", &copy, py::arg("tasks"), py::arg("threads") = 0,
           "copy(tasks, threads=0) -> None\n\n"
           "tasks: list of (src: Mat, dst: Mat) of equal shape. dst = src.coef * src converted to dst's\n"

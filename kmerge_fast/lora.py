@@ -7,7 +7,11 @@ the adapter name, e.g. ``"base_model.model.model.layers.0.self_attn.q_proj"``.
 
 On disk an adapter is a folder with ``adapter_config.json`` and
 ``adapter_model.safetensors``, exactly as ``PeftModel.save_pretrained`` writes
-it, so adapters move freely between peft and kmerge_fast.
+it, so adapters move freely between peft and kmerge_fast. :meth:`LoRA.load`
+reads each file once into private memory and :meth:`LoRA.load_bytes` parses
+given bytes, with the same checks: a loaded adapter never depends on its files
+afterwards, and every malformed config field is an :class:`AdapterError` that
+names the file and the field.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +27,30 @@ from typing import Mapping
 
 import torch
 
+# Python's own regex parser, for pattern keys (compile_pattern_key).
+try:  # Python >= 3.11
+    from re import _constants as _sre_c, _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_c
+    import sre_parse as _sre_parse
+
 from .errors import AdapterError
+from .files import atomic_write
 from .ops import cpu
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+#: Largest ``adapter_config.json`` accepted, in bytes. peft's configs are a few
+#: KiB; the bound keeps a hostile or mistaken file from being read whole.
+MAX_CONFIG_BYTES = 1 << 20
+#: Longest ``rank_pattern`` / ``alpha_pattern`` key accepted (peft's keys are module paths).
+MAX_PATTERN_KEY_CHARS = 1000
+#: Most automaton instructions a regex pattern key may compile to (counted repeats are unrolled).
+MAX_PATTERN_PROGRAM = 2000
+#: Most automaton steps one regex pattern key may take over one load (about a second of Python).
+MAX_PATTERN_WORK = 1_000_000
 
 #: peft's prefix of every key of a saved adapter: PeftModel -> LoraModel -> base model.
 PEFT_PREFIX = "base_model.model."
@@ -183,15 +204,6 @@ def canonical_name(name: str) -> str:
     return name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name
 
 
-def _pattern_value(patterns: Mapping[str, object], module_path: str, default):
-    """peft's rule for rank_pattern / alpha_pattern: the first key that matches the
-    end of the module path as a regex (``(.*\\.)?(key)$``) wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
-
-
 class LoRA:
     """A LoRA adapter: module key -> :class:`LoRAModule`.
 
@@ -290,6 +302,12 @@ class LoRA:
     def load(cls, path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu") -> "LoRA":
         """Read a peft LoRA adapter folder.
 
+        Each file is read once, whole, into private memory (the config only up
+        to :data:`MAX_CONFIG_BYTES`), then parsed by the same code as
+        :meth:`load_bytes`. The returned adapter owns its tensors: rewriting,
+        truncating or deleting the files afterwards changes nothing in it (no
+        memory map of the file is kept, so no SIGBUS either).
+
         Args:
             path: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
             allow_pickle: also accept a pickled ``adapter_model.bin`` (loaded with
@@ -297,7 +315,8 @@ class LoRA:
             device: where to put the factors.
 
         Raises:
-            AdapterError: missing or corrupt files, an unsupported peft type (DoRA,
+            AdapterError: missing, oversized or corrupt files, an invalid config
+                field (see :meth:`load_bytes`), an unsupported peft type (DoRA,
                 embedding or convolution LoRA, non-LoRA methods), unknown keys,
                 A/B shape or rank mismatches, NaN/Inf values.
         """
@@ -307,42 +326,60 @@ class LoRA:
             raise AdapterError(f"{path}: not a directory (expected a peft adapter folder)")
         if not cfg_path.is_file():
             raise AdapterError(f"{cfg_path}: missing (not a peft adapter folder?)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AdapterError(f"{cfg_path}: cannot parse: {e}") from None
-        if not isinstance(cfg, dict):
-            raise AdapterError(f"{cfg_path}: expected a JSON object")
-        peft_type = str(cfg.get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            raise AdapterError(f"{cfg_path}: unsupported adapter type {cfg.get('peft_type')!r}; only LoRA is supported")
-        if cfg.get("use_dora"):
-            raise AdapterError(f"{cfg_path}: DoRA adapters (use_dora=true) are not supported")
-        if cfg.get("fan_in_fan_out"):
-            raise AdapterError(f"{cfg_path}: fan_in_fan_out=true (Conv1D layers) is not supported")
-        for key in ("r", "lora_alpha"):
-            if key in cfg and not isinstance(cfg[key], (int, float)):
-                raise AdapterError(f"{cfg_path}: {key!r} must be a number, got {cfg[key]!r}")
-
+        config = _read_file(cfg_path, MAX_CONFIG_BYTES)
         weights_path = path / WEIGHTS_NAME
         pickle_path = path / PICKLE_WEIGHTS_NAME
         if weights_path.is_file():
-            state = _read_safetensors(weights_path, device)
-        elif pickle_path.is_file():
+            return cls._from_bytes(config, _read_file(weights_path), path, device, pickled=False)
+        if pickle_path.is_file():
             if not allow_pickle:
                 raise AdapterError(
                     f"{pickle_path}: pickled adapter refused (pickles can run code); pass allow_pickle=True "
                     "if you trust this file"
                 )
-            weights_path = pickle_path
-            try:
-                state = torch.load(pickle_path, map_location=device, weights_only=True)
-            except Exception as e:  # torch raises many kinds here
-                raise AdapterError(f"{pickle_path}: cannot read: {e}") from None
-            if not isinstance(state, dict):
-                raise AdapterError(f"{pickle_path}: expected a state dict")
-        else:
-            raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+            return cls._from_bytes(config, _read_file(pickle_path), path, device, pickled=True)
+        raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+
+    @classmethod
+    def load_bytes(cls, config: bytes, weights: bytes, where: str | os.PathLike,
+                   device: str | torch.device = "cpu") -> "LoRA":
+        """Parse a peft LoRA adapter given as the contents of its two files.
+
+        Args:
+            config: the bytes of ``adapter_config.json`` (at most :data:`MAX_CONFIG_BYTES`).
+            weights: the bytes of ``adapter_model.safetensors``.
+            where: the adapter's folder, for messages only: errors name
+                ``<where>/adapter_config.json`` or ``<where>/adapter_model.safetensors``.
+            device: where to put the factors.
+
+        The tensors are copied out of ``weights`` into memory of their own, so
+        the caller may reuse or change its buffer afterwards. Validation and
+        errors are :meth:`load`'s. Config fields are checked as follows (each
+        violation is an :class:`AdapterError` naming the file and the field):
+
+        * ``r``: a positive integer; ``lora_alpha``: a finite number.
+        * ``use_rslora``, ``use_dora``, ``fan_in_fan_out``: JSON booleans (or
+          absent / null = false); a string such as ``"false"`` is refused.
+        * ``rank_pattern`` / ``alpha_pattern``: absent, null or an object whose
+          values are positive integers / finite numbers and whose keys are
+          matched as peft does (see :func:`compile_pattern_key`: bounded work,
+          never a hang).
+        """
+        return cls._from_bytes(config, weights, where, device, pickled=False)
+
+    @classmethod
+    def _from_bytes(cls, config: bytes, weights: bytes, where: str | os.PathLike, device,
+                    pickled: bool) -> "LoRA":
+        """The one parser behind :meth:`load` and :meth:`load_bytes` (``pickled``: ``weights``
+        is an ``adapter_model.bin`` for ``torch.load``)."""
+        folder = Path(where)
+        cfg_path = folder / CONFIG_NAME
+        weights_path = folder / (PICKLE_WEIGHTS_NAME if pickled else WEIGHTS_NAME)
+        if len(config) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{cfg_path}: {len(config)} bytes, larger than the {MAX_CONFIG_BYTES} bytes an "
+                               "adapter config may have")
+        cfg = _AdapterConfig.parse(config, str(cfg_path))
+        state = (_parse_pickle if pickled else _parse_safetensors)(weights, weights_path, device)
 
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
@@ -353,29 +390,22 @@ class LoRA:
                 raise AdapterError(f"{weights_path}: key {key!r}: {detail}")
             pairs.setdefault(match["module"], {})[match["which"]] = tensor
 
-        r_default = cfg.get("r", 8)
-        alpha_default = cfg.get("lora_alpha", 8)
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
-        use_rslora = bool(cfg.get("use_rslora", False))
         modules = {}
         for name, ab in pairs.items():
             if set(ab) != {"A", "B"}:
                 missing = ({"A", "B"} - set(ab)).pop()
                 raise AdapterError(f"{weights_path}: module {name!r}: lora_{missing}.weight is missing")
             module_path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-            r = _pattern_value(rank_pattern, module_path, r_default)
-            alpha = _pattern_value(alpha_pattern, module_path, alpha_default)
+            r, alpha = cfg.rank_and_alpha(module_path)
             check_module(name, ab["A"], ab["B"], 1.0, str(weights_path))  # values: in cls() below
             if ab["A"].shape[0] != r:
                 raise AdapterError(
                     f"{weights_path}: module {name!r}: lora_A has rank {ab['A'].shape[0]} but the config "
                     f"({cfg_path.name}, r / rank_pattern) says {r}"
                 )
-            scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+            scaling = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
             modules[name] = LoRAModule(ab["A"], ab["B"], float(scaling))
-        keep = {k: cfg[k] for k in ("base_model_name_or_path", "task_type") if k in cfg}
-        return cls(modules, keep, str(weights_path))
+        return cls(modules, cfg.keep, str(weights_path))
 
     def save(self, path: str | os.PathLike, atomic: bool = True) -> None:
         """Write the adapter as a peft adapter folder (created if needed).
@@ -384,14 +414,21 @@ class LoRA:
         and scalings. Ranks and scalings that differ between modules are written
         as peft's ``rank_pattern`` / ``alpha_pattern`` (alpha = scaling * r).
         Each file is written to a temporary name, flushed and fsynced, then
-        renamed into place, so a failure never leaves a half-written file.
+        renamed into place, so a failure never leaves a half-written file
+        (:func:`kmerge_fast.files.atomic_write`). Files get the permissions
+        ``open()`` would give them: ``0o666`` minus the umask. A module of rank 0
+        is refused (peft cannot load ``r = 0``).
         ``atomic=False`` writes the files in place and does not fsync them: for a
         caller that makes a fresh folder durable itself (the online store).
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save as serialize
 
         if not self.modules:
             raise AdapterError(f"{path}: refusing to save an adapter with no modules")
+        for name, m in self.modules.items():
+            if m.rank == 0:  # adapter_config.json would need r = 0, which peft (and load) refuse
+                raise AdapterError(f"{path}: module {name!r} has rank 0, which a peft adapter cannot hold; "
+                                   "drop the module (its update is zero)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {}
@@ -400,8 +437,14 @@ class LoRA:
             state[f"{name}.lora_B.weight"] = m.B.detach().contiguous().cpu()
         config = self.peft_config()
 
+        # Serialised here and written with open(): safetensors' save_file() writes a
+        # file of its own with mode 0600 and renames it over the target.
+        weights = serialize(state, metadata={"format": "pt"})
+        del state
+
         def write_weights(tmp: str) -> None:
-            save_file(state, tmp, metadata={"format": "pt"})
+            with open(tmp, "wb") as f:
+                f.write(weights)
 
         def write_config(tmp: str) -> None:
             with open(tmp, "w") as f:
@@ -444,43 +487,425 @@ class LoRA:
         }
 
 
-def atomic_write(target: Path, write) -> None:
-    """Create ``target`` through ``write(tmp_path)`` on a temporary file in the same
-    folder, fsync it, rename it over ``target`` (atomic on POSIX), then fsync the
-    folder so that the rename itself survives a power loss."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: messages quote user data, which may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
     try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    """fsync a file: its contents reach the disk before this returns."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+@dataclass
+class _AdapterConfig:
+    """The fields of ``adapter_config.json`` the loader uses, validated (see :meth:`LoRA.load_bytes`)."""
+
+    r: int
+    alpha: float
+    rank_pattern: list  # [(key, matches(module_path) -> bool, value)] in the file's order
+    alpha_pattern: list
+    use_rslora: bool
+    keep: dict  # fields carried through a save
+    where: str
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> "_AdapterConfig":
+        try:
+            cfg = json.loads(data)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise AdapterError(f"{where}: cannot parse: {e}") from None
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"{where}: expected a JSON object")
+        peft_type = str(cfg.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise AdapterError(f"{where}: unsupported adapter type {_short(cfg.get('peft_type'))}; "
+                               "only LoRA is supported")
+        flags = {}
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+            value = cfg.get(key)
+            # A string such as "false" is truthy: refuse it rather than guess.
+            if value is not None and not isinstance(value, bool):
+                raise AdapterError(f"{where}: field {key!r} must be true or false, got {_short(value)}")
+            flags[key] = bool(value)
+        if flags["use_dora"]:
+            raise AdapterError(f"{where}: DoRA adapters (use_dora=true) are not supported")
+        if flags["fan_in_fan_out"]:
+            raise AdapterError(f"{where}: fan_in_fan_out=true (Conv1D layers) is not supported")
+        r = cfg.get("r", 8)
+        if not _is_positive_int(r):
+            raise AdapterError(f"{where}: field 'r' must be a positive integer, got {_short(r)}")
+        alpha = cfg.get("lora_alpha", 8)
+        if not _is_finite_number(alpha):
+            raise AdapterError(f"{where}: field 'lora_alpha' must be a finite number, got {_short(alpha)}")
+        return cls(
+            r=r,
+            alpha=alpha,
+            rank_pattern=cls._patterns(cfg, "rank_pattern", where, _is_positive_int, "a positive integer"),
+            alpha_pattern=cls._patterns(cfg, "alpha_pattern", where, _is_finite_number, "a finite number"),
+            use_rslora=flags["use_rslora"],
+            keep={k: cfg[k] for k in ("base_model_name_or_path", "task_type") if k in cfg},
+            where=where,
+        )
+
+    @staticmethod
+    def _patterns(cfg: dict, field_name: str, where: str, valid, expected: str) -> list:
+        patterns = cfg.get(field_name)
+        if patterns is None:
+            return []
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{where}: field {field_name!r} must be an object {{module pattern: value}}, "
+                               f"got {type(patterns).__name__}")
+        out = []
+        for key, value in patterns.items():
+            if not valid(value):
+                raise AdapterError(f"{where}: field {field_name!r}: key {_short(key)}: value must be {expected}, "
+                                   f"got {_short(value)}")
+            try:
+                matches = compile_pattern_key(key)
+            except ValueError as e:
+                raise AdapterError(f"{where}: field {field_name!r}: key {_short(key)}: {e}") from None
+            out.append((key, matches, value))
+        return out
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """(r, lora_alpha) of one module: the value of the first pattern key matching it, else the default."""
+        values = []
+        for field_name, patterns, default in (("rank_pattern", self.rank_pattern, self.r),
+                                              ("alpha_pattern", self.alpha_pattern, self.alpha)):
+            for key, matches, value in patterns:
+                try:
+                    hit = matches(module_path)
+                except ValueError as e:  # a regex key over its work budget
+                    raise AdapterError(f"{self.where}: field {field_name!r}: key {_short(key)}: {e}") from None
+                if hit:
+                    values.append(value)
+                    break
+            else:
+                values.append(default)
+        return values[0], values[1]
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a folder: makes the creation, renaming or removal of its entries durable."""
-    fd = os.open(path, os.O_RDONLY)
+# ------------------------------------------------------------ pattern keys
+_REGEX_META = frozenset(".^$*+?{}[]\\|()")
+
+
+def compile_pattern_key(key: str):
+    """A predicate ``matches(module_path) -> bool`` for one rank_pattern / alpha_pattern key.
+
+    It answers exactly what peft (0.21, ``get_pattern_key``) computes,
+    ``re.match(rf"(.*\\.)?({key})$", module_path) is not None``, but in bounded
+    time whatever the key, so that no config can hang the loader (Python's
+    backtracking ``re`` takes exponential time on keys such as ``(a+)+``):
+
+    * A *fixed* key, made of plain characters, ``\\``-escaped punctuation (as
+      ``re.escape`` writes it) and ``.`` (any character but a newline, as in a
+      regex), has one length L; it is compared with the last L characters of
+      the path, which must be the whole path or follow a ``.``. O(L) per path.
+      peft's and :meth:`LoRA.save`'s keys are all of this kind.
+    * Any other key is a regex. Python's own parser reads it; it then runs as
+      an automaton (a DFA built lazily from the Thompson NFA, as RE2 does),
+      never by backtracking. Supported: literals, classes and escapes such as
+      ``\\d``, ``.``, groups, ``|``, greedy and lazy repeats, ``^``, ``$``,
+      ``\\A``, ``\\Z``. Refused with a ValueError: backreferences, lookarounds,
+      conditionals, atomic groups, possessive repeats, inline flags, word
+      boundaries, keys over :data:`MAX_PATTERN_KEY_CHARS` characters or
+      :data:`MAX_PATTERN_PROGRAM` instructions, and (when matched) a key that
+      spends more than :data:`MAX_PATTERN_WORK` automaton steps in one load.
+
+    Raises:
+        ValueError: the key is invalid or refused; the message says why.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"expected a string, got {type(key).__name__}")
+    if len(key) > MAX_PATTERN_KEY_CHARS:
+        raise ValueError(f"longer than {MAX_PATTERN_KEY_CHARS} characters")
+    tokens = _fixed_tokens(key)
+    return _fixed_matcher(tokens) if tokens is not None else _RegexKey(key).matches
+
+
+def _fixed_tokens(key: str) -> list[str | None] | None:
+    """The characters of a fixed key, None for a ``.`` wildcard; None when ``key`` is a real regex."""
+    tokens: list[str | None] = []
+    i = 0
+    while i < len(key):
+        c = key[i]
+        if c == "\\":
+            # "\" + an ASCII letter or digit is a class, an anchor or a group reference.
+            if i + 1 == len(key) or (key[i + 1].isascii() and key[i + 1].isalnum()):
+                return None
+            tokens.append(key[i + 1])
+            i += 2
+            continue
+        if c == ".":
+            tokens.append(None)
+        elif c in _REGEX_META:
+            return None
+        else:
+            tokens.append(c)
+        i += 1
+    return tokens
+
+
+def _fixed_matcher(tokens: list[str | None]):
+    n_tokens = len(tokens)
+    literal = None if None in tokens else "".join(tokens)
+
+    def whole(path: str) -> bool:
+        """``(.*\\.)?(key)`` matches all of ``path``."""
+        cut = len(path) - n_tokens
+        if cut < 0 or (cut > 0 and (path[cut - 1] != "." or "\n" in path[:cut])):
+            return False
+        tail = path[cut:]
+        if literal is not None:
+            return tail == literal
+        return all(ch != "\n" if t is None else ch == t for t, ch in zip(tokens, tail))
+
+    # "$" also matches just before a final newline.
+    return lambda path: whole(path) or (path.endswith("\n") and whole(path[:-1]))
+
+
+_CATEGORIES = {
+    _sre_c.CATEGORY_DIGIT: re.compile(r"\d"), _sre_c.CATEGORY_NOT_DIGIT: re.compile(r"\D"),
+    _sre_c.CATEGORY_SPACE: re.compile(r"\s"), _sre_c.CATEGORY_NOT_SPACE: re.compile(r"\S"),
+    _sre_c.CATEGORY_WORD: re.compile(r"\w"), _sre_c.CATEGORY_NOT_WORD: re.compile(r"\W"),
+}
+_ASSERTIONS = (_sre_c.AT_BEGINNING, _sre_c.AT_BEGINNING_STRING, _sre_c.AT_END, _sre_c.AT_END_STRING)
+
+
+class _RegexKey:
+    """peft's ``(.*\\.)?(key)$`` as a Thompson NFA run as a lazily built DFA (see :func:`compile_pattern_key`).
+
+    Instructions: ``("char", predicate)`` consumes one character,
+    ``("split", x, y)`` forks, ``("jmp", x)``, ``("assert", at_code)`` is a
+    zero-width anchor, ``("match",)`` accepts. A DFA state is the set of NFA
+    instructions alive before a character; transitions are cached, so each
+    (state, character) pair costs NFA work once, and the total is capped by
+    :data:`MAX_PATTERN_WORK`.
+    """
+
+    def __init__(self, key: str):
+        try:
+            parsed = _sre_parse.parse(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise ValueError(f"invalid regular expression: {e}") from None
+        except RecursionError:
+            raise ValueError("regular expression nested too deeply") from None
+        if parsed.state.flags & ~_sre_c.SRE_FLAG_UNICODE:
+            raise ValueError("inline flags such as (?i) are not supported")
+        self.prog: list[tuple] = []
+        self._seq(parsed)
+        self._emit("match")
+        self.work = 0
+        self._closures: dict = {}
+        self._steps: dict = {}
+
+    # compilation
+    def _emit(self, *instruction) -> int:
+        if len(self.prog) >= MAX_PATTERN_PROGRAM:
+            raise ValueError(f"regular expression too large (over {MAX_PATTERN_PROGRAM} automaton instructions)")
+        self.prog.append(list(instruction))
+        return len(self.prog) - 1
+
+    def _seq(self, items) -> None:
+        for op, av in items:
+            self._node(op, av)
+
+    def _node(self, op, av) -> None:
+        c = _sre_c
+        if op is c.LITERAL:
+            ch = chr(av)
+            self._emit("char", lambda x: x == ch)
+        elif op is c.NOT_LITERAL:
+            ch = chr(av)
+            self._emit("char", lambda x: x != ch)
+        elif op is c.ANY:
+            self._emit("char", lambda x: x != "\n")
+        elif op is c.IN:
+            self._emit("char", self._class(av))
+        elif op is c.SUBPATTERN:
+            _group, add_flags, del_flags, sub = av
+            if add_flags or del_flags:
+                raise ValueError("inline flags such as (?i:...) are not supported")
+            self._seq(sub)
+        elif op is c.BRANCH:
+            jumps = []
+            alternatives = av[1]
+            for alt in alternatives[:-1]:
+                split = self._emit("split", len(self.prog) + 1, None)
+                self._seq(alt)
+                jumps.append(self._emit("jmp", None))
+                self.prog[split][2] = len(self.prog)
+            self._seq(alternatives[-1])
+            for j in jumps:
+                self.prog[j][1] = len(self.prog)
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT):  # greedy or lazy: the same set of matches
+            lo, hi, item = av
+            start = len(self.prog)
+            if lo:
+                self._seq(item)
+                if len(self.prog) == start:  # an empty item: repeating it adds nothing
+                    return
+                for _ in range(lo - 1):
+                    self._seq(item)
+            if hi == c.MAXREPEAT:
+                loop = self._emit("split", len(self.prog) + 1, None)
+                self._seq(item)
+                self._emit("jmp", loop)
+                self.prog[loop][2] = len(self.prog)
+            else:
+                splits = []
+                for _ in range(hi - lo):
+                    splits.append(self._emit("split", len(self.prog) + 1, None))
+                    self._seq(item)
+                for s in splits:
+                    self.prog[s][2] = len(self.prog)
+        elif op is c.AT and av in _ASSERTIONS:
+            self._emit("assert", av)
+        else:
+            name = {c.GROUPREF: "backreferences", c.ASSERT: "lookarounds", c.ASSERT_NOT: "lookarounds",
+                    c.GROUPREF_EXISTS: "conditionals", c.AT: "this anchor (only ^, $, \\A, \\Z are)"}.get(op, str(op))
+            raise ValueError(f"regular expression uses {name}, which pattern keys do not support")
+
+    @staticmethod
+    def _class(items):
+        tests = []
+        negate = False
+        for op, av in items:
+            if op is _sre_c.NEGATE:
+                negate = True
+            elif op is _sre_c.LITERAL:
+                tests.append(lambda x, ch=chr(av): x == ch)
+            elif op is _sre_c.RANGE:
+                tests.append(lambda x, lo=av[0], hi=av[1]: lo <= ord(x) <= hi)
+            elif op is _sre_c.CATEGORY and av in _CATEGORIES:
+                tests.append(lambda x, rx=_CATEGORIES[av]: rx.match(x) is not None)
+            else:
+                raise ValueError(f"character class uses {op}, which pattern keys do not support")
+        return lambda x: any(t(x) for t in tests) != negate
+
+    # matching
+    def _spend(self, steps: int) -> None:
+        self.work += steps
+        if self.work > MAX_PATTERN_WORK:
+            raise ValueError(f"regular expression too costly to match (over {MAX_PATTERN_WORK} automaton steps)")
+
+    def _closure(self, state: frozenset, anchors: tuple) -> tuple[tuple, bool]:
+        """(the "char" instructions reachable from ``state`` without consuming, whether "match" is)."""
+        cached = self._closures.get((state, anchors))
+        if cached is not None:
+            return cached
+        at_start, at_dollar, at_string_end = anchors
+        holds = {_sre_c.AT_BEGINNING: at_start, _sre_c.AT_BEGINNING_STRING: at_start,
+                 _sre_c.AT_END: at_dollar, _sre_c.AT_END_STRING: at_string_end}
+        seen = set()
+        stack = list(state)
+        chars = []
+        matched = False
+        while stack:
+            pc = stack.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            ins = self.prog[pc]
+            kind = ins[0]
+            if kind == "char":
+                chars.append(pc)
+            elif kind == "split":
+                stack += (ins[1], ins[2])
+            elif kind == "jmp":
+                stack.append(ins[1])
+            elif kind == "assert":
+                if holds[ins[1]]:
+                    stack.append(pc + 1)
+            else:
+                matched = True
+        self._spend(len(seen))
+        result = (tuple(sorted(chars)), matched)
+        self._closures[(state, anchors)] = result
+        return result
+
+    def _step(self, chars: tuple, x: str) -> frozenset:
+        nxt = self._steps.get((chars, x))
+        if nxt is None:
+            self._spend(len(chars) + 1)
+            nxt = frozenset(pc + 1 for pc in chars if self.prog[pc][1](x))
+            self._steps[(chars, x)] = nxt
+        return nxt
+
+    def matches(self, path: str) -> bool:
+        n = len(path)
+        state = frozenset((0,))
+        for i in range(n + 1):
+            anchors = (i == 0, i == n or (i == n - 1 and path[-1] == "\n"), i == n)
+            chars, matched = self._closure(state, anchors)
+            if matched:  # re.match: a match of any prefix of the path counts
+                return True
+            if i == n or not chars:
+                return False
+            state = self._step(chars, path[i])
+        return False
+
+
+# ---------------------------------------------------------------- file bytes
+def _read_file(path: Path, limit: int | None = None) -> bytes:
+    """The whole contents of ``path`` in private memory; over ``limit`` bytes is an AdapterError."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(path, "rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read: {e}") from None
+    if limit is not None and len(data) > limit:
+        raise AdapterError(f"{path}: larger than {limit} bytes, the most an adapter config may have")
+    return data
 
 
-def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+def _own(state: dict, device) -> dict:
+    """Each tensor of ``state`` copied, contiguous, into memory of its own on ``device``.
+
+    The loaders' tensors may be views of a buffer (safetensors' per-tensor
+    bytes) or share one storage between keys (a pickle of views); a copy makes
+    each factor independent of the file, the buffer and the other factors.
+    Tensors are replaced one at a time, so the peak is one extra tensor.
+    """
+    for key in list(state):
+        t = state[key]
+        if isinstance(t, torch.Tensor):
+            state[key] = t.to(device=device, memory_format=torch.contiguous_format, copy=True)
+    return state
+
+
+def _parse_safetensors(data: bytes, path: Path, device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
+
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    try:
+        state = load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise AdapterError(f"{path}: corrupt or unreadable safetensors file: {e}") from None
+    # load() returns the tensors in hash order; sort them by name as load_file() does, so
+    # that module order (and every result that depends on it) is the same on every run.
+    return _own({key: state[key] for key in sorted(state)}, device)
+
+
+def _parse_pickle(data: bytes, path: Path, device) -> dict[str, torch.Tensor]:
+    import io
 
     try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{path}: corrupt or unreadable safetensors file: {e}") from None
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many kinds here
+        raise AdapterError(f"{path}: cannot read: {e}") from None
+    if not isinstance(state, dict):
+        raise AdapterError(f"{path}: expected a state dict")
+    return _own(state, device)

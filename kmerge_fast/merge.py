@@ -31,7 +31,7 @@ import torch
 
 from . import ops
 from .errors import AdapterError
-from .lora import LoRA, LoRAModule
+from .lora import LoRA, LoRAModule, first_non_finite
 from .ops import Factor
 from .ops.elementwise import (ALL, DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Keep, apply_keep, combine,
                               dare_thresh24, magnitude_k, mix64, topk_keep)
@@ -108,7 +108,9 @@ def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method:
             ``dare_ties``, ``magnitude_prune``, ``ties_svd``,
             ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``.
         rank: the rank of the ``svd`` family's result (default: the largest
-            input rank); not used by the other methods.
+            input rank); not used by the other methods. A rank above every
+            module's min(n_out, n_in) is refused (ValueError): it could only
+            add zero padding. Modules of lower rank come back zero-padded.
         density: the fraction of values kept, in (0, 1]; required by the TIES,
             DARE and magnitude-prune methods (1 keeps everything).
         majority_sign_method: ``"total"`` (sign of the sum) or ``"frequency"``
@@ -125,6 +127,14 @@ def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method:
         A LoRA with scaling 1 on every module, in the inputs' promoted dtype.
         Ranks: ``cat``: sum of the inputs' ranks per module; factor-wise: the
         common input rank; ``svd`` family: ``rank``.
+
+    Raises:
+        AdapterError: a result factor does not fit the result dtype (e.g. a
+            float16 merge with values above 65504); the message names the
+            module and suggests converting the inputs to a wider dtype.
+
+    Dense-domain methods with float32 and float64 inputs compute every term in
+    float64 (so the magnitude threshold compares the values it was taken from).
     """
     if method not in METHODS:
         raise ValueError(f"method: unknown combination type {method!r}; choose from {list(METHODS)}")
@@ -158,18 +168,44 @@ def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method:
     else:
         if rank is None and method != "cat":
             rank = max(max(lora.ranks.values(), default=1) for lora in loras)
+        elif rank is not None:
+            _check_rank_fits(rank, table)
         batch = [[Factor(m.A, m.B, weights[i] * m.scaling) for i, m in table[name]] for name in names]
         if method == "cat":
             pairs = ops.select_for(batch).stack(batch, dtype)
         elif method == "svd":
             pairs = ops.select_for(batch).truncate(batch, rank, dtype)
         else:
-            pairs = [_dense_domain(table[name], weights, method, rank, density, majority_sign_method, seeds, dtype)
-                     for name in names]
+            pairs = [_dense_domain(name, table[name], weights, method, rank, density, majority_sign_method, seeds,
+                                   dtype) for name in names]
         if svd_clamp is not None:
             pairs = [clamp_factors(a, b, float(svd_clamp)) for a, b in pairs]
     config = next((lora.config for lora in loras if lora.config), {})
-    return LoRA({name: LoRAModule(a, b, 1.0) for name, (a, b) in zip(names, pairs)}, config)
+    modules = {name: LoRAModule(a, b, 1.0) for name, (a, b) in zip(names, pairs)}
+    try:
+        return LoRA(modules, config)
+    except AdapterError:
+        bad = first_non_finite(modules)
+        if bad is None:
+            raise
+        # The inputs were finite (LoRA checks them): the result does not fit its dtype.
+        raise AdapterError(
+            f"merge: module {bad[0]!r}: the merged lora_{bad[1]} overflows {dtype} (method {method!r}; "
+            f"largest finite {dtype} value {torch.finfo(dtype).max:.4g}); merge in a wider dtype, e.g. "
+            f"[lora.to(torch.float32) for lora in loras]") from None
+
+
+def _check_rank_fits(rank: int, table) -> None:
+    """Refuse a ``rank`` above every module's largest possible rank, min(n_out, n_in): its
+    zero padding is all the result would add (and could be too large to allocate)."""
+    if not table:
+        return
+    name, entries = max(table.items(), key=lambda item: min(item[1][0][1].shape))
+    limit = min(entries[0][1].shape)
+    if rank > limit:
+        n_out, n_in = entries[0][1].shape
+        raise ValueError(f"rank: {rank} is above the largest rank any module can have ({limit}, module {name!r} "
+                         f"is {n_out} x {n_in}); ask for at most {limit}")
 
 
 def _check_density(density, method: str, needed: bool) -> float:
@@ -250,10 +286,13 @@ def _factor_wise(name: str, entries, weights, method, density, sign_method, seed
     return out[0], out[1]
 
 
-def _dense_domain(entries, weights, method, rank, density, sign_method, seeds, dtype):
+def _dense_domain(name, entries, weights, method, rank, density, sign_method, seeds, dtype):
     """One module of a dense-domain method: combine the pruned dW_i, truncate to ``rank``."""
     mode, kind = DENSE[method]
-    factors = [Factor(m.A, m.B, m.scaling) for _, m in entries]
+    # Mixed float32 / float64 terms: every term in float64 on every backend, so that the
+    # magnitude threshold is the k-th largest of the very values the merge compares with it.
+    wide = torch.float64 if any(m.A.dtype == torch.float64 for _, m in entries) else None
+    factors = [Factor(m.A.to(wide or m.A.dtype), m.B.to(wide or m.B.dtype), m.scaling) for _, m in entries]
     backend = ops.select_for([factors])
     if kind == MAGNITUDE and density < 1.0:
         numel = factors[0].B.shape[0] * factors[0].A.shape[1]
@@ -263,7 +302,9 @@ def _dense_domain(entries, weights, method, rank, density, sign_method, seeds, d
     keeps = [_keep(kind, density, seeds, tau) for tau in taus]
     combined = backend.dense_combine(factors, [weights[i] for i, _ in entries], keeps, mode, sign_method)
     if not bool(torch.isfinite(combined).all()):
-        raise ValueError(f"method {method!r}: the combined update is not finite (NaN/Inf in the inputs?)")
+        raise ValueError(f"method {method!r}: module {name!r}: the combined update is not finite (NaN/Inf in the "
+                         f"inputs, or values beyond {combined.dtype}'s range: merge in float64, e.g. "
+                         f"[lora.to(torch.float64) for lora in loras])")
     a, b = top_svd(combined, rank)
     return a.to(dtype), b.to(dtype)
 

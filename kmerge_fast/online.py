@@ -44,7 +44,8 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
 
 With ``store=folder`` the state lives on disk (:mod:`kmerge_fast.store`):
 every ``add`` commits atomically before it returns, and
-:meth:`OnlineMerger.open` resumes.
+:meth:`OnlineMerger.open` resumes (``readonly=True``: a reader that takes no
+lock and writes nothing, beside a writer).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ import math
 import random
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -65,7 +65,7 @@ from .merge import merge
 from .opcm import opcm_step
 from .ops.elementwise import mix64
 from .similarity import METRICS, cache_norms, similarity_matrix
-from .store import Store, StoreError
+from .store import Store, StoreError, check_export_target
 
 STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
 MODES = ("faithful", "exact", "rms", "sum")
@@ -172,7 +172,9 @@ class OnlineMerger:
                  oracle: Callable[[str], object] | None = None, density: float = 0.5):
         settings = _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density)
         self._init(settings, oracle)
-        self._store = Store.create(store, settings) if store is not None else None
+        if store is not None:
+            self._store = Store.create(store, settings)
+            self._generation = self._store.generation
 
     def _init(self, settings: dict, oracle) -> None:
         self.settings = settings
@@ -189,28 +191,44 @@ class OnlineMerger:
         self.history: list[Step] = []
         self._extra: list[dict] = []       # per slot: strategy state (OPCM's lambdas, oracle groups)
         self._store: Store | None = None
+        self._readonly = False
+        self._generation = 0               # the store generation that memory holds (add refuses a mismatch)
         self._warned_aligned = False
 
     # ------------------------------------------------------------ persistence
     @classmethod
-    def open(cls, store: str | Path, oracle: Callable[[str], object] | None = None) -> "OnlineMerger":
-        """Resume the merger kept in ``store``; verifies every file's checksum.
+    def open(cls, store: str | Path, oracle: Callable[[str], object] | None = None,
+             readonly: bool = False) -> "OnlineMerger":
+        """Resume the merger kept in ``store``.
+
+        The manifest is validated (schema, settings, its own checksum) and each
+        slot file is read once, checked against its SHA-256 and parsed from those
+        same bytes: the slots in memory never depend on the files afterwards.
+
+        ``readonly=True`` opens it as a reader: no lock, nothing written (it works
+        on a read-only file system and while a writer streams, and sees the last
+        committed state); such a merger answers queries and exports, and refuses
+        :meth:`add`. A writer (the default) holds the store's lock until :meth:`close`.
 
         Raises :class:`~kmerge_fast.store.StoreError` if the folder is not a
         store, is corrupt or tampered with, or is open by another writer.
         """
-        st = Store.open(store)
+        st = Store.open(store, readonly=readonly, verify=False, check_settings=_stored_settings)
         try:
-            settings = st.manifest["settings"]
-            if settings.get("strategy") == "oracle" and oracle is None:
+            if st.manifest["settings"]["strategy"] == "oracle" and oracle is None:
                 raise ValueError("oracle: this store uses the 'oracle' strategy; pass the task -> group function")
+            loaded = st.load_slots()  # a reader may move on to a newer manifest here: read it after
+            manifest = st.manifest
             self = cls.__new__(cls)
-            self._init(settings, oracle)
-            for i, meta in enumerate(st.manifest["slots"]):
-                self.slots.append(st.load_slot(i))
+            self._init(manifest["settings"], oracle)
+            for i, (meta, lora) in enumerate(zip(manifest["slots"], loaded)):
+                _check_stored_slot(st, i, meta, lora, loaded[0])
+                self.slots.append(lora)
                 self.members.append(list(meta["tasks"]))
-                self._extra.append(meta.get("extra", {}))
-            self.history = [Step(**h) for h in st.manifest["history"]]
+                self._extra.append(meta["extra"])
+            self.history = [Step(**h) for h in manifest["history"]]
+            self._generation = st.generation
+            self._readonly = readonly
         except BaseException:
             st.close()
             raise
@@ -218,7 +236,7 @@ class OnlineMerger:
         return self
 
     def close(self) -> None:
-        """Release the store's writer lock (the state is already on disk)."""
+        """Release the store's writer lock (the state is already on disk); waits for its pending deletions."""
         if self._store is not None:
             self._store.close()
 
@@ -232,10 +250,17 @@ class OnlineMerger:
     def store(self) -> Path | None:
         return self._store.root if self._store is not None else None
 
-    def export(self, slot: int, path: str | Path) -> None:
-        """Write slot ``slot`` as a peft adapter folder."""
+    def export(self, slot: int, path: str | Path, overwrite: bool = False) -> None:
+        """Write slot ``slot`` as a peft adapter folder ``path`` (files with the umask's permissions).
+
+        Refuses (:class:`~kmerge_fast.store.StoreError`), always, a ``path`` inside a
+        store (this one or any other: the export would corrupt it or be deleted by
+        it), and, unless ``overwrite=True``, a ``path`` that exists and is not an
+        empty folder.
+        """
         self._check_slot(slot)
-        self.slots[slot].save(path)
+        target = check_export_target(path, overwrite)
+        self.slots[slot].save(target)
 
     # ---------------------------------------------------------------- queries
     def slot_for(self, task: str) -> int:
@@ -259,6 +284,7 @@ class OnlineMerger:
         On any error nothing changes, in memory or on disk.
         """
         start = time.perf_counter()
+        self._check_writable()
         self._check_newcomer(lora, task)
         if any(task in m for m in self.members):
             if not replace:
@@ -277,6 +303,19 @@ class OnlineMerger:
             return self._apply(task, slot, "new", lora, extra, sims, start)
         merged, extra = self._merge(slot, lora, task)
         return self._apply(task, slot, "merge", merged, extra, sims, start)
+
+    def _check_writable(self) -> None:
+        """Refuse an add, before any work, that the store cannot take (StoreError)."""
+        st = self._store
+        if st is None:
+            return
+        if self._readonly:
+            raise StoreError(f"{st.root}: this merger was opened read-only (OnlineMerger.open(..., readonly=True)); "
+                             "open the store without readonly to add to it")
+        st.check_writable()
+        if st.generation != self._generation:
+            raise StoreError(f"{st.root}: this merger's memory is out of step with its store (an add was "
+                             "interrupted right after its commit); reopen it with OnlineMerger.open")
 
     def _check_newcomer(self, lora: LoRA, task: str) -> None:
         if not isinstance(lora, LoRA):
@@ -366,7 +405,13 @@ class OnlineMerger:
         return merge([current, lora], weights, method="svd", rank=rank), dict(self._extra[slot])
 
     def _apply(self, task, slot, action, adapter, extra, sims, start) -> int:
-        """Commit the new state (store first, then memory) and record the step."""
+        """Commit the new state (store first, then memory) and record the step.
+
+        The manifest's rename is the commit point: if the commit raises after it
+        (an fsync of the store folder, a KeyboardInterrupt), memory still takes
+        the new state, since the disk holds it, and the error propagates. Should
+        memory miss a commit all the same, :meth:`add` refuses until reopened.
+        """
         slots = list(self.slots)
         members = [list(m) for m in self.members]
         extras = list(self._extra)
@@ -385,10 +430,40 @@ class OnlineMerger:
             meta = [{"tasks": m, "rank": max(s.ranks.values()), "extra": e} for m, s, e in zip(members, slots, extras)]
             # The next step needs the new slot's norms; compute them while the commit mostly
             # waits on the disk (the kernels release the GIL).
-            self._store.commit({slot: adapter}, meta, [asdict(h) for h in history],
-                               while_syncing=lambda: cache_norms([adapter], self.similarity))
+            try:
+                self._store.commit({slot: adapter}, meta, [asdict(h) for h in history],
+                                   while_syncing=lambda: cache_norms([adapter], self.similarity))
+            except BaseException:
+                if self._store.generation != self._generation:  # committed; the error came after the rename
+                    self.slots, self.members, self._extra, self.history = slots, members, extras, history
+                    self._generation = self._store.generation
+                raise
+            self._generation = self._store.generation
         self.slots, self.members, self._extra, self.history = slots, members, extras, history
         return slot
+
+
+def _stored_settings(settings: dict) -> dict:
+    """:func:`_check_settings` of a store's settings (the store's manifest check calls it): the
+    normalised settings, or ValueError ``"<field>: why"``."""
+    oracle = (lambda task: task) if settings["strategy"] == "oracle" else None  # stands in for the caller's
+    return _check_settings(settings["budget"], settings["strategy"], settings["similarity"], settings["threshold"],
+                           settings["mode"], settings["seed"], oracle, settings["density"])
+
+
+def _check_stored_slot(st: Store, index: int, meta: dict, lora: LoRA, first: LoRA) -> None:
+    """StoreError unless a loaded slot agrees with its manifest entry and has slot 0's modules and shapes."""
+    where = st.slot_dir(index)
+    if not lora.modules:
+        raise StoreError(f"{where}: the slot's adapter has no modules")
+    rank = max(lora.ranks.values())
+    if rank != meta["rank"]:
+        raise StoreError(f"{where}: rank {rank}, but {st.root / 'manifest.json'} slots[{index}].rank says "
+                         f"{meta['rank']}")
+    shapes = {n: m.shape for n, m in lora.modules.items()}
+    if shapes != {n: m.shape for n, m in first.modules.items()}:
+        raise StoreError(f"{where}: its modules or shapes differ from slot 0's (the slots of a store adapt one "
+                         "base model)")
 
 
 def _argmax(values: list[float]) -> int:

@@ -12,6 +12,12 @@ alpha patterns, and whose weights are the merge, computed by :func:`kmerge_fast.
 LoRA on ``nn.Parameter`` targets) fall back to peft's implementation with a
 warning while patched.
 
+Modules trained in full (``modules_to_save``) are handled as peft handles them: two
+adapters that both train the same module raise peft's ``ValueError`` (same message,
+then the modules and adapters named); otherwise the new adapter gets a fresh copy of
+the base module (trained copies are not merged). peft's own tests of
+``add_weighted_adapter`` run against this patch in python_tests/test_peft_suite.py.
+
 Differences from peft, all deliberate:
 
 - bad arguments raise ``ValueError`` before the model is touched: an existing
@@ -77,6 +83,7 @@ def _plan(lora_model, adapters, weights, adapter_name, combination_type, svd_ran
     for name in adapters:
         if name not in configs:
             raise ValueError(f"adapters: adapter {name!r} does not exist (the model has {list(configs)})")
+    _check_modules_to_save(lora_model, adapters)  # peft's first check after existence: same order, same error
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name: need a non-empty string, got {adapter_name!r}")
     if adapter_name in configs:
@@ -116,18 +123,28 @@ def _plan(lora_model, adapters, weights, adapter_name, combination_type, svd_ran
         targets = functools.reduce(operator.or_, (configs[name].target_modules for name in adapters))
     else:
         raise ValueError(f"adapters: unsupported target_modules type {kinds.pop().__name__}")
-    _check_modules_to_save(lora_model, adapters)
     return method, new_rank, targets, weights
 
 
 def _check_modules_to_save(lora_model, adapters) -> None:
+    """Refuse adapters of which two or more train the same module in full (``modules_to_save``).
+
+    Such trained copies are whole modules, not low-rank updates: there is nothing to merge them with.
+    The message starts with peft's own, word for word (peft's test suite matches it), then names the
+    modules and the adapters that train each.
+    """
     from peft.utils import ModulesToSaveWrapper
 
+    clashes = []
     for key, module in lora_model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             holders = [a for a in adapters if a in module.modules_to_save]
             if len(holders) > 1:
-                raise ValueError(f"adapters {holders} all train module {key!r} (modules_to_save); it cannot be merged")
+                clashes.append(f"{key!r} by {holders}")
+    if clashes:
+        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                         f"found {len(clashes)} such instance(s). adapters: modules trained in full "
+                         f"(modules_to_save) by more than one of them: {'; '.join(clashes)}")
 
 
 def _lora_layers(lora_model) -> dict[str, object]:

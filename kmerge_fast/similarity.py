@@ -9,6 +9,10 @@ a per-module similarity of the updates dW_X and dW_Y:
 
 cos and l2 come from r x r cross-Grams and never form dW; l1 and linf need
 the dense values and stream tiles of dW_X - dW_Y through a fixed buffer.
+cos is invariant to the scale of the factors on every backend: factors far
+outside float32's range run on power-of-two scaled copies (``ops/scaling.py``),
+and an update whose squared norm leaves float64's range (|dW| beyond ~2^+-511)
+is recomputed scaled by 2^-+600 (l2 distances are scaled back exactly).
 Squared norms of every module are cached on the LoRAModule (per backend and
 precision), so a stored slot pays for its norm once; missing ones are computed
 in the same backend call as the inner products.
@@ -17,6 +21,7 @@ in the same backend call as the inner products.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from typing import Sequence
 
@@ -26,6 +31,7 @@ from . import ops
 from .lora import LoRA
 from .merge import module_table
 from .ops import Factor
+from .ops.scaling import ldexp, ldexp_tensor
 
 METRICS = ("cos", "l2", "l1", "linf")
 
@@ -142,6 +148,7 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     if symmetric or missing:
         norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
     norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
+    shifts = _rescue_out_of_range(batch, inner, norms_x, norms_y, backend, precise, metric)
     # The per-module similarities, batched over modules of the same (len(xs), len(ys)).
     out: list = [None] * len(names)
     by_shape = defaultdict(list)
@@ -157,10 +164,78 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
             sim = sim.clamp(-1.0, 1.0)  # rounding can step past |cos| = 1 for parallel updates
         else:
             dist = (nx + ny - 2 * dots).clamp_min(0).sqrt()
+            shift = torch.tensor([shifts[k] for k in idx], dtype=torch.int64)[:, None, None]
+            dist = ldexp_tensor(dist, shift) if bool(shift.any()) else dist  # undo the rescue's 2^-shift
             sim = 1.0 / (1.0 + dist)
         for k, one in zip(idx, sim.unbind(0)):
             out[k] = one
     return out
+
+
+#: Power-of-two shift of updates whose squared norms leave float64's range (|dW| beyond ~2^+-512).
+RESCUE_SHIFT = 600
+
+
+def _shifted(f: Factor, k: int) -> Factor:
+    """The factor of 2^-k dW: on the coef when that stays a normal float64, else on a copy of B."""
+    coef = ldexp(float(f.coef), -k)
+    if math.isfinite(coef) and abs(coef) >= sys.float_info.min:
+        return Factor(f.A, f.B, coef)
+    return Factor(f.A, f.B.to(torch.float64) * ldexp(1.0, -k) * f.coef, 1.0)
+
+
+def _rescue_out_of_range(batch, inner, norms_x, norms_y, backend, precise, metric) -> list[int]:
+    """Recompute, in place, the modules whose squared norms or inner products left float64's
+    range, on updates scaled by powers of two; returns per module the shift k (the l2
+    distance of the scaled updates is 2^-k times the true one).
+
+    The backends normalise factors for their own arithmetic (ops/scaling.py), but they return
+    <dW_x, dW_y> itself, which overflows when |dW| exceeds ~2^512 and underflows below
+    ~2^-511. cos: each update is scaled on its own (cos does not change), down when its
+    squared norm overflowed, up when it underflowed (a zero update stays zero); l2: one
+    shift down for the whole module when anything overflowed (an update small enough to
+    underflow then is negligible in the distance, and a distance below 2^-511 has
+    similarity 1 in float64 anyway).
+    """
+    shifts = [0] * len(batch)
+
+    def out_of_range(v: float) -> bool:
+        return not math.isfinite(v) or abs(v) < sys.float_info.min
+
+    redo = []
+    for k, dots in enumerate(inner):
+        overflow = not bool(torch.isfinite(dots).all()) or not all(math.isfinite(v) for v in (*norms_x[k], *norms_y[k]))
+        if overflow or (metric == "cos" and any(out_of_range(v) for v in (*norms_x[k], *norms_y[k]))):
+            redo.append(k)
+    if not redo:
+        return shifts
+
+    def shift_of(v: float) -> int:
+        if metric == "l2":
+            return RESCUE_SHIFT
+        return RESCUE_SHIFT if not math.isfinite(v) else -RESCUE_SHIFT if abs(v) < sys.float_info.min else 0
+
+    entries, plan = [], []
+    for k in redo:
+        xs, ys = batch[k]
+        sx = [_shifted(f, shift_of(v)) for f, v in zip(xs, norms_x[k])]
+        sy = sx if ys is xs else [_shifted(f, shift_of(v)) for f, v in zip(ys, norms_y[k])]
+        entries.append((sx, sy))
+        entries.extend(_self_pairs_of(sx))
+        if ys is not xs:
+            entries.extend(_self_pairs_of(sy))
+        plan.append((k, len(xs), 0 if ys is xs else len(ys)))
+    results = iter(backend.inner_products(entries, precise=precise))
+    for k, n_x, n_y in plan:
+        inner[k] = next(results)
+        norms_x[k] = [float(next(results)[0, 0]) for _ in range(n_x)]
+        norms_y[k] = [float(next(results)[0, 0]) for _ in range(n_y)] if n_y else norms_x[k]
+        shifts[k] = RESCUE_SHIFT if metric == "l2" else 0
+    return shifts
+
+
+def _self_pairs_of(factors: list[Factor]) -> list[tuple[list[Factor], list[Factor]]]:
+    return [(xs, xs) for xs in ([f] for f in factors)]
 
 
 def _dense_similarities(table_x, table_y, names, metric) -> list[torch.Tensor]:

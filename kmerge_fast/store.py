@@ -2,23 +2,77 @@
 
 Layout of a store folder::
 
-    manifest.json            the state: format version, settings, slots, history, file checksums
-    slots/s003-g000017/      one peft adapter folder per slot version (adapter_config.json,
-                             adapter_model.safetensors; loadable by PeftModel.from_pretrained)
-    .lock                    held (flock) by the one writer that has the store open
+    manifest.json            the state: format version, settings, slots (folder, members, the SHA-256
+                             of each file), history, the folders awaiting deletion (``obsolete``), and
+                             the SHA-256 of all that (``checksum``)
+    slots/s003-g000017/      one peft adapter folder per slot version: slot 3, written by the commit of
+                             generation 17 (adapter_config.json, adapter_model.safetensors; loadable
+                             by PeftModel.from_pretrained)
+    .lock                    held (flock, exclusive) by the one writer that has the store open
 
-A commit writes the slots that changed into *new* folders (named by slot and
-generation), fsyncs every file and folder, then replaces ``manifest.json``
-by an atomic rename and fsyncs the store folder. A crash at any moment
-therefore leaves either the old manifest (which names only old, complete
-folders) or the new one (whose folders were durable before it existed).
-Folders no manifest names are leftovers of an interrupted commit or of
-replaced slot versions; the writer deletes them after its next commit, in a
-background thread (the commit is durable before they go; :meth:`Store.close`
-waits for the deletions).
+Commit. A commit writes the slots that changed into *new* folders (named by
+slot and generation), fsyncs every file and folder, then replaces
+``manifest.json`` by an atomic rename and fsyncs the store folder. A crash at
+any moment therefore leaves either the old manifest (which names only old,
+complete folders) or the new one (whose folders were durable before it
+existed). The rename is the commit point: an error after it (the fsync of the
+store folder, a KeyboardInterrupt) still raises, but the store's in-memory
+manifest is the new one (:attr:`Store.generation` tells the caller), and the
+online merger's memory follows it. Generation numbers are never reused, not
+even those of a commit that failed, so no commit ever writes into a folder of
+an earlier one.
 
-``Store.open`` verifies the manifest's SHA-256 of every file it names and
-raises :class:`StoreError` on any mismatch: nothing is silently repaired.
+What a store deletes: only folders under ``slots/`` that it wrote itself, and
+only its two files in them (a folder holding anything else stays):
+
+- the folders a manifest lists under ``obsolete``: slot versions an earlier
+  manifest named and a later one replaced, and folders of a commit that failed
+  in this process. They go in a background thread once a manifest that no
+  longer names them is durable (:meth:`Store.close` waits), and are dropped
+  from the list by the next commit that finds them gone;
+- when a writer opens the store, the leftovers of a commit a crash
+  interrupted: folders named ``sNNN-gNNNNNN`` of a generation above the
+  manifest's (a committed manifest never names a folder of a later
+  generation) that hold nothing but the adapter files;
+- when a writer opens the store, the temporary files of an interrupted
+  manifest write (``.manifest.json.<random>.tmp``, regular files only).
+
+Nothing else is touched: a user's ``slots/my_adapter`` stays. A store is only
+created in a missing or empty folder (:class:`StoreError` otherwise), so that
+it never mistakes what it finds for its own.
+
+Verification. The manifest is validated against its schema (types, ranges,
+slot folders inside ``slots/``, a SHA-256 for exactly the files of every
+slot, members consistent with the history, the settings through the caller's
+check) and against its own ``checksum``, the SHA-256 of its canonical JSON
+body (:func:`manifest_checksum`); any mismatch is a :class:`StoreError`
+naming the field (``.../manifest.json: slots[1].dir: ...``). Slot files are
+read into memory once, the SHA-256 of those bytes is checked, and those same
+bytes are parsed (:meth:`Store.load_slots`): a loaded adapter never depends on
+its files afterwards. A writer records each verified file's identity (inode,
+size, mtime, ctime) and before every commit checks that no file the manifest
+names changed since (re-hashing one that did): it refuses to commit over a
+modified store rather than carry a damaged file forward. Nothing is ever
+repaired silently.
+
+Readers. ``Store.open(root, readonly=True)`` (and
+``OnlineMerger.open(root, readonly=True)``, ``kmerge-fast inspect`` /
+``export``) take no lock and write nothing: no lock file, no cleanup, no
+temporary file, so they work on a read-only file system and while a writer
+streams. A reader reads the manifest once (the atomic rename makes it the last
+committed state) and then the slot bytes it names, checking their SHA-256. A
+writer deletes a slot folder right after the commit that made it obsolete, so
+a reader that read the manifest just before may find a file gone: it then
+re-reads the manifest and reads the slots whose folder changed (up to
+:data:`READ_ATTEMPTS` times in all), then raises :class:`StoreError`. Readers take no shared lock because a reader
+holding ``LOCK_SH`` would block a writer's ``LOCK_EX`` (a stream would stall,
+or fail, behind an ``inspect``), and because creating the lock file fails on a
+read-only file system; atomic replacement plus checksums give them a
+consistent snapshot without one. Only writers exclude each other.
+
+This module imports torch only inside the functions that build or write
+adapters, so that reading a manifest (``kmerge-fast inspect``) does not pay
+for it.
 """
 
 from __future__ import annotations
@@ -26,24 +80,65 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
-import shutil
+import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import KMergeError
-from .lora import LoRA, atomic_write, fsync_dir, fsync_file
+from .files import fsync_dir, fsync_file
+
+if TYPE_CHECKING:
+    from .lora import LoRA
 
 FORMAT = "kmerge_fast.store"
-VERSION = 1
+#: 2: the manifest carries its own checksum and the ``obsolete`` list (version 1 had neither).
+VERSION = 2
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 SLOTS = "slots"
+#: The files of a slot folder: lora.CONFIG_NAME and lora.WEIGHTS_NAME (spelled out here so that
+#: reading a manifest imports no torch; a test checks they agree).
+SLOT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: How many times a reader re-reads the manifest when a writer removed the folders it named meanwhile.
+READ_ATTEMPTS = 5
+#: The actions of the history (online.Step.action).
+ACTIONS = ("new", "merge", "replace")
+
+# sNNN-gNNNNNN: slot index and generation. ASCII digits only ([0-9], not \d: int() takes other digits too).
+_SLOT_DIR = re.compile(r"s([0-9]{3,9})-g([0-9]{6,20})")
+# Generations at or above this are not the store's (one commit a microsecond would take 30,000 years to
+# get there): such a folder found in slots/ does not raise the next generation, which keeps names valid.
+_MAX_GENERATION = 10**18
+# The temporary names of _replace_manifest (os.urandom hex), the only temporary files a writer removes.
+_MANIFEST_TMP = re.compile(r"\." + re.escape(MANIFEST) + r"\.[0-9a-f]{8,32}\.tmp")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+_TOP_KEYS = ("format", "version", "checksum", "generation", "settings", "slots", "obsolete", "history")
+_SETTINGS_KEYS = ("budget", "strategy", "similarity", "threshold", "mode", "seed", "density")
+_SLOT_KEYS = ("dir", "files", "tasks", "rank", "extra")
+_STEP_KEYS = ("task", "slot", "action", "similarities", "seconds")
+_OPCM_KEYS = ("lambda", "norm_sum", "count")
 
 
 class StoreError(KMergeError):
-    """A store folder is missing, corrupt, tampered with, locked by another writer, or of another version."""
+    """A store folder is missing, corrupt, tampered with, locked by another writer, of another version,
+    opened read-only for a write, or a folder a store refuses to write into (an export into a store or
+    over a non-empty folder, a new store in a folder that is not empty)."""
+
+
+def slot_folder(index: int, generation: int) -> str:
+    """The folder name of slot ``index`` written by the commit of ``generation``: ``s003-g000017``."""
+    return f"s{index:03d}-g{generation:06d}"
+
+
+def _parse_folder(name: object) -> tuple[int, int] | None:
+    """(slot index, generation) of a slot folder name, or None for any other name."""
+    match = _SLOT_DIR.fullmatch(name) if isinstance(name, str) else None
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def sha256(path: Path) -> str:
@@ -54,17 +149,47 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_slot(lora: LoRA, path: Path, while_syncing: Callable[[], object] | None = None) -> dict[str, str]:
-    """Write ``lora`` as a peft adapter into the new folder ``path`` and make it durable.
+def _fingerprint(st: os.stat_result) -> tuple:
+    """What changes when a file is rewritten, replaced or touched: device, inode, size, mtime, ctime
+    (ctime cannot be set back by the user)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _read_file(path: Path, keep: bool) -> tuple[str, bytes | None, tuple, tuple]:
+    """(SHA-256 hex, the bytes if ``keep`` else None, fingerprint before the read, fingerprint after).
+
+    Raises FileNotFoundError if ``path`` is missing, StoreError if it is not a regular file.
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path}: not a regular file")
+        if keep:
+            data = f.read()
+            digest = hashlib.sha256(data).hexdigest()
+        else:
+            data, h = None, hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            digest = h.hexdigest()
+        after = os.fstat(f.fileno())
+    return digest, data, _fingerprint(st), _fingerprint(after)
+
+
+def write_slot(lora: "LoRA", path: Path, while_syncing: Callable[[], object] | None = None) -> dict[str, str]:
+    """Write ``lora`` as a peft adapter into the new, empty folder ``path`` and make it durable.
 
     The files are written in place (the folder is fresh and no manifest names
     it yet, so no per-file rename is needed), fsynced by a worker thread while
     this one hashes them (both mostly wait on I/O or run outside the GIL),
     then the folder is fsynced. ``while_syncing`` runs in a second worker
-    meanwhile. Returns {file name: SHA-256 hex digest}.
+    meanwhile. Returns {file name: SHA-256 hex digest} of :data:`SLOT_FILES`.
     """
     lora.save(path, atomic=False)
-    files = sorted(p for p in path.iterdir() if p.is_file())
+    found = sorted(p.name for p in path.iterdir())
+    if found != sorted(SLOT_FILES):
+        raise StoreError(f"{path}: the adapter writer left {found}, expected exactly {sorted(SLOT_FILES)}")
+    files = [path / name for name in SLOT_FILES]
     with ThreadPoolExecutor(2) as pool:
         synced = pool.submit(lambda: [fsync_file(p) for p in files])
         extra = pool.submit(while_syncing) if while_syncing is not None else None
@@ -76,23 +201,408 @@ def write_slot(lora: LoRA, path: Path, while_syncing: Callable[[], object] | Non
     return digests
 
 
-class Store:
-    """The files of an online merger's state. One writer at a time (an exclusive flock).
+# ------------------------------------------------------------------ the manifest
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 hex of the canonical JSON of ``manifest`` without its ``checksum`` field
+    (keys sorted, no whitespace, ASCII; floats as Python writes them, which parse back exactly)."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    Use :meth:`create` or :meth:`open`; :meth:`commit` writes a new state;
-    :meth:`close` releases the lock.
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_finite(x: object) -> bool:
+    """A JSON number (not a bool) that is finite as a float (a huge int is not: it overflows one)."""
+    if not _is_number(x):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _show(x: object) -> str:
+    """A short repr for a message (a field may hold anything)."""
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_manifest(manifest: object, where: str | os.PathLike,
+                      check_settings: Callable[[dict], dict] | None = None) -> dict:
+    """Check a parsed manifest against the schema of :data:`VERSION` and its checksum; returns it.
+
+    Args:
+        manifest: the parsed JSON.
+        where: the manifest's path, for messages.
+        check_settings: ``settings -> normalised settings``, raising ValueError
+            ``"<field>: why"``: the check of the names only the caller knows (strategy,
+            mode, similarity; the online merger passes its own). Without it the
+            settings' types and ranges are checked.
+
+    Raises:
+        StoreError: ``"<where>: <field>: why"``, e.g. ``".../manifest.json: slots[1].dir: ..."``.
+    """
+    def fail(field: str, why: str):
+        raise StoreError(f"{where}: {field}: {why}")
+
+    def exact_keys(obj: dict, keys: tuple, prefix: str) -> None:
+        for key in keys:
+            if key not in obj:
+                fail(prefix + key, "missing")
+        for key in obj:
+            if key not in keys:
+                fail(prefix + str(key), "unknown field")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{where}: not a kmerge_fast store manifest")
+    version = manifest.get("version")
+    if not _is_int(version) or version != VERSION:
+        hint = ("; its slot folders under slots/ are peft adapters that kf.LoRA.load still reads (stream them "
+                "into a new store to keep using them)") if _is_int(version) and version < VERSION else ""
+        raise StoreError(f"{where}: store format version {version!r}; this kmerge_fast reads {VERSION}{hint}")
+    # the checksum first: an edited manifest is reported as such, whatever the edit broke
+    if "checksum" not in manifest:
+        fail("checksum", "missing")
+    checksum = manifest["checksum"]
+    if not isinstance(checksum, str) or not _HEX64.fullmatch(checksum):
+        fail("checksum", f"expected a SHA-256 (64 lowercase hex digits), got {_show(checksum)}")
+    if checksum != manifest_checksum(manifest):
+        fail("checksum", "does not match the manifest's contents (edited or corrupted after it was written)")
+    exact_keys(manifest, _TOP_KEYS, "")
+    generation = manifest["generation"]
+    if not _is_int(generation) or not 1 <= generation < _MAX_GENERATION:
+        fail("generation", f"expected an int in [1, {_MAX_GENERATION}), got {_show(generation)}")
+
+    settings = manifest["settings"]
+    if not isinstance(settings, dict):
+        fail("settings", f"expected an object, got {_show(settings)}")
+    exact_keys(settings, _SETTINGS_KEYS, "settings.")
+    budget = settings["budget"]
+    if not _is_int(budget) or budget < 1:
+        fail("settings.budget", f"expected an int >= 1, got {_show(budget)}")
+    for key in ("strategy", "similarity", "mode"):
+        if not isinstance(settings[key], str):
+            fail(f"settings.{key}", f"expected a string, got {_show(settings[key])}")
+    threshold = settings["threshold"]
+    if not (threshold is None or threshold == "auto" or _is_finite(threshold)):
+        fail("settings.threshold", f"expected null, 'auto' or a finite number, got {_show(threshold)}")
+    if not (settings["seed"] is None or _is_int(settings["seed"])):
+        fail("settings.seed", f"expected null or an int, got {_show(settings['seed'])}")
+    density = settings["density"]
+    if not _is_finite(density) or not 0.0 < density <= 1.0:
+        fail("settings.density", f"expected a number in (0, 1], got {_show(density)}")
+    if check_settings is not None:
+        try:
+            normal = check_settings(dict(settings))
+        except (ValueError, TypeError, ArithmeticError) as e:
+            raise StoreError(f"{where}: settings.{e}") from None
+        for key in _SETTINGS_KEYS:
+            if normal.get(key) != settings[key] or type(normal.get(key)) is not type(settings[key]):
+                fail(f"settings.{key}", f"{_show(settings[key])} is not what this kmerge_fast stores for these "
+                                        f"settings ({_show(normal.get(key))})")
+    strategy = settings["strategy"]
+
+    slots = manifest["slots"]
+    if not isinstance(slots, list):
+        fail("slots", f"expected a list, got {_show(slots)}")
+    if len(slots) > budget:
+        fail("slots", f"{len(slots)} slots, more than the budget of {budget}")
+    live: dict[str, int] = {}
+    stored: dict[str, int] = {}   # task -> slot
+    for i, slot in enumerate(slots):
+        f = f"slots[{i}]"
+        if not isinstance(slot, dict):
+            fail(f, f"expected an object, got {_show(slot)}")
+        exact_keys(slot, _SLOT_KEYS, f + ".")
+        folder = slot["dir"]
+        parsed = _parse_folder(folder)
+        if parsed is None:
+            fail(f + ".dir", f"{_show(folder)} is not a slot folder name (sNNN-gNNNNNN, a folder inside {SLOTS}/)")
+        if parsed[0] != i:
+            fail(f + ".dir", f"{folder!r} is a folder of slot {parsed[0]}, not of slot {i}")
+        if parsed[1] > generation:
+            fail(f + ".dir", f"{folder!r} is of generation {parsed[1]}, after the manifest's {generation}")
+        if folder in live:
+            fail(f + ".dir", f"{folder!r} is also the folder of slots[{live[folder]}]")
+        live[folder] = i
+        files = slot["files"]
+        if not isinstance(files, dict) or sorted(files) != sorted(SLOT_FILES):
+            got = sorted(map(str, files)) if isinstance(files, dict) else _show(files)
+            fail(f + ".files", f"expected a SHA-256 for exactly {sorted(SLOT_FILES)}, got {got}")
+        for name in SLOT_FILES:
+            if not isinstance(files[name], str) or not _HEX64.fullmatch(files[name]):
+                fail(f"{f}.files[{name!r}]", f"expected a SHA-256 (64 lowercase hex digits), got {_show(files[name])}")
+        tasks = slot["tasks"]
+        if not isinstance(tasks, list) or not tasks:
+            fail(f + ".tasks", f"expected a non-empty list of task names, got {_show(tasks)}")
+        for j, task in enumerate(tasks):
+            if not isinstance(task, str) or not task:
+                fail(f"{f}.tasks[{j}]", f"expected a non-empty string, got {_show(task)}")
+            if task in stored:
+                fail(f"{f}.tasks[{j}]", f"task {task!r} is also stored in slots[{stored[task]}]")
+            stored[task] = i
+        if not _is_int(slot["rank"]) or slot["rank"] < 1:
+            fail(f + ".rank", f"expected an int >= 1, got {_show(slot['rank'])}")
+        _validate_extra(slot["extra"], f + ".extra", strategy, fail)
+
+    obsolete = manifest["obsolete"]
+    if not isinstance(obsolete, list):
+        fail("obsolete", f"expected a list, got {_show(obsolete)}")
+    seen: set[str] = set()
+    for j, folder in enumerate(obsolete):
+        parsed = _parse_folder(folder)
+        if parsed is None:
+            fail(f"obsolete[{j}]",
+                 f"{_show(folder)} is not a slot folder name (sNNN-gNNNNNN, a folder inside {SLOTS}/)")
+        if folder in live:
+            fail(f"obsolete[{j}]", f"{folder!r} is the live folder of slots[{live[folder]}]")
+        if folder in seen:
+            fail(f"obsolete[{j}]", f"{folder!r} is listed twice")
+        seen.add(folder)
+
+    history = manifest["history"]
+    if not isinstance(history, list):
+        fail("history", f"expected a list, got {_show(history)}")
+    added, new = set(), 0
+    for j, step in enumerate(history):
+        f = f"history[{j}]"
+        if not isinstance(step, dict):
+            fail(f, f"expected an object, got {_show(step)}")
+        exact_keys(step, _STEP_KEYS, f + ".")
+        task, action = step["task"], step["action"]
+        if not isinstance(task, str) or task not in stored:
+            fail(f + ".task", f"{_show(task)} is not a stored task")
+        if step["slot"] != stored[task] or not _is_int(step["slot"]):
+            fail(f + ".slot", f"{_show(step['slot'])}, but task {task!r} is in slot {stored[task]}")
+        if action not in ACTIONS:
+            fail(f + ".action", f"{_show(action)} is not one of {list(ACTIONS)}")
+        if action != "replace":
+            if task in added:
+                fail(f + ".task", f"task {task!r} was added twice (only 'replace' may repeat a task)")
+            added.add(task)
+            new += action == "new"
+        sims = step["similarities"]
+        if not isinstance(sims, list) or len(sims) > budget or not all(_is_number(s) for s in sims):
+            fail(f + ".similarities", f"expected a list of at most {budget} numbers, got {_show(sims)}")
+        seconds = step["seconds"]
+        if not _is_finite(seconds) or seconds < 0:
+            fail(f + ".seconds", f"expected a finite number >= 0, got {_show(seconds)}")
+    if added != set(stored):
+        missing = sorted(set(stored) - added)
+        fail("history", f"no 'new' or 'merge' step adds the stored tasks {missing[:3]}")
+    if new != len(slots):
+        fail("history", f"{new} 'new' steps for {len(slots)} slots")
+    return manifest
+
+
+def _validate_extra(extra: object, f: str, strategy: str, fail) -> None:
+    """A slot's strategy state: ``group`` (the oracle's, always and only there), ``opcm`` (OPCM's, per module)."""
+    if not isinstance(extra, dict):
+        fail(f, f"expected an object, got {_show(extra)}")
+    for key in extra:
+        if key not in ("group", "opcm"):
+            fail(f"{f}.{key}", "unknown field")
+    if ("group" in extra) != (strategy == "oracle"):
+        fail(f + ".group", "held by the slots of the 'oracle' strategy, always and only")
+    group = extra.get("group")
+    if not (group is None or isinstance(group, (str, int, float, bool))):
+        fail(f + ".group", f"expected a JSON scalar, got {_show(group)}")
+    if "opcm" in extra:
+        if strategy != "opcm":
+            fail(f + ".opcm", f"only the 'opcm' strategy keeps this state, not {strategy!r}")
+        state = extra["opcm"]
+        if not isinstance(state, dict):
+            fail(f + ".opcm", f"expected an object, got {_show(state)}")
+        for name, module in state.items():
+            g = f"{f}.opcm[{name!r}]"
+            if not isinstance(module, dict) or sorted(module) != sorted(_OPCM_KEYS):
+                fail(g, f"expected an object of {list(_OPCM_KEYS)}, got {_show(module)}")
+            lam, norm_sum, count = module["lambda"], module["norm_sum"], module["count"]
+            if not _is_finite(lam) or lam <= 0:
+                fail(g + ".lambda", f"expected a finite number > 0, got {_show(lam)}")
+            if not _is_finite(norm_sum) or norm_sum < 0:
+                fail(g + ".norm_sum", f"expected a finite number >= 0, got {_show(norm_sum)}")
+            if not _is_int(count) or count < 1:
+                fail(g + ".count", f"expected an int >= 1, got {_show(count)}")
+
+
+def _read_manifest(root: Path, check_settings=None) -> tuple[bytes, dict]:
+    """(the manifest's bytes, the validated manifest); reads the file once."""
+    path = root / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: unreadable manifest ({e.strerror or e})") from None
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(f"{path}: unreadable manifest ({e})") from None
+    return raw, validate_manifest(manifest, path, check_settings)
+
+
+# ----------------------------------------------------------------- export targets
+def _is_store_root(folder: Path) -> bool:
+    """Whether ``folder`` holds a kmerge_fast store: a manifest of this format (read: its first 64 KiB),
+    or the lock and slots folder of one (a store being created, or one whose manifest is damaged)."""
+    try:
+        with open(folder / MANIFEST, "rb") as f:
+            if FORMAT.encode() in f.read(1 << 16):
+                return True
+    except OSError:
+        pass
+    return (folder / LOCK).is_file() and (folder / SLOTS).is_dir()
+
+
+def enclosing_store(path: str | os.PathLike) -> Path | None:
+    """The store folder that ``path`` is, or lies inside (symlinks resolved), or None."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        resolved = Path(os.path.abspath(path))
+    for folder in (resolved, *resolved.parents):
+        if _is_store_root(folder):
+            return folder
+    return None
+
+
+def check_export_target(path: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
+    """Refuse a folder an adapter must not be exported into; returns ``path`` as a Path.
+
+    Refused, always: any path inside a store (:func:`enclosing_store`): the
+    export would corrupt a live slot, or be deleted with an old one. Refused
+    unless ``overwrite``: an existing folder that is not empty (its adapter
+    files would be replaced), and anything at ``path`` that is not a folder.
+    ``flag`` names the way to say ``overwrite`` in the message (the CLI's ``--force``).
+    """
+    target = Path(path)
+    store = enclosing_store(target)
+    if store is not None:
+        raise StoreError(f"{target}: inside the kmerge_fast store {store}; an export there would corrupt the "
+                         "store or be deleted by it: export to a folder outside the store")
+    if os.path.lexists(target):
+        if not target.is_dir():
+            raise StoreError(f"{target}: exists and is not a folder")
+        entries = sorted(p.name for p in target.iterdir())
+        if entries and not overwrite:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise StoreError(f"{target}: not empty (holds {shown}); refusing to overwrite it ({flag} writes the "
+                             "adapter's files over the ones there)")
+    return target
+
+
+# ---------------------------------------------------------------------- the store
+class _Superseded(Exception):
+    """Internal: a reader's manifest was replaced, and the folders it named removed, while it read them."""
+
+
+def _only_slot_files(path: str) -> bool:
+    """Whether ``path`` is a real folder (not a link) holding nothing but regular files named in SLOT_FILES."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        with os.scandir(path) as entries:
+            return all(e.name in SLOT_FILES and e.is_file(follow_symlinks=False) for e in entries)
+    except OSError:
+        return False
+
+
+def _remove_slot_folder(path: Path) -> None:
+    """Delete a slot folder this store wrote: its adapter files, then the folder, which must then be
+    empty. Anything else found inside stays, and so does the folder; errors are ignored (the folder
+    stays listed as obsolete while it exists, and a later commit or writer tries again)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return  # replaced by a link or a file: not what this store wrote
+        for name in SLOT_FILES:
+            try:
+                os.unlink(path / name)
+            except FileNotFoundError:
+                pass
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _check_new_root(root: Path) -> None:
+    """Refuse to create a store in ``root`` unless it is missing or empty (or holds only the debris of a
+    store creation killed before its first manifest: the lock file, an empty ``slots/``, manifest temps)."""
+    if os.path.lexists(root / MANIFEST):
+        raise StoreError(f"{root}: already holds a store (open it with OnlineMerger.open)")
+    if not os.path.lexists(root):
+        return
+    if not root.is_dir():
+        raise StoreError(f"{root}: exists and is not a folder")
+
+    def ours(entry: os.DirEntry) -> bool:
+        if entry.name == LOCK or _MANIFEST_TMP.fullmatch(entry.name):
+            return entry.is_file(follow_symlinks=False)
+        if entry.name == SLOTS and entry.is_dir(follow_symlinks=False):
+            with os.scandir(entry.path) as inside:
+                return next(inside, None) is None
+        return False
+
+    with os.scandir(root) as entries:
+        foreign = sorted(e.name for e in entries if not ours(e))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StoreError(f"{root}: not empty and not a kmerge_fast store (holds {shown}); a store is created only "
+                         "in a missing or empty folder, so that it never deletes what it did not write")
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Remove the manifest temp files a killed writer left (this store's own temp names only)."""
+    with os.scandir(root) as entries:
+        stale = [e.path for e in entries if _MANIFEST_TMP.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    for path in stale:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class Store:
+    """The files of an online merger's state: one writer at a time (an exclusive flock), any number of
+    readers (no lock; module docstring).
+
+    Use :meth:`create` or :meth:`open`; :meth:`load_slots` reads slots, verified;
+    :meth:`commit` writes a new state; :meth:`close` releases the lock.
+
+    Attributes:
+        root: the store folder.
+        manifest: the last committed manifest (a reader's: the one it read last).
+        readonly: whether opened as a reader.
     """
 
-    def __init__(self, root: Path, lock_fd: int, manifest: dict):
+    def __init__(self, root: Path, lock_fd: int | None, manifest: dict, raw: bytes | None = None,
+                 readonly: bool = False, check_settings: Callable[[dict], dict] | None = None):
         self.root = root
-        self._lock_fd = lock_fd
+        self.readonly = readonly
         self.manifest = manifest
-        self._cleaner: ThreadPoolExecutor | None = None  # deletes superseded slot folders
+        self._raw = raw                      # the manifest's bytes as read (a reader compares them to retry)
+        self._lock_fd = lock_fd
+        self._open = True
+        self._check_settings = check_settings
+        self._cleaner: ThreadPoolExecutor | None = None  # deletes obsolete slot folders
+        self._fingerprints: dict[str, tuple] = {}  # "dir/name" -> _fingerprint of the file as verified
+        self._orphans: set[str] = set()      # folders this store wrote that no manifest names (failed commits)
+        self._next_generation = manifest["generation"] + 1
+        self._broken: str | None = None      # why this store refuses to commit until reopened
 
     # ----------------------------------------------------------- open / create
     @staticmethod
     def _lock(root: Path) -> int:
-        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreError(f"{root}: cannot open the lock {root / LOCK} for writing ({e.strerror or e}); "
+                             "to read the store, open it read-only") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,15 +612,20 @@ class Store:
 
     @classmethod
     def create(cls, root: str | os.PathLike, settings: dict) -> "Store":
-        """Start an empty store in ``root`` (created; it must not hold a store already)."""
+        """Start an empty store in ``root``: a missing or empty folder (created). Locked for writing."""
         root = Path(root)
-        if (root / MANIFEST).exists():
-            raise StoreError(f"{root}: already holds a store (open it with OnlineMerger.open)")
+        _check_new_root(root)
         root.mkdir(parents=True, exist_ok=True)
         fd = cls._lock(root)
-        store = cls(root, fd, {"format": FORMAT, "version": VERSION, "generation": 0, "settings": settings,
-                               "slots": [], "history": []})
         try:
+            _check_new_root(root)  # again under the lock: a concurrent create may have won
+            store = cls(root, fd, {"format": FORMAT, "version": VERSION, "generation": 0, "settings": settings,
+                                   "slots": [], "obsolete": [], "history": []})
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            _remove_stale_temps(root)
             store.commit({}, [], [])
         except BaseException:
             store.close()
@@ -118,41 +633,79 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Store":
-        """Open an existing store for writing: lock it and verify every checksum."""
+    def open(cls, root: str | os.PathLike, readonly: bool = False, verify: bool = True,
+             check_settings: Callable[[dict], dict] | None = None) -> "Store":
+        """Open an existing store.
+
+        Args:
+            root: the store folder.
+            readonly: open as a reader: no lock, nothing written (module docstring,
+                "Readers"). A writer (the default) takes the exclusive lock and removes
+                what killed writers and interrupted commits left (module docstring).
+            verify: check the SHA-256 of every slot file now (:meth:`load_slots`
+                checks the bytes it uses in any case).
+            check_settings: see :func:`validate_manifest`.
+
+        Raises:
+            StoreError: not a store, a manifest or file that is corrupt or was
+                modified, another writer holds the lock (writers only).
+        """
         root = Path(root)
         if not (root / MANIFEST).is_file():
             raise StoreError(f"{root}: no store here ({MANIFEST} is missing)")
+        if readonly:
+            verified: set[str] = set()
+            for _ in range(READ_ATTEMPTS):
+                raw, manifest = _read_manifest(root, check_settings)
+                store = cls(root, None, manifest, raw, readonly=True, check_settings=check_settings)
+                try:
+                    if verify:
+                        store.verify(verified)
+                    return store
+                except _Superseded:
+                    continue
+            raise StoreError(store._too_busy())
         fd = cls._lock(root)
         try:
-            manifest = cls._read_manifest(root)
-            for slot in manifest["slots"]:
-                for name, digest in slot["files"].items():
-                    path = root / SLOTS / slot["dir"] / name
-                    if not path.is_file():
-                        raise StoreError(f"{path}: missing (named by {root / MANIFEST})")
-                    if sha256(path) != digest:
-                        raise StoreError(f"{path}: checksum mismatch (corrupt or modified since it was written)")
+            raw, manifest = _read_manifest(root, check_settings)
+            store = cls(root, fd, manifest, raw, check_settings=check_settings)
         except BaseException:
             os.close(fd)
             raise
-        return cls(root, fd, manifest)
-
-    @staticmethod
-    def _read_manifest(root: Path) -> dict:
-        path = root / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: unreadable manifest ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise StoreError(f"{path}: not a kmerge_fast store manifest")
-        if manifest.get("version") != VERSION:
-            raise StoreError(f"{path}: store format version {manifest.get('version')!r}; this kmerge_fast reads {VERSION}")
-        for key in ("generation", "settings", "slots", "history"):
-            if key not in manifest:
-                raise StoreError(f"{path}: manifest lacks {key!r}")
-        return manifest
+            if verify:
+                store.verify()
+            store._clean()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _clean(self) -> None:
+        """A writer's cleanup at open: stale manifest temps, obsolete folders, interrupted commits' leftovers
+        (module docstring); also sets the next generation above every slot folder's."""
+        _remove_stale_temps(self.root)
+        slots_root = self.root / SLOTS
+        if not slots_root.is_dir():
+            return
+        generation = self.manifest["generation"]
+        obsolete = set(self.manifest["obsolete"])
+        doomed, newest = [], generation
+        with os.scandir(slots_root) as entries:
+            for entry in entries:
+                parsed = _parse_folder(entry.name)
+                if parsed is None:
+                    continue
+                if parsed[1] < _MAX_GENERATION:
+                    newest = max(newest, parsed[1])
+                if entry.name in obsolete or parsed[1] > generation and _only_slot_files(entry.path):
+                    doomed.append(entry.name)
+        self._next_generation = newest + 1
+        if doomed:
+            # recorded in the next manifest, should the removal fail
+            self._orphans.update(d for d in doomed if d not in obsolete)
+            fsync_dir(self.root)  # the manifest that names none of them must be durable before they go
+            self._remove_folders(doomed)
 
     def close(self) -> None:
         """Wait for pending deletions, then release the writer lock (idempotent)."""
@@ -162,21 +715,140 @@ class Store:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        self._open = False
+
+    def wait(self) -> None:
+        """Wait for the deletions queued so far."""
+        if self._cleaner is not None:
+            self._cleaner.submit(lambda: None).result()  # one worker: runs after every earlier task
 
     @property
     def is_open(self) -> bool:
-        return self._lock_fd is not None
+        return self._open
+
+    @property
+    def generation(self) -> int:
+        """The generation of :attr:`manifest`: it changes exactly when a commit took place."""
+        return self.manifest["generation"]
 
     # --------------------------------------------------------------- contents
-    def load_slot(self, index: int) -> LoRA:
-        """The adapter of slot ``index``, as last committed."""
-        return LoRA.load(self.root / SLOTS / self.manifest["slots"][index]["dir"])
-
     def slot_dir(self, index: int) -> Path:
-        return self.root / SLOTS / self.manifest["slots"][index]["dir"]
+        return self.root / SLOTS / self._slot(index)["dir"]
+
+    def _slot(self, index: int) -> dict:
+        slots = self.manifest["slots"]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(slots):
+            raise ValueError(f"slot: no slot {index!r}; the store at {self.root} has {len(slots)}")
+        return slots[index]
+
+    def load_slot(self, index: int) -> "LoRA":
+        """The adapter of slot ``index``, as last committed (:meth:`load_slots`)."""
+        return self.load_slots([index])[0]
+
+    def load_slots(self, indices: Sequence[int] | None = None) -> list["LoRA"]:
+        """The adapters of slots ``indices`` (default: all), as last committed.
+
+        Each file is read once into memory, its SHA-256 checked against the
+        manifest, and those same bytes parsed: the adapters never depend on the
+        files afterwards. A reader whose manifest a writer replaced meanwhile
+        (and whose folders it removed) re-reads the manifest and tries again, up
+        to :data:`READ_ATTEMPTS` times, reading only the slots whose folder
+        changed (a commit changes one); :attr:`manifest` is then the newer one.
+
+        Raises:
+            StoreError: a file is missing or does not match its checksum.
+        """
+        from .lora import LoRA
+
+        self._check_open()
+        done: dict[str, LoRA] = {}  # folder -> its adapter, kept across attempts (a folder never changes)
+        for _ in range(READ_ATTEMPTS):
+            wanted = range(len(self.manifest["slots"])) if indices is None else indices
+            try:
+                for index in wanted:
+                    slot = self._slot(index)
+                    if slot["dir"] not in done:
+                        config, weights = (self._read_verified(slot, name, keep=True) for name in SLOT_FILES)
+                        done[slot["dir"]] = LoRA.load_bytes(config, weights, str(self.root / SLOTS / slot["dir"]))
+                return [done[self._slot(index)["dir"]] for index in wanted]
+            except _Superseded:
+                self._raw, self.manifest = _read_manifest(self.root, self._check_settings)
+        raise StoreError(self._too_busy())
+
+    def verify(self, _done: set[str] | None = None) -> None:
+        """Check the SHA-256 of every file the manifest names (streamed; StoreError on a mismatch)."""
+        self._check_open()
+        done = set() if _done is None else _done  # folders verified (by an earlier attempt of a reader)
+        for slot in self.manifest["slots"]:
+            if slot["dir"] not in done:
+                for name in SLOT_FILES:
+                    self._read_verified(slot, name, keep=False)
+                done.add(slot["dir"])
+
+    def _read_verified(self, slot: dict, name: str, keep: bool) -> bytes | None:
+        path = self.root / SLOTS / slot["dir"] / name
+        try:
+            digest, data, before, after = _read_file(path, keep)
+        except FileNotFoundError:
+            if self.readonly and self._manifest_replaced():
+                raise _Superseded from None
+            raise StoreError(f"{path}: missing (named by {self.root / MANIFEST})") from None
+        except OSError as e:
+            raise StoreError(f"{path}: unreadable ({e.strerror or e})") from None
+        if digest != slot["files"][name]:
+            raise StoreError(f"{path}: checksum mismatch (corrupt or modified since it was written)")
+        if not self.readonly:
+            if before != after:
+                raise StoreError(f"{path}: modified while being read")
+            self._fingerprints[f"{slot['dir']}/{name}"] = before
+        return data
+
+    def _manifest_replaced(self) -> bool:
+        try:
+            return (self.root / MANIFEST).read_bytes() != self._raw
+        except OSError:
+            return False
+
+    def _too_busy(self) -> str:
+        return (f"{self.root}: a writer replaced the manifest {READ_ATTEMPTS} times while this reader read the "
+                "slots it named; try again")
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StoreError(f"{self.root}: the store is closed")
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless this store may commit: open, for writing, and in step with its disk."""
+        self._check_open()
+        if self.readonly:
+            raise StoreError(f"{self.root}: opened read-only; open it for writing to change it")
+        if self._broken is not None:
+            raise StoreError(f"{self.root}: {self._broken}; reopen the store")
+
+    def _check_unchanged(self) -> None:
+        """StoreError unless every file the manifest names is the one verified or written
+        (by stat; a file whose stat changed is re-hashed)."""
+        for slot in self.manifest["slots"]:
+            for name in SLOT_FILES:
+                key, path = f"{slot['dir']}/{name}", self.root / SLOTS / slot["dir"] / name
+                try:
+                    now = _fingerprint(os.stat(path))
+                    if self._fingerprints.get(key) == now:
+                        continue
+                    digest = sha256(path)
+                except FileNotFoundError:
+                    raise StoreError(f"{path}: missing (named by {self.root / MANIFEST}); deleted since the store "
+                                     "was opened") from None
+                except OSError as e:
+                    raise StoreError(f"{path}: unreadable ({e.strerror or e})") from None
+                if digest != slot["files"][name]:
+                    raise StoreError(f"{path}: checksum mismatch: modified since the store verified it; refusing to "
+                                     "commit over a damaged store (restore the file, or export the slots this "
+                                     "merger holds in memory)")
+                self._fingerprints[key] = now
 
     # ----------------------------------------------------------------- commit
-    def commit(self, changed: dict[int, LoRA], slot_meta: list[dict], history: list[dict],
+    def commit(self, changed: dict[int, "LoRA"], slot_meta: list[dict], history: list[dict],
                while_syncing: Callable[[], object] | None = None) -> None:
         """Write a new state atomically.
 
@@ -184,48 +856,121 @@ class Store:
             changed: slot index -> adapter, for the slots whose factors changed
                 (a new index appends a slot).
             slot_meta: per slot (all of them, in order) a JSON-able dict of
-                metadata (members, counts) stored in the manifest.
+                metadata (``tasks``, ``rank``, ``extra``) stored in the manifest.
             history: the full JSON-able history list.
             while_syncing: optional callable, run in a worker thread while the
                 first changed slot's files are fsynced (the CPU is mostly idle
                 then); not run when no slot changed. Its exception fails the commit.
+
+        The manifest's rename is the commit point. On an error before it the
+        disk's state and :attr:`manifest` stay as they were (the folders this
+        commit wrote are deleted after the next one). On an error after it the
+        exception still propagates, but :attr:`manifest` (and :attr:`generation`)
+        is the new state, which the disk holds. Raises StoreError before writing
+        anything if a file the manifest names changed since it was verified.
         """
-        if not self.is_open:
-            raise StoreError(f"{self.root}: the store is closed")
-        generation = self.manifest["generation"] + 1
+        self.check_writable()
+        self._check_unchanged()
+        generation = self._next_generation
+        self._next_generation += 1  # never reused, even if this commit fails
         slots_root = self.root / SLOTS
-        slots_root.mkdir(exist_ok=True)
         old = self.manifest["slots"]
-        entries = []
-        for index, meta in enumerate(slot_meta):
-            if index in changed:
-                folder = f"s{index:03d}-g{generation:06d}"
-                path = slots_root / folder
-                if path.exists():  # a leftover of an interrupted commit of this same generation
-                    shutil.rmtree(path)
-                files = write_slot(changed[index], path, while_syncing)
+        created: list[str] = []
+        try:
+            slots_root.mkdir(exist_ok=True)
+            entries, prints = [], {}
+            for index, meta in enumerate(slot_meta):
+                if index not in changed:
+                    entries.append({"dir": old[index]["dir"], "files": old[index]["files"], **meta})
+                    continue
+                folder = slot_folder(index, generation)
+                created.append(folder)  # before the mkdir: an interrupt right after it must not lose the record
+                try:
+                    (slots_root / folder).mkdir()  # never exist_ok: only a folder made here is this commit's
+                except FileExistsError:
+                    created.pop()
+                    raise
+                files = write_slot(changed[index], slots_root / folder, while_syncing)
                 while_syncing = None  # once
+                for name in files:
+                    prints[f"{folder}/{name}"] = _fingerprint(os.stat(slots_root / folder / name))
                 entries.append({"dir": folder, "files": files, **meta})
-            else:
-                entries.append({"dir": old[index]["dir"], "files": old[index]["files"], **meta})
-        fsync_dir(slots_root)
-        manifest = dict(self.manifest, generation=generation, slots=entries, history=history)
-        text = json.dumps(manifest, indent=1, sort_keys=True)
-        atomic_write(self.root / MANIFEST, lambda tmp: Path(tmp).write_text(text))
-        self.manifest = manifest
-        self._remove_unreferenced()
+            fsync_dir(slots_root)
+            live = {entry["dir"] for entry in entries}
+            gone = set(self.manifest["obsolete"]) | {slot["dir"] for slot in old} | self._orphans
+            obsolete = sorted(d for d in gone - live if os.path.lexists(slots_root / d))
+            manifest = {**self.manifest, "generation": generation, "slots": entries, "obsolete": obsolete,
+                        "history": history}
+            manifest["checksum"] = manifest_checksum(manifest)
+            self._replace_manifest(manifest, prints)
+        except BaseException:
+            if self.generation != generation:  # not committed: what it wrote goes after the next commit
+                self._orphans.update(created)
+            raise
 
-    def _remove_unreferenced(self) -> None:
-        """Queue the slot folders no manifest names for deletion in the background.
+    def _replace_manifest(self, manifest: dict, prints: dict[str, tuple]) -> None:
+        """Write ``manifest`` to a temporary file, fsync it, rename it over the manifest (the commit point),
+        fsync the store folder, then queue the deletion of the folders it lists as obsolete."""
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        fd, tmp = self._new_temp()
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.root / MANIFEST)
+        except BaseException:
+            if self._renamed(tmp):  # the error came after the rename: committed
+                self._committed(manifest, data, prints)
+            raise
+        self._committed(manifest, data, prints)
+        fsync_dir(self.root)  # on an error: committed but perhaps not durable, so nothing is deleted yet
+        self._remove_folders(manifest["obsolete"])
 
-        The list is taken now: later commits write folders of later generations,
-        which are never on it. Deleting a large file can take milliseconds
-        (the filesystem may discard its blocks), time a commit need not wait for.
+    def _new_temp(self) -> tuple[int, Path]:
+        """A new temporary manifest file (created exclusively, umask permissions): (fd, path)."""
+        while True:
+            path = self.root / f".{MANIFEST}.{os.urandom(8).hex()}.tmp"
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), path
+            except FileExistsError:
+                continue
+
+    def _renamed(self, tmp: Path) -> bool:
+        """After an error in :meth:`_replace_manifest`: whether the rename took place (only it moves ``tmp``
+        away). If that cannot be told, the store refuses further commits until reopened."""
+        try:
+            os.lstat(tmp)
+        except FileNotFoundError:
+            return True
+        except BaseException:
+            self._broken = "an error interrupted a commit at its rename, and whether it took place is unknown"
+            return False
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # a stale temp: the next writer removes it
+        return False
+
+    def _committed(self, manifest: dict, raw: bytes, prints: dict[str, tuple]) -> None:
+        self.manifest, self._raw = manifest, raw
+        live = {slot["dir"] for slot in manifest["slots"]}
+        self._orphans -= live | set(manifest["obsolete"])
+        self._fingerprints.update(prints)
+        self._fingerprints = {k: v for k, v in self._fingerprints.items() if k.split("/", 1)[0] in live}
+
+    def _remove_folders(self, names: Sequence[str]) -> None:
+        """Queue the deletion of these slot folders (this store's) in the background thread.
+
+        Deleting a large file can take milliseconds (the filesystem may discard
+        its blocks), time a commit need not wait for.
         """
-        live = {slot["dir"] for slot in self.manifest["slots"]}
-        slots_root = self.root / SLOTS
-        dead = [p for p in slots_root.iterdir() if p.name not in live] if slots_root.is_dir() else []
-        if dead:
-            if self._cleaner is None:
-                self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="kmerge-store-cleanup")
-            self._cleaner.submit(lambda: [shutil.rmtree(p, ignore_errors=True) for p in dead])
+        if not names:
+            return
+        if self._cleaner is None:
+            self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="kmerge-store-cleanup")
+        paths = [self.root / SLOTS / name for name in names]
+        self._cleaner.submit(lambda: [_remove_slot_folder(p) for p in paths])

@@ -137,7 +137,7 @@ def test_corrupt_files(saved):
     ("peft_type", "IA3", "unsupported adapter type 'IA3'"),
     ("use_dora", True, "DoRA"),
     ("fan_in_fan_out", True, "fan_in_fan_out"),
-    ("r", "eight", "'r' must be a number"),
+    ("r", "eight", "field 'r' must be a positive integer, got 'eight'"),
 ])
 def test_unsupported_configs(saved, field, value, message):
     cfg = json.loads((saved / "adapter_config.json").read_text())

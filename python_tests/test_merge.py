@@ -136,4 +136,8 @@ def test_truncation_property(n_out, n_in, ranks, target, seed, backend_name):
     with kf.use_backend(backend_name):
         loras = [random_lora({"m": (n_out, n_in)}, r, seed=seed + i) for i, r in enumerate(ranks)]
         weights = [(-1.0) ** i * (i + 1) for i in range(len(ranks))]
+        if target > min(n_out, n_in):  # no module can have that rank: refused (issue 19, item 15)
+            with pytest.raises(ValueError, match=f"rank: {target} is above the largest rank"):
+                kf.merge(loras, weights, rank=target)
+            return
         check_truncation(kf.merge(loras, weights, rank=target), loras, weights, target, torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -258,3 +259,75 @@ def test_truncation_close_to_optimal_on_a_wide_module():
     optimal = float(s[8:].square().sum())
     ours = float((m.double() - b @ a).square().sum())
     assert optimal * (1 - 1e-9) <= ours <= optimal * (1 + TRUNC_TOL[torch.float32])
+
+
+# peft's own tests (tests/test_custom_models.py of its sdist) match this message with re.escape(...)
+MODULES_TO_SAVE_CLASH = ("Cannot add weighted adapters if they target the same module with modules_to_save, "
+                         "but found 1 such instance(s).")
+
+
+def _mlp_with_modules_to_save(second_trains_lin1: bool):
+    """peft's test MLP: LoRA on lin0; adapter 'default' trains lin1 in full (modules_to_save), 'other' maybe too."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential()
+    mlp.add_module("lin0", torch.nn.Linear(10, 20))
+    mlp.add_module("relu", torch.nn.ReLU())
+    mlp.add_module("lin1", torch.nn.Linear(20, 2))
+    m = get_peft_model(mlp, LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+    m.add_adapter("other", LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"] if second_trains_lin1 else None))
+    return m
+
+
+def _tiny_bert_seq_cls():
+    """peft's test_multiple_adapters_seq_cls_mixed_modules_to_save_merging_adapters, on a BERT built from a
+    config instead of bert-base-uncased from the hub: SEQ_CLS adapters both train the classifier head."""
+    from peft import TaskType
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=37, vocab_size=50, max_position_embeddings=16))
+    m = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS))
+    m.add_adapter("other", LoraConfig(task_type=TaskType.SEQ_CLS))
+    return m
+
+
+@pytest.mark.parametrize("build", [lambda: _mlp_with_modules_to_save(True), _tiny_bert_seq_cls], ids=["mlp", "bert"])
+def test_same_modules_to_save_raises_peft_error(build):
+    """Two adapters that both train a module in full cannot be merged: the same ValueError as peft's, before
+    anything is changed (peft's own suite checks the message; ours adds which module and adapters)."""
+    m = build()
+    with pytest.raises(ValueError) as theirs:
+        m.add_weighted_adapter(["default", "other"], [1.0, 1.0], "merged")  # peft's own method (not patched)
+    assert str(theirs.value) == MODULES_TO_SAVE_CLASH
+    before = _snapshot(m)
+    # peft checks the clash first: it is reported even with arguments that fail a later check (no density)
+    for kw in (dict(), dict(combination_type="ties")):
+        with pytest.raises(ValueError, match=re.escape(MODULES_TO_SAVE_CLASH)) as ours:
+            kf.peft.add_weighted_adapter(m, ["default", "other"], [1.0, 1.0], "merged", **kw)
+        assert "classifier" in str(ours.value) or "lin1" in str(ours.value)
+        _assert_unchanged(m, before)
+    kf.peft.patch()
+    try:
+        with pytest.raises(ValueError, match=re.escape(MODULES_TO_SAVE_CLASH)):
+            m.add_weighted_adapter(["default", "other"], [1.0, 1.0], "merged")
+    finally:
+        kf.peft.unpatch()
+    _assert_unchanged(m, before)
+
+
+def test_mixed_modules_to_save_merges_like_peft():
+    """Only one adapter trains lin1 in full: the merge works, and the new adapter gets its own copy of lin1
+    (a fresh copy of the base module, as with peft: the trained copies are not merged)."""
+    m = _mlp_with_modules_to_save(False)
+    ours, theirs = copy.deepcopy(m), copy.deepcopy(m)
+    theirs.add_weighted_adapter(["default", "other"], [1.0, 1.0], "merged")
+    kf.peft.add_weighted_adapter(ours, ["default", "other"], [1.0, 1.0], "merged")
+    wrapper = ours.base_model.model.lin1
+    assert "merged" in wrapper.modules_to_save and "other" not in wrapper.modules_to_save
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(3, 10)
+    for model in (ours, theirs):
+        model.set_adapter("merged")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)

@@ -80,7 +80,10 @@ def test_manifest_records_settings_members_and_checksums(tmp_path):
         for k, lora in enumerate(family_adapters(3)):
             m.add(lora, f"t{k}")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["format"] == "kmerge_fast.store" and manifest["version"] == 1
+    assert manifest["format"] == "kmerge_fast.store" and manifest["version"] == 2
+    assert manifest["checksum"] == kf.store.manifest_checksum(manifest)
+    # the superseded versions this last commit listed for deletion were deleted after it (close waits)
+    assert not any((tmp_path / "s" / "slots" / d).exists() for d in manifest["obsolete"])
     assert manifest["settings"]["strategy"] == "kmerge++" and manifest["settings"]["threshold"] == 0.2
     assert [s["tasks"] for s in manifest["slots"]] == m.members
     for slot in manifest["slots"]:
@@ -140,7 +143,7 @@ def test_tampered_store_is_refused(tmp_path, damage):
         manifest.write_text(manifest.read_text()[:-20])
         message = "unreadable manifest"
     elif damage == "future_version":
-        manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 99'))
+        manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 99'))
         message = "format version 99"
     else:
         manifest.unlink()

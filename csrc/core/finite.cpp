@@ -1,6 +1,8 @@
 #include "finite.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "parallel.h"
 
@@ -31,7 +33,56 @@ bool entries_finite(const void* p, int dtype, std::int64_t n, std::int64_t strid
     }
 }
 
+/// The largest (bits & mask) over n entries: with mask clearing the sign bit,
+/// the patterns of |x| order like the values (NaN patterns above inf).
+template <typename U>
+U run_max_bits(const void* p, std::int64_t n, std::int64_t stride, U mask) {
+    const U* s = static_cast<const U*>(p);
+    U best = 0;
+    if (stride == 1)
+        for (std::int64_t t = 0; t < n; ++t) best = std::max<U>(best, s[t] & mask);
+    else
+        for (std::int64_t t = 0; t < n; ++t) best = std::max<U>(best, s[t * stride] & mask);
+    return best;
+}
+
+/// max |entry| of one matrix (its largest sign-cleared bit pattern, decoded).
+template <typename U>
+U mat_max_bits(const Mat& m, U mask) {
+    const bool by_rows = m.cs == 1 || m.rs != 1;
+    const std::int64_t outer = by_rows ? m.rows : m.cols, inner = by_rows ? m.cols : m.rows;
+    const std::int64_t step = by_rows ? m.cs : m.rs;
+    U best = 0;
+    for (std::int64_t o = 0; o < outer; ++o)
+        best = std::max<U>(best, run_max_bits<U>(by_rows ? m.at(o, 0) : m.at(0, o), inner, step, mask));
+    return best;
+}
+
+double mat_max_abs(const Mat& m) {
+    switch (m.dtype) {
+        case kF32: return static_cast<double>(bits_f32(mat_max_bits<std::uint32_t>(m, 0x7fffffffu)));
+        case kF16: return static_cast<double>(half_to_float(mat_max_bits<std::uint16_t>(m, 0x7fffu)));
+        case kBF16: return static_cast<double>(bf16_to_float(mat_max_bits<std::uint16_t>(m, 0x7fffu)));
+        case kF64: {
+            const std::uint64_t u = mat_max_bits<std::uint64_t>(m, 0x7fffffffffffffffull);
+            double d;
+            std::memcpy(&d, &u, sizeof d);
+            return d;
+        }
+        default: return 0.0;
+    }
+}
+
 }  // namespace
+
+std::vector<double> max_abs(const std::vector<Mat>& mats, int threads) {
+    double work = 0.0;
+    for (const Mat& m : mats) work += double(m.rows) * double(m.cols);
+    std::vector<double> out(mats.size(), 0.0);
+    parallel_for(static_cast<std::int64_t>(mats.size()), threads_for_work(threads, 16 * work),
+                 [&](std::int64_t i, int) { out[static_cast<std::size_t>(i)] = mat_max_abs(mats[static_cast<std::size_t>(i)]); });
+    return out;
+}
 
 bool all_finite(const Mat& m) {
     // Along the unit-stride direction when there is one.

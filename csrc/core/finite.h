@@ -18,4 +18,10 @@ bool all_finite(const double* p, std::int64_t n);
 /// flags[i] = all_finite(mats[i]) for every matrix, in parallel over them.
 std::vector<char> all_finite(const std::vector<Mat>& mats, int threads);
 
+/// out[i] = max |entry| of mats[i] as float64 (coef ignored; 0 for an empty
+/// matrix; NaN when an entry is NaN). A scan of the bit patterns with the sign
+/// cleared, which order like the magnitudes (NaN above inf), in parallel over
+/// the matrices: the kernels' power-of-two range normalisation reads it.
+std::vector<double> max_abs(const std::vector<Mat>& mats, int threads);
+
 }  // namespace kmf

@@ -30,6 +30,14 @@ same ops on *batches of modules*; a batch entry is a list of
   ``ops/elementwise.py``), in ``compute_dtype`` of the factors. The C++
   backend holds one tile of each dW_i at a time, never all of them.
 
+Range: ``inner_products``, ``diff_stats`` and ``truncate`` are exact up to
+rounding whatever the factors' magnitudes (subnormal, or far beyond float32):
+each backend runs factors outside [2^-32, 2^32] on power-of-two scaled copies
+and scales the results back (``ops/scaling.py``); a result is +-inf or 0 only
+where the true value is out of float64's (or the output dtype's) range.
+Ordinary factors run unchanged, bit for bit. ``truncate`` with rank 0 returns
+empty factors.
+
 Selection: ``KMERGE_FAST_BACKEND=reference|cpp|triton`` (or :func:`use_backend`)
 forces a backend and raises :class:`BackendError` if it cannot run the inputs;
 otherwise the first backend of :data:`PREFERENCE` that supports them runs.

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from . import Factor, compute_dtype
+from . import Factor, compute_dtype, scaling
 from .elementwise import SIGN_METHODS, Keep
 from .gram_svd import core_transforms
 
@@ -99,7 +99,17 @@ def _scratch(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------- ops
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
+    """max |t| of each 2-D CPU tensor (0.0 when empty, NaN when it holds NaN): one C++ scan."""
+    return list(_C.max_abs([_mat(t) for t in tensors], 0)) if tensors else []
+
+
 def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/scaling.py).
+    return scaling.inner_products(batch, precise, _inner_products, max_abs)
+
+
+def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
     # Modules with the same rank layout share one (n, Rx, Ry) Gram buffer and one batched block reduction.
     groups = defaultdict(list)
     for k, (xs, ys) in enumerate(batch):
@@ -140,6 +150,11 @@ def _block_indicator(ranks: tuple[int, ...]) -> torch.Tensor:
 
 
 def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+    # The tiles are float32 even for float64 inputs: scaled into its range first (ops/scaling.py).
+    return scaling.diff_stats(batch, _diff_stats, max_abs)
+
+
+def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     out = torch.zeros(len(batch), 2, dtype=torch.float64)
     tasks = []
     for k, (x, y) in enumerate(batch):
@@ -182,8 +197,18 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     ``float_errors`` in csrc/core/truncate.cpp). The tall stacks are read
     twice and the R x R Grams never leave the worker's scratch. A module the
     C++ algebra cannot settle (non-finite Grams, an eigenproblem that did not
-    converge) is redone with the torch algebra of ``ops/gram_svd.py``.
+    converge) is redone with the torch algebra of ``ops/gram_svd.py``. A module
+    whose factors lie outside float32's comfortable range (subnormal or huge
+    entries) runs on power-of-two scaled copies (``ops/scaling.py``). ``rank``
+    0 gives empty factors.
     """
+    return scaling.truncate(batch, rank, dtype, _truncate, max_abs)
+
+
+def _truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if rank == 0:
+        return [(torch.empty(0, fs[0].A.shape[1], dtype=dtype), torch.empty(fs[0].B.shape[0], 0, dtype=dtype))
+                for fs in batch]
     out, tasks = [], []
     for factors in batch:
         n_out, n_in = factors[0].B.shape[0], factors[0].A.shape[1]
@@ -231,7 +256,9 @@ def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: tor
 def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,
                   sign_method: str = "total") -> torch.Tensor:
     f0 = factors[0]
-    out = torch.empty(f0.B.shape[0], f0.A.shape[1], dtype=compute_dtype(f0.A.dtype))
+    # The C++ merge accumulates every term in float64 when any factor is float64: the result too.
+    wide = any(t.dtype == torch.float64 for f in factors for t in (f.A, f.B))
+    out = torch.empty(f0.B.shape[0], f0.A.shape[1], dtype=torch.float64 if wide else torch.float32)
     terms = [(_mat(f.B), _mat(f.A, f.coef), float(w), k.kind, float(k.tau), int(k.seed), int(k.thresh24),
               float(k.density)) for f, w, k in zip(factors, weights, keeps)]
     _C.dense_merge(terms, _mat(out), mode, SIGN_METHODS[sign_method], 0)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import Factor, compute_dtype
+from . import Factor, compute_dtype, scaling
 from .elementwise import Keep, apply_keep, combine, kth_largest_abs, weighted_sum as _weighted_sum
 
 NAME = "reference"
@@ -41,7 +41,16 @@ def _inner_ref(x: Factor, y: Factor, dtype: torch.dtype) -> float:
     return x.coef * y.coef * float((gram_b * gram_a).sum())
 
 
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
+    return scaling.torch_max_abs(tensors)
+
+
 def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/scaling.py).
+    return scaling.inner_products(batch, precise, _inner_products, max_abs)
+
+
+def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
     out = []
     for xs, ys in batch:
         g = torch.zeros(len(xs), len(ys), dtype=torch.float64)
@@ -54,6 +63,10 @@ def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool
 
 
 def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+    return scaling.diff_stats(batch, _diff_stats, max_abs)
+
+
+def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     out = torch.zeros(len(batch), 2, dtype=torch.float64)
     for k, (x, y) in enumerate(batch):
         dtype = compute_dtype(x.A.dtype)

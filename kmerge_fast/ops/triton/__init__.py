@@ -63,7 +63,7 @@ from collections import defaultdict
 import torch
 
 from ...errors import BackendError
-from .. import Factor, forced_backend
+from .. import Factor, forced_backend, scaling
 from .. import reference as _reference
 from ..gram_svd import core_transforms
 from ..elementwise import DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Keep
@@ -291,13 +291,22 @@ def _run_pairs(items: list[tuple], dtype: torch.dtype, device: torch.device, out
 
 
 # ---------------------------------------------------------------------- ops
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
+    return scaling.torch_max_abs(tensors)
+
+
 def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/scaling.py).
     _require()
+    return scaling.inner_products(batch, precise, _inner_products, max_abs)
+
+
+def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
     if not batch:
         return []
     dtype = _common_dtype(t for xs, ys in batch for f in (*xs, *ys) for t in (f.A, f.B))
     if dtype is None:
-        return _reference.inner_products(batch, precise)
+        return _reference._inner_products(batch, precise)  # factors already normalised
     device = _device_of(xs for xs, _ in batch)
     items, shapes, base, alive, descs = [], [], 0, [], {}  # alive: converted copies, until the kernels ran
 
@@ -334,11 +343,15 @@ def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool
 
 def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     _require()
+    return scaling.diff_stats(batch, _diff_stats, max_abs)
+
+
+def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     if not batch:
         return torch.zeros(0, 2, dtype=torch.float64)
     dtype = _common_dtype(t for pair in batch for f in pair for t in (f.A, f.B))
     if dtype is None:
-        return _reference.diff_stats(batch)
+        return _reference._diff_stats(batch)  # factors already normalised
     device = _device_of(batch)
     groups, alive = defaultdict(list), []  # (BM, BN) -> [(position, row, coefs, max r, tiles)]
     for k, (x, y) in enumerate(batch):
@@ -409,8 +422,15 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
 def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Best rank-r approximation from float64 Grams, as the C++ backend (see ``cpu.truncate``)."""
     _require()
+    return scaling.truncate(batch, rank, dtype, _truncate, max_abs)
+
+
+def _truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if not batch:
         return []
+    if rank == 0:
+        return [(torch.empty(0, fs[0].A.shape[1], dtype=dtype, device=fs[0].A.device),
+                 torch.empty(fs[0].B.shape[0], 0, dtype=dtype, device=fs[0].A.device)) for fs in batch]
     in_dtype = _common_dtype(t for factors in batch for f in factors for t in (f.A, f.B))
     if in_dtype is None or dtype not in _SUPPORTED:
         return _reference.truncate(batch, rank, dtype)
