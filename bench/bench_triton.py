@@ -55,7 +55,7 @@ TARGET_SIMILARITY_MS = 1.0
 
 def why_not_runnable() -> str | None:
     """None if this machine can run the benchmark, else the reason."""
-    from kmerge_fast.ops.triton import _interpret_env
+    from kmerge_fast.ops.backend.triton import _interpret_env
 
     if _interpret_env():
         return "TRITON_INTERPRET is set: the benchmark times compiled kernels (unset it)"

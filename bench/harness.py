@@ -6,9 +6,10 @@ Timing: :func:`measure` runs ``warmup`` untimed calls, then ``N`` timed calls
 one call (``budget_s / t_warmup``, clamped to ``[1, max_repeats]``), so slow
 cases are timed down to a single run.
 
-Results: :func:`report` prints a markdown table (with a machine header) to
-stdout, appends one JSON line per run to ``bench/results/<name>.jsonl`` and
-rewrites ``bench/results/<name>.md`` with the latest table.
+Results: :func:`report` prints a markdown table (with a machine header and the
+load average) to stdout, appends one JSON line per run to
+``bench/results/<name>.jsonl`` and rewrites ``bench/results/<name>.md`` with
+the latest table.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def random_adapters(k: int, dtype: torch.dtype = torch.float32, shapes: dict | N
 def reset_norm_caches(loras: Sequence[kf.LoRA]) -> None:
     """Forget every module's cached ||dW||_F^2 (a "cold" similarity call)."""
     for lora in loras:
-        for m in lora.modules.values():
-            m._norm_cache = None
+        lora.clear_caches()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -185,6 +185,18 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / min(t.samples) / 1e9
 
 
+def copy_bandwidth(mib: int = 256, repeats: int = 10) -> float:
+    """GB/s (bytes read + written) of ``dst.copy_(src)`` on ``mib`` MiB float32 tensors, all threads, best of ``repeats``.
+
+    The ceiling of the memory-bound ops (``bench_ops``'s weighted_sum rows): a
+    streaming copy far larger than the caches.
+    """
+    src = torch.ones(mib << 18)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), warmup=1, repeats=repeats)
+    return 2 * src.numel() * src.element_size() / min(t.samples) / 1e9
+
+
 def fma_peak(dtype: torch.dtype) -> float | None:
     """GFLOP/s ceiling of independent vector multiply-adds on all cores (``_C.fma_peak``), or None without the C++ core.
 
@@ -223,6 +235,7 @@ def machine_info() -> dict:
             "commit": git_commit(),
             "peak_fp32_gflops": round(matmul_peak(torch.float32), 1),
             "peak_fp64_gflops": round(matmul_peak(torch.float64), 1),
+            "copy_gbs": round(copy_bandwidth(), 1),
         }
         for dtype, key in ((torch.float32, "fp32"), (torch.float64, "fp64")):
             peak = fma_peak(dtype)
@@ -236,7 +249,8 @@ def machine_header(m: dict) -> str:
             f"backends {m['backends']}.\n"
             f"Measured peak (2048^3 torch.matmul, all threads): fp32 {m['peak_fp32_gflops']} GFLOP/s, "
             f"fp64 {m['peak_fp64_gflops']} GFLOP/s; multiply-add ceiling (_C.fma_peak, all cores): "
-            f"fp32 {m.get('fma_peak_fp32_gflops')} GFLOP/s, fp64 {m.get('fma_peak_fp64_gflops')} GFLOP/s.")
+            f"fp32 {m.get('fma_peak_fp32_gflops')} GFLOP/s, fp64 {m.get('fma_peak_fp64_gflops')} GFLOP/s; "
+            f"memory copy (256 MiB, read + write): {m.get('copy_gbs')} GB/s.")
 
 
 # ----------------------------------------------------------------- tables
@@ -262,13 +276,16 @@ def report(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequenc
     """Print the table, append a JSON line to results/<name>.jsonl, rewrite results/<name>.md."""
     m = machine_info()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
     table = markdown_table(headers, rows)
-    text = f"# {title}\n\n{stamp}. {machine_header(m)}\n\n{table}\n"
+    text = (f"# {title}\n\n{stamp}. {machine_header(m)}\n"
+            f"Load average (1 / 5 / 15 min) when the table was written: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.\n\n"
+            f"{table}\n")
     if notes:
         text += f"\n{notes.strip()}\n"
     print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {"time": stamp, "name": name, "args": args or {}, "machine": m,
+    record = {"time": stamp, "name": name, "args": args or {}, "machine": m, "loadavg": load,
               "rows": [dict(zip(headers, row)) for row in rows]}
     with open(RESULTS_DIR / f"{name}.jsonl", "a") as f:
         f.write(json.dumps(record, default=str) + "\n")

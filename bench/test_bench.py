@@ -5,6 +5,7 @@ Shapes: 4 modules of 256 x 256 (n_out x n_in), rank r = 8, float32;
 merge: SVD merge of 4 adapters (R = 32) into rank 8;
 similarity: cos of 1 newcomer vs 8 stored adapters, norms cold (reset before every round);
 peft: ``kf.peft.add_weighted_adapter`` (svd, 4 adapters r=8) on a 2-layer Llama of hidden 256 (skipped without peft).
+ops: ``bench_ops`` on two small modules with no time budget (a smoke test of every C++ kernel row).
 The cpp cases are skipped while ``kmerge_fast._C`` is not built.
 """
 
@@ -65,3 +66,18 @@ def test_peft_add_weighted_adapter_svd(benchmark, backend):
                        kwargs={"combination_type": "svd"}, setup=lambda: delete_merged(model), rounds=20,
                        iterations=1)
     assert MERGED in model.peft_config
+
+
+def test_bench_ops_smoke():
+    """bench_ops on two small modules with no time budget: every row times its kernel and agrees with torch."""
+    if "cpp" not in kf.backends():
+        pytest.skip(f"backend 'cpp' unavailable: {kf.ops.unavailable_reasons().get('cpp')}")
+    from .bench_ops import HEADERS, run_all
+
+    shapes = {"model.layers.0.self_attn.q_proj": (96, 80), "model.layers.0.self_attn.k_proj": (40, 80)}
+    rows = [dict(zip(HEADERS, row)) for row in run_all(shapes, shapes, h.machine_info(), budget_s=0.0)]
+    assert {r["op"] for r in rows} == {"gram", "apply", "truncate", "dense_merge", "abs_kth", "weighted_sum"}
+    for r in rows:
+        assert r["modules"] == 2 and r["time ms"] > 0 and r["rate"] > 0, r
+        if r["rel. diff"] is not None:
+            assert r["rel. diff"] < 1e-2, r

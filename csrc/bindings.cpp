@@ -4,24 +4,30 @@
 // kernels with the GIL released.
 //
 // Mat   = (ptr, dtype, rows, cols, row_stride, col_stride, coef); strides in
-//         elements; dtype 0=float32, 1=float16, 2=bfloat16, 3=float64.
+//         elements; dtype codes: _C.DTYPES (kmf::kDTypeCodes).
 // Stack = sequence of >= 1 Mats with equal rows, concatenated along columns.
+//
+// Every task tuple is described once by its fields (name and kind, e.g.
+// {"X", Kind::kStack}): the reader checks the tuple's length against them,
+// names them in its errors, and parses each field by its kind.
 #include <pybind11/pybind11.h>
 
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "core/apply.h"
+#include "core/codes.h"
 #include "core/copy.h"
 #include "core/dense_merge.h"
 #include "core/dense_stats.h"
 #include "core/finite.h"
 #include "core/gram.h"
+#include "core/gram_svd.h"
 #include "core/parallel.h"
 #include "core/peak.h"
 #include "core/simd.h"
@@ -37,16 +43,25 @@ namespace py = pybind11;
 
 namespace {
 
+// ------------------------------------------------------------------ scalars
+
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 
 bool is_sequence(py::handle h) { return py::isinstance<py::tuple>(h) || py::isinstance<py::list>(h); }
 
-/// A Python int (or an object with __index__, e.g. a numpy integer) as int64.
-std::int64_t get_int(py::handle h, const std::string& what) {
-    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr()))
-        fail(what + ": expected an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
+
+/// An integer-like object (a Python int, or anything with __index__ such as a numpy integer) as a Python int.
+py::object as_index(py::handle h, const std::string& what, const char* expected) {
+    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr())) fail(what + ": expected " + expected + ", got " + type_name(h));
     py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
     if (!index) throw py::error_already_set();
+    return index;
+}
+
+/// An int in the int64 range.
+std::int64_t get_int(py::handle h, const std::string& what) {
+    const py::object index = as_index(h, what, "an int");
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
     if (overflow != 0) fail(what + ": integer out of range");
@@ -54,16 +69,26 @@ std::int64_t get_int(py::handle h, const std::string& what) {
     return static_cast<std::int64_t>(v);
 }
 
-/// A pointer passed as a Python int (tensor.data_ptr()).
-std::uintptr_t get_ptr(py::handle h, const std::string& what) {
-    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr())) fail(what + ": expected a pointer (int)");
-    py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
-    if (!index) throw py::error_already_set();
+/// An int in [0, 2^64); `range` says what the value is when it is not.
+unsigned long long get_unsigned(py::handle h, const std::string& what, const char* expected, const char* range) {
+    const py::object index = as_index(h, what, expected);
     const unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
     if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
         PyErr_Clear();
-        fail(what + ": pointer is not a valid address (negative or too large)");
+        fail(what + ": " + range);
     }
+    return v;
+}
+
+/// A 64-bit unsigned int (e.g. a seed).
+std::uint64_t get_u64(py::handle h, const std::string& what) {
+    return static_cast<std::uint64_t>(get_unsigned(h, what, "an int", "expected an integer in [0, 2**64)"));
+}
+
+/// A pointer passed as a Python int (tensor.data_ptr()).
+std::uintptr_t get_ptr(py::handle h, const std::string& what) {
+    const unsigned long long v =
+        get_unsigned(h, what, "a pointer (int)", "pointer is not a valid address (negative or too large)");
     if (v > UINTPTR_MAX) fail(what + ": pointer is too large for this platform");
     return static_cast<std::uintptr_t>(v);
 }
@@ -73,14 +98,39 @@ double get_float(py::handle h, const std::string& what) {
     const double v = PyFloat_AsDouble(h.ptr());
     if (v == -1.0 && PyErr_Occurred()) {
         PyErr_Clear();
-        fail(what + ": expected a float, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+        fail(what + ": expected a float, got " + type_name(h));
     }
     return v;
+}
+
+bool get_bool(py::handle h, const std::string& what) {
+    if (!py::isinstance<py::bool_>(h) && !py::isinstance<py::int_>(h)) fail(what + ": expected a bool, got " + type_name(h));
+    return py::cast<bool>(h);
+}
+
+/// A code of `table` (a dtype, keep kind, mode, ...).
+template <std::size_t N>
+int check_code(const kmf::CodeName (&table)[N], long long code, const std::string& what) {
+    if (!kmf::valid_code(table, code))
+        fail(what + ": expected " + kmf::codes_text(table) + ", got " + std::to_string(code));
+    return static_cast<int>(code);
 }
 
 void check_threads(int threads) {
     if (threads < 0) fail("threads: must be >= 0 (0 = all hardware threads), got " + std::to_string(threads));
 }
+
+/// A float64 buffer given by its address: aligned, and non-null when `needed` (something is read or written there).
+double* f64_buffer(std::uintptr_t p, const std::string& what, bool needed = true) {
+    if (p == 0 && needed) fail(what + ": null pointer");
+    if (p % alignof(double) != 0) fail(what + ": not aligned for float64");
+    return reinterpret_cast<double*>(p);
+}
+
+// ------------------------------------------------------------------ matrices
+
+std::string shape_str(const kmf::Mat& m) { return std::to_string(m.rows) + " x " + std::to_string(m.cols); }
+std::string shape_str(std::int64_t rows, std::int64_t cols) { return std::to_string(rows) + " x " + std::to_string(cols); }
 
 kmf::Mat parse_mat(py::handle h, const std::string& where) {
     if (!is_sequence(h) || py::len(h) != 7)
@@ -90,15 +140,14 @@ kmf::Mat parse_mat(py::handle h, const std::string& where) {
     const std::uintptr_t ptr = get_ptr(t[0], where + " ptr");
     const std::int64_t code = get_int(t[1], where + " dtype");
     if (!kmf::valid_dtype(static_cast<int>(code)) || code != static_cast<int>(code))
-        fail(where + ": bad dtype code " + std::to_string(code) + " (0=float32, 1=float16, 2=bfloat16, 3=float64)");
+        fail(where + ": bad dtype code " + std::to_string(code) + " (expected " + kmf::codes_text(kmf::kDTypeCodes) + ")");
     m.dtype = static_cast<int>(code);
     m.rows = get_int(t[2], where + " rows");
     m.cols = get_int(t[3], where + " cols");
     m.rs = get_int(t[4], where + " row_stride");
     m.cs = get_int(t[5], where + " col_stride");
     m.coef = get_float(t[6], where + " coef");
-    if (m.rows < 0 || m.cols < 0)
-        fail(where + ": negative shape (" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + ")");
+    if (m.rows < 0 || m.cols < 0) fail(where + ": negative shape (" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + ")");
     // Every element offset (i * rs + j * cs) * elem_size must fit in 63 bits.
     const double span = (std::fabs(double(m.rs)) * double(m.rows) + std::fabs(double(m.cs)) * double(m.cols)) * 8.0;
     if (span >= 9.0e18 || double(m.rows) * double(m.cols) >= 9.0e18) fail(where + ": shape or strides too large");
@@ -109,334 +158,360 @@ kmf::Mat parse_mat(py::handle h, const std::string& where) {
     return m;
 }
 
+/// Calls each(item, index) for every item of a list or tuple; `what` names the argument in the error.
+template <typename Each>
+void for_each_item(py::handle seq, const std::string& what, const char* expected, Each each) {
+    if (!is_sequence(seq)) fail(what + ": expected a list of " + expected);
+    std::size_t i = 0;
+    for (py::handle h : seq) each(h, i++);
+}
+
 kmf::Stack parse_stack(py::handle h, const std::string& where) {
-    if (!is_sequence(h)) fail(where + ": expected a list of Mat tuples");
-    py::sequence seq = py::reinterpret_borrow<py::sequence>(h);
-    const std::size_t n = py::len(seq);
-    if (n == 0) fail(where + ": a stack needs at least one block");
     std::vector<kmf::Mat> blocks;
-    blocks.reserve(n);
-    for (std::size_t b = 0; b < n; ++b) {
-        blocks.push_back(parse_mat(seq[b], where + " block " + std::to_string(b)));
-        if (blocks[b].rows != blocks[0].rows)
-            fail(where + ": block " + std::to_string(b) + " has " + std::to_string(blocks[b].rows) +
-                 " rows, block 0 has " + std::to_string(blocks[0].rows) + " (blocks of a stack must have equal rows)");
-    }
+    for_each_item(h, where, "Mat tuples", [&](py::handle b, std::size_t k) {
+        blocks.push_back(parse_mat(b, where + " block " + std::to_string(k)));
+        if (blocks[k].rows != blocks[0].rows)
+            fail(where + ": block " + std::to_string(k) + " has " + std::to_string(blocks[k].rows) + " rows, block 0 has " +
+                 std::to_string(blocks[0].rows) + " (blocks of a stack must have equal rows)");
+    });
+    if (blocks.empty()) fail(where + ": a stack needs at least one block");
     return kmf::Stack(std::move(blocks));
 }
 
-py::sequence task_tuple(py::handle h, std::size_t len, const std::string& where, const char* shape) {
-    if (!is_sequence(h) || py::len(h) != len) fail(where + ": expected a tuple " + shape);
-    return py::reinterpret_borrow<py::sequence>(h);
+/// A list of Mats (all_finite, max_abs): element i is named "<what> i".
+std::vector<kmf::Mat> parse_mats(py::handle mats, const std::string& what) {
+    std::vector<kmf::Mat> out;
+    for_each_item(mats, "mats", "Mat tuples",
+                  [&](py::handle h, std::size_t i) { out.push_back(parse_mat(h, what + " " + std::to_string(i))); });
+    return out;
 }
 
 bool same_mat(const kmf::Mat& a, const kmf::Mat& b) {
-    return a.ptr == b.ptr && a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols && a.rs == b.rs &&
-           a.cs == b.cs && a.coef == b.coef;
+    return a.ptr == b.ptr && a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols && a.rs == b.rs && a.cs == b.cs &&
+           a.coef == b.coef;
 }
 
-std::vector<py::handle> task_list(const py::handle& tasks) {
-    if (!is_sequence(tasks)) fail("tasks: expected a list of task tuples");
-    std::vector<py::handle> out;
-    for (py::handle h : tasks) out.push_back(h);
+// ------------------------------------------------------------------ task tuples
+
+/// What one field of a task tuple holds.
+enum class Kind { kMat, kStack, kMats, kPtr, kInt, kU64, kFloat, kBool };
+
+const char* kind_text(Kind k) {
+    switch (k) {
+        case Kind::kMat: return "Mat";
+        case Kind::kStack: return "Stack";
+        case Kind::kMats: return "list of Mat";
+        case Kind::kFloat: return "float";
+        case Kind::kBool: return "bool";
+        default: return "int";
+    }
+}
+
+struct Field {
+    const char* name;
+    Kind kind;
+};
+
+/// One task tuple, checked against its fields: field i is read with the
+/// accessor of its kind and named "<where> <field name>" in errors.
+class Fields {
+public:
+    template <std::size_t N>
+    Fields(py::handle h, std::string where, const Field (&fields)[N]) : where_(std::move(where)), fields_(fields), n_(N) {
+        if (!is_sequence(h) || py::len(h) != N) fail(where_ + ": expected a tuple " + shape());
+        seq_ = py::reinterpret_borrow<py::sequence>(h);
+    }
+
+    const std::string& where() const { return where_; }
+    kmf::Mat mat(std::size_t i) const { return parse_mat(item(i, Kind::kMat), name(i)); }
+    kmf::Stack stack(std::size_t i) const { return parse_stack(item(i, Kind::kStack), name(i)); }
+    std::vector<kmf::Mat> mats(std::size_t i) const { return parse_stack(item(i, Kind::kMats), name(i)).blocks; }
+    std::uintptr_t ptr(std::size_t i) const { return get_ptr(item(i, Kind::kPtr), name(i)); }
+    double* f64(std::size_t i, bool needed = true) const { return f64_buffer(ptr(i), name(i), needed); }
+    std::int64_t integer(std::size_t i) const { return get_int(item(i, Kind::kInt), name(i)); }
+    std::uint64_t u64(std::size_t i) const { return get_u64(item(i, Kind::kU64), name(i)); }
+    double real(std::size_t i) const { return get_float(item(i, Kind::kFloat), name(i)); }
+    bool flag(std::size_t i) const { return get_bool(item(i, Kind::kBool), name(i)); }
+
+    /// "(X: Stack, Y: Stack, out_ptr: int)".
+    std::string shape() const {
+        std::string s = "(";
+        for (std::size_t i = 0; i < n_; ++i) s += std::string(i ? ", " : "") + fields_[i].name + ": " + kind_text(fields_[i].kind);
+        return s + ")";
+    }
+
+private:
+    py::handle item(std::size_t i, Kind kind) const {
+        if (i >= n_ || fields_[i].kind != kind) throw std::logic_error(where_ + ": field read as the wrong kind (bindings bug)");
+        return seq_[i];
+    }
+    std::string name(std::size_t i) const { return where_ + " " + fields_[i].name; }
+
+    std::string where_;
+    const Field* fields_;
+    std::size_t n_;
+    py::sequence seq_;
+};
+
+/// Every tuple of the list `arg` ("tasks") parsed by parse(Fields) into a Task; tuple i is "<what> i".
+template <typename Task, std::size_t N, typename Parse>
+std::vector<Task> parse_tuples(py::handle list, const char* arg, const std::string& what, const Field (&fields)[N], Parse parse) {
+    std::vector<Task> out;
+    const std::string item = std::string(arg).substr(0, std::string(arg).size() - 1);  // "tasks" -> "task"
+    for_each_item(list, arg, (item + " tuples").c_str(),
+                  [&](py::handle h, std::size_t i) { out.push_back(parse(Fields(h, what + " " + std::to_string(i), fields))); });
     return out;
 }
-
-void gram(py::handle tasks, bool precise, int threads) {
-    check_threads(threads);
-    std::vector<kmf::GramTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "gram task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 4, w, "(X: Stack, Y: Stack, out_ptr: int, symmetric: bool)");
-        kmf::GramTask g;
-        g.x = parse_stack(t[0], w + " X");
-        g.y = parse_stack(t[1], w + " Y");
-        const std::uintptr_t out = get_ptr(t[2], w + " out_ptr");
-        if (!py::isinstance<py::bool_>(t[3]) && !py::isinstance<py::int_>(t[3])) fail(w + " symmetric: expected a bool");
-        g.symmetric = py::cast<bool>(t[3]);
-        if (g.x.rows != g.y.rows)
-            fail(w + ": X has " + std::to_string(g.x.rows) + " rows, Y has " + std::to_string(g.y.rows) + " (X^T Y needs equal K)");
-        if (g.symmetric) {
-            bool same = g.x.blocks.size() == g.y.blocks.size();
-            for (std::size_t b = 0; same && b < g.x.blocks.size(); ++b) same = same_mat(g.x.blocks[b], g.y.blocks[b]);
-            if (!same) fail(w + ": symmetric=True requires X and Y to be the same stack");
-        }
-        if (out == 0 && g.x.cols * g.y.cols > 0) fail(w + ": out_ptr is null");
-        if (out % alignof(double) != 0) fail(w + ": out_ptr is not aligned for float64");
-        g.out = reinterpret_cast<double*>(out);
-        parsed.push_back(std::move(g));
-    }
-    py::gil_scoped_release release;
-    kmf::gram(parsed, precise, threads);
-}
-
-void apply(py::handle tasks, bool precise, int threads) {
-    check_threads(threads);
-    std::vector<kmf::ApplyTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "apply task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 4, w, "(X: Stack, T_ptr: int, C: int, out: Mat)");
-        kmf::ApplyTask a;
-        a.x = parse_stack(t[0], w + " X");
-        const std::uintptr_t tp = get_ptr(t[1], w + " T_ptr");
-        a.c = get_int(t[2], w + " C");
-        a.out = parse_mat(t[3], w + " out");
-        if (a.c < 0) fail(w + ": C must be >= 0, got " + std::to_string(a.c));
-        if (a.out.rows != a.x.rows || a.out.cols != a.c)
-            fail(w + ": out is " + std::to_string(a.out.rows) + " x " + std::to_string(a.out.cols) + ", expected K x C = " +
-                 std::to_string(a.x.rows) + " x " + std::to_string(a.c));
-        if (a.out.coef != 1.0) fail(w + ": out coef must be 1");
-        if (tp == 0 && a.x.cols * a.c > 0) fail(w + ": T_ptr is null");
-        if (tp % alignof(double) != 0) fail(w + ": T_ptr is not aligned for float64");
-        a.t = reinterpret_cast<const double*>(tp);
-        parsed.push_back(std::move(a));
-    }
-    py::gil_scoped_release release;
-    kmf::apply(parsed, precise, threads);
-}
-
-void dense_stats(py::handle tasks, int threads) {
-    check_threads(threads);
-    std::vector<kmf::DenseStatsTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "dense_stats task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 3, w, "(X: Stack, Y: Stack, out_ptr: int)");
-        kmf::DenseStatsTask d;
-        d.x = parse_stack(t[0], w + " X");
-        d.y = parse_stack(t[1], w + " Y");
-        const std::uintptr_t out = get_ptr(t[2], w + " out_ptr");
-        if (d.x.cols != d.y.cols)
-            fail(w + ": X has " + std::to_string(d.x.cols) + " columns, Y has " + std::to_string(d.y.cols) + " (X Y^T needs equal R)");
-        if (out == 0) fail(w + ": out_ptr is null");
-        if (out % alignof(double) != 0) fail(w + ": out_ptr is not aligned for float64");
-        d.out = reinterpret_cast<double*>(out);
-        parsed.push_back(std::move(d));
-    }
-    py::gil_scoped_release release;
-    kmf::dense_stats(parsed, threads);
-}
-
-py::list all_finite(py::handle mats, int threads) {
-    check_threads(threads);
-    std::vector<kmf::Mat> parsed;
-    const auto list = task_list(mats);
-    for (std::size_t i = 0; i < list.size(); ++i) parsed.push_back(parse_mat(list[i], "all_finite mat " + std::to_string(i)));
-    std::vector<char> flags;
-    {
-        py::gil_scoped_release release;
-        flags = kmf::all_finite(parsed, threads);
-    }
-    py::list out;
-    for (const char f : flags) out.append(py::bool_(f != 0));
-    return out;
-}
-
-py::list max_abs(py::handle mats, int threads) {
-    check_threads(threads);
-    std::vector<kmf::Mat> parsed;
-    const auto list = task_list(mats);
-    for (std::size_t i = 0; i < list.size(); ++i) parsed.push_back(parse_mat(list[i], "max_abs mat " + std::to_string(i)));
-    std::vector<double> values;
-    {
-        py::gil_scoped_release release;
-        values = kmf::max_abs(parsed, threads);
-    }
-    py::list out;
-    for (const double v : values) out.append(v);
-    return out;
-}
-
-void copy(py::handle tasks, int threads) {
-    check_threads(threads);
-    std::vector<kmf::CopyTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "copy task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 2, w, "(src: Mat, dst: Mat)");
-        kmf::CopyTask c;
-        c.src = parse_mat(t[0], w + " src");
-        c.dst = parse_mat(t[1], w + " dst");
-        if (c.src.rows != c.dst.rows || c.src.cols != c.dst.cols)
-            fail(w + ": src is " + std::to_string(c.src.rows) + " x " + std::to_string(c.src.cols) + ", dst is " +
-                 std::to_string(c.dst.rows) + " x " + std::to_string(c.dst.cols));
-        if (c.dst.coef != 1.0) fail(w + ": dst coef must be 1");
-        parsed.push_back(c);
-    }
-    py::gil_scoped_release release;
-    kmf::copy(parsed, threads);
-}
-
-void weighted_sum(py::handle tasks, bool precise, int threads) {
-    check_threads(threads);
-    std::vector<kmf::WeightedSumTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "weighted_sum task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 2, w, "(srcs: list of Mat, dst: Mat)");
-        kmf::WeightedSumTask ws;
-        ws.dst = parse_mat(t[1], w + " dst");
-        ws.srcs = parse_stack(t[0], w + " srcs").blocks;  // one or more Mats (a stack's parse)
-        for (std::size_t k = 0; k < ws.srcs.size(); ++k) {
-            const kmf::Mat& m = ws.srcs[k];
-            const std::string what = w + " src " + std::to_string(k);
-            if (m.rows != ws.dst.rows || m.cols != ws.dst.cols)
-                fail(what + " is " + std::to_string(m.rows) + " x " + std::to_string(m.cols) + ", dst is " +
-                     std::to_string(ws.dst.rows) + " x " + std::to_string(ws.dst.cols));
-            if (!precise && m.dtype == kmf::kF64) fail(what + ": a float64 source needs precise=True");
-        }
-        if (ws.dst.coef != 1.0) fail(w + ": dst coef must be 1");
-        parsed.push_back(std::move(ws));
-    }
-    py::gil_scoped_release release;
-    kmf::weighted_sum(parsed, precise, threads);
-}
-
-/// A Python int in [0, 2^64) (e.g. a 64-bit seed).
-std::uint64_t get_u64(py::handle h, const std::string& what) {
-    if (py::isinstance<py::float_>(h) || !PyIndex_Check(h.ptr()))
-        fail(what + ": expected an int, got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))));
-    py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
-    if (!index) throw py::error_already_set();
-    const unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
-    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-        PyErr_Clear();
-        fail(what + ": expected an integer in [0, 2**64)");
-    }
-    return static_cast<std::uint64_t>(v);
-}
-
-std::string shape_str(const kmf::Mat& m) { return std::to_string(m.rows) + " x " + std::to_string(m.cols); }
 
 /// (B, A) of one low-rank term: B is out x r, A is r x in.
-std::pair<kmf::Mat, kmf::Mat> parse_factors(py::handle b, py::handle a, const std::string& w) {
-    kmf::Mat mb = parse_mat(b, w + " B"), ma = parse_mat(a, w + " A");
-    if (mb.cols != ma.rows)
-        fail(w + ": B is " + shape_str(mb) + ", A is " + shape_str(ma) + " (B.cols must equal A.rows)");
+std::pair<kmf::Mat, kmf::Mat> parse_factors(const Fields& t, std::size_t b, std::size_t a) {
+    kmf::Mat mb = t.mat(b), ma = t.mat(a);
+    if (mb.cols != ma.rows) fail(t.where() + ": B is " + shape_str(mb) + ", A is " + shape_str(ma) + " (B.cols must equal A.rows)");
     return {mb, ma};
 }
 
-void dense_merge(py::handle terms, py::handle out, int mode, int sign_method, int threads) {
+void check_unit_coef(const kmf::Mat& m, const std::string& what) {
+    if (m.coef != 1.0) fail(what + " coef must be 1");
+}
+
+/// Parses the list of task tuples, then runs kernel(parsed) with the GIL
+/// released and returns its result (converted to Python by the caller).
+template <typename Task, std::size_t N, typename Parse, typename Kernel>
+auto run_tasks(py::handle tasks, int threads, const std::string& what, const Field (&fields)[N], Parse parse, Kernel kernel) {
     check_threads(threads);
-    if (mode != kmf::kCombineSum && mode != kmf::kCombineTies)
-        fail("mode: expected 0 (sum) or 1 (ties), got " + std::to_string(mode));
-    if (sign_method != kmf::kSignTotal && sign_method != kmf::kSignFrequency)
-        fail("sign_method: expected 0 (total) or 1 (frequency), got " + std::to_string(sign_method));
-    const kmf::Mat o = parse_mat(out, "dense_merge out");
-    if (o.dtype != kmf::kF32 && o.dtype != kmf::kF64)
-        fail(std::string("dense_merge out: must be float32 or float64, got ") + kmf::dtype_name(o.dtype));
-    if (o.coef != 1.0) fail("dense_merge out: coef must be 1");
-    if ((o.rs == 0 && o.rows > 1) || (o.cs == 0 && o.cols > 1)) fail("dense_merge out: a zero stride aliases elements");
-    if (!is_sequence(terms)) fail("terms: expected a list of term tuples");
-    std::vector<kmf::MergeTerm> parsed;
-    std::size_t i = 0;
-    for (py::handle h : terms) {
-        const std::string w = "dense_merge term " + std::to_string(i++);
-        py::sequence t = task_tuple(h, 8, w,
-                                    "(B: Mat, A: Mat, weight: float, keep_kind: int, tau: float, seed: int, "
-                                    "thresh24: int, density: float)");
-        kmf::MergeTerm m;
-        std::tie(m.b, m.a) = parse_factors(t[0], t[1], w);
-        m.weight = get_float(t[2], w + " weight");
-        const std::int64_t kind = get_int(t[3], w + " keep_kind");
-        m.tau = get_float(t[4], w + " tau");
-        m.seed = get_u64(t[5], w + " seed");
-        const std::int64_t th = get_int(t[6], w + " thresh24");
-        m.density = get_float(t[7], w + " density");
-        if (kind != kmf::kKeepAll && kind != kmf::kKeepMagnitude && kind != kmf::kKeepDare)
-            fail(w + ": keep_kind must be 0 (all), 1 (magnitude) or 2 (dare), got " + std::to_string(kind));
-        m.keep = static_cast<int>(kind);
-        if (m.b.rows != o.rows || m.a.cols != o.cols)
-            fail(w + ": B @ A is " + std::to_string(m.b.rows) + " x " + std::to_string(m.a.cols) + ", out is " + shape_str(o));
-        if (m.keep == kmf::kKeepDare) {
-            if (th < 0 || th > (std::int64_t(1) << 24))
-                fail(w + ": thresh24 must be in [0, 2**24], got " + std::to_string(th));
-            if (!(m.density > 0.0) || !std::isfinite(m.density))
-                fail(w + ": density must be a finite number > 0 for dare, got " + std::to_string(m.density));
-            m.thresh24 = static_cast<std::uint64_t>(th);
-        }
-        parsed.push_back(m);
-    }
-    if (parsed.empty()) fail("terms: need at least one term");
+    std::vector<Task> parsed = parse_tuples<Task>(tasks, "tasks", what, fields, parse);
     py::gil_scoped_release release;
-    kmf::dense_merge(parsed, o, mode, sign_method, threads);
+    return kernel(parsed);
+}
+
+template <typename T>
+py::list to_list(const std::vector<T>& values) {
+    py::list out;
+    for (const T& v : values) out.append(v);
+    return out;
+}
+
+// ------------------------------------------------------------------ the task tuples of each kernel
+
+constexpr Field kGramFields[] = {{"X", Kind::kStack}, {"Y", Kind::kStack}, {"out_ptr", Kind::kPtr}, {"symmetric", Kind::kBool}};
+
+kmf::GramTask parse_gram(const Fields& t) {
+    kmf::GramTask g;
+    g.x = t.stack(0);
+    g.y = t.stack(1);
+    g.symmetric = t.flag(3);
+    const std::string& w = t.where();
+    if (g.x.rows != g.y.rows)
+        fail(w + ": X has " + std::to_string(g.x.rows) + " rows, Y has " + std::to_string(g.y.rows) + " (X^T Y needs equal K)");
+    if (g.symmetric) {
+        bool same = g.x.blocks.size() == g.y.blocks.size();
+        for (std::size_t b = 0; same && b < g.x.blocks.size(); ++b) same = same_mat(g.x.blocks[b], g.y.blocks[b]);
+        if (!same) fail(w + ": symmetric=True requires X and Y to be the same stack");
+    }
+    g.out = t.f64(2, g.x.cols * g.y.cols > 0);
+    return g;
+}
+
+constexpr Field kApplyFields[] = {{"X", Kind::kStack}, {"T_ptr", Kind::kPtr}, {"C", Kind::kInt}, {"out", Kind::kMat}};
+
+kmf::ApplyTask parse_apply(const Fields& t) {
+    kmf::ApplyTask a;
+    a.x = t.stack(0);
+    a.c = t.integer(2);
+    a.out = t.mat(3);
+    const std::string& w = t.where();
+    if (a.c < 0) fail(w + ": C must be >= 0, got " + std::to_string(a.c));
+    if (a.out.rows != a.x.rows || a.out.cols != a.c)
+        fail(w + ": out is " + shape_str(a.out) + ", expected K x C = " + shape_str(a.x.rows, a.c));
+    check_unit_coef(a.out, w + ": out");
+    a.t = t.f64(1, a.x.cols * a.c > 0);
+    return a;
+}
+
+constexpr Field kDenseStatsFields[] = {{"X", Kind::kStack}, {"Y", Kind::kStack}, {"out_ptr", Kind::kPtr}};
+
+kmf::DenseStatsTask parse_dense_stats(const Fields& t) {
+    kmf::DenseStatsTask d;
+    d.x = t.stack(0);
+    d.y = t.stack(1);
+    if (d.x.cols != d.y.cols)
+        fail(t.where() + ": X has " + std::to_string(d.x.cols) + " columns, Y has " + std::to_string(d.y.cols) +
+             " (X Y^T needs equal R)");
+    d.out = t.f64(2);
+    return d;
+}
+
+constexpr Field kCopyFields[] = {{"src", Kind::kMat}, {"dst", Kind::kMat}};
+
+kmf::CopyTask parse_copy(const Fields& t) {
+    kmf::CopyTask c;
+    c.src = t.mat(0);
+    c.dst = t.mat(1);
+    if (c.src.rows != c.dst.rows || c.src.cols != c.dst.cols)
+        fail(t.where() + ": src is " + shape_str(c.src) + ", dst is " + shape_str(c.dst));
+    check_unit_coef(c.dst, t.where() + ": dst");
+    return c;
+}
+
+constexpr Field kWeightedSumFields[] = {{"srcs", Kind::kMats}, {"dst", Kind::kMat}};
+
+kmf::WeightedSumTask parse_weighted_sum(const Fields& t, bool precise) {
+    kmf::WeightedSumTask ws;
+    ws.dst = t.mat(1);
+    ws.srcs = t.mats(0);  // one or more Mats (a stack's parse)
+    for (std::size_t k = 0; k < ws.srcs.size(); ++k) {
+        const kmf::Mat& m = ws.srcs[k];
+        const std::string what = t.where() + " src " + std::to_string(k);
+        if (m.rows != ws.dst.rows || m.cols != ws.dst.cols) fail(what + " is " + shape_str(m) + ", dst is " + shape_str(ws.dst));
+        if (!precise && m.dtype == kmf::kF64) fail(what + ": a float64 source needs precise=True");
+    }
+    check_unit_coef(ws.dst, t.where() + ": dst");
+    return ws;
+}
+
+constexpr Field kMergeTermFields[] = {{"B", Kind::kMat},        {"A", Kind::kMat},     {"weight", Kind::kFloat},
+                                      {"keep_kind", Kind::kInt}, {"tau", Kind::kFloat}, {"seed", Kind::kU64},
+                                      {"thresh24", Kind::kInt},  {"density", Kind::kFloat}};
+
+kmf::MergeTerm parse_merge_term(const Fields& t, const kmf::Mat& out) {
+    kmf::MergeTerm m;
+    const std::string& w = t.where();
+    std::tie(m.b, m.a) = parse_factors(t, 0, 1);
+    m.weight = t.real(2);
+    const std::int64_t kind = t.integer(3);
+    m.tau = t.real(4);
+    m.seed = t.u64(5);
+    const std::int64_t th = t.integer(6);
+    m.density = t.real(7);
+    m.keep = check_code(kmf::kKeepKindCodes, kind, w + ": keep_kind");
+    if (m.b.rows != out.rows || m.a.cols != out.cols)
+        fail(w + ": B @ A is " + shape_str(m.b.rows, m.a.cols) + ", out is " + shape_str(out));
+    if (m.keep == kmf::kKeepDare) {
+        if (th < 0 || th > (std::int64_t(1) << 24)) fail(w + ": thresh24 must be in [0, 2**24], got " + std::to_string(th));
+        if (!(m.density > 0.0) || !std::isfinite(m.density))
+            fail(w + ": density must be a finite number > 0 for dare, got " + std::to_string(m.density));
+        m.thresh24 = static_cast<std::uint64_t>(th);
+    }
+    return m;
+}
+
+constexpr Field kAbsKthFields[] = {{"B", Kind::kMat}, {"A", Kind::kMat}, {"k", Kind::kInt}};
+
+kmf::AbsKthTask parse_abs_kth(const Fields& t) {
+    kmf::AbsKthTask a;
+    std::tie(a.b, a.a) = parse_factors(t, 0, 1);
+    a.k = t.integer(2);
+    const double numel = double(a.b.rows) * double(a.a.cols);
+    if (a.k < 0 || double(a.k) > numel)
+        fail(t.where() + ": k must be in [0, out * in = " + std::to_string(a.b.rows * a.a.cols) + "], got " + std::to_string(a.k));
+    return a;
+}
+
+constexpr Field kTruncateFields[] = {{"B", Kind::kStack}, {"At", Kind::kStack}, {"out_B", Kind::kMat}, {"out_At", Kind::kMat}};
+
+kmf::TruncateTask parse_truncate(const Fields& t, std::int64_t rank) {
+    kmf::TruncateTask tr;
+    tr.b = t.stack(0);
+    tr.at = t.stack(1);
+    tr.out_b = t.mat(2);
+    tr.out_at = t.mat(3);
+    const std::string& w = t.where();
+    if (tr.b.cols != tr.at.cols) fail(w + ": B has " + std::to_string(tr.b.cols) + " stacked columns, At has " + std::to_string(tr.at.cols));
+    if (tr.b.cols > (std::int64_t(1) << 16)) fail(w + ": stacked rank above 65536");
+    if (tr.out_b.rows != tr.b.rows || tr.out_b.cols != rank)
+        fail(w + ": out_B is " + shape_str(tr.out_b) + ", expected " + shape_str(tr.b.rows, rank));
+    if (tr.out_at.rows != tr.at.rows || tr.out_at.cols != rank)
+        fail(w + ": out_At is " + shape_str(tr.out_at) + ", expected " + shape_str(tr.at.rows, rank));
+    if (tr.out_b.coef != 1.0 || tr.out_at.coef != 1.0) fail(w + ": out coefs must be 1");
+    return tr;
+}
+
+// ------------------------------------------------------------------ entry points
+
+void gram(py::handle tasks, bool precise, int threads) {
+    run_tasks<kmf::GramTask>(tasks, threads, "gram task", kGramFields, parse_gram,
+                             [&](const auto& p) { kmf::gram(p, precise, threads); });
+}
+
+void apply(py::handle tasks, bool precise, int threads) {
+    run_tasks<kmf::ApplyTask>(tasks, threads, "apply task", kApplyFields, parse_apply,
+                              [&](const auto& p) { kmf::apply(p, precise, threads); });
+}
+
+void dense_stats(py::handle tasks, int threads) {
+    run_tasks<kmf::DenseStatsTask>(tasks, threads, "dense_stats task", kDenseStatsFields, parse_dense_stats,
+                                   [&](const auto& p) { kmf::dense_stats(p, threads); });
+}
+
+void copy(py::handle tasks, int threads) {
+    run_tasks<kmf::CopyTask>(tasks, threads, "copy task", kCopyFields, parse_copy, [&](const auto& p) { kmf::copy(p, threads); });
+}
+
+void weighted_sum(py::handle tasks, bool precise, int threads) {
+    run_tasks<kmf::WeightedSumTask>(
+        tasks, threads, "weighted_sum task", kWeightedSumFields, [&](const Fields& t) { return parse_weighted_sum(t, precise); },
+        [&](const auto& p) { kmf::weighted_sum(p, precise, threads); });
 }
 
 py::list abs_kth(py::handle tasks, int threads) {
-    check_threads(threads);
-    std::vector<kmf::AbsKthTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "abs_kth task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 3, w, "(B: Mat, A: Mat, k: int)");
-        kmf::AbsKthTask a;
-        std::tie(a.b, a.a) = parse_factors(t[0], t[1], w);
-        a.k = get_int(t[2], w + " k");
-        const double numel = double(a.b.rows) * double(a.a.cols);
-        if (a.k < 0 || double(a.k) > numel)
-            fail(w + ": k must be in [0, out * in = " + std::to_string(a.b.rows * a.a.cols) + "], got " + std::to_string(a.k));
-        parsed.push_back(a);
-    }
-    std::vector<double> kth;
-    {
-        py::gil_scoped_release release;
-        kth = kmf::abs_kth(parsed, threads);
-    }
-    py::list result;
-    for (double v : kth) result.append(v);
-    return result;
-}
-
-/// A pointer argument that must be non-null and aligned for float64.
-double* f64_ptr(py::handle h, const std::string& what) {
-    const std::uintptr_t p = get_ptr(h, what);
-    if (p == 0) fail(what + ": null pointer");
-    if (p % alignof(double) != 0) fail(what + ": not aligned for float64");
-    return reinterpret_cast<double*>(p);
+    return to_list(run_tasks<kmf::AbsKthTask>(tasks, threads, "abs_kth task", kAbsKthFields, parse_abs_kth,
+                                              [&](const auto& p) { return kmf::abs_kth(p, threads); }));
 }
 
 py::list truncate_modules(py::handle tasks, std::int64_t rank, int threads) {
     check_threads(threads);
     if (rank < 1) fail("rank: must be >= 1, got " + std::to_string(rank));
-    std::vector<kmf::TruncateTask> parsed;
-    const auto list = task_list(tasks);
-    for (std::size_t i = 0; i < list.size(); ++i) {
-        const std::string w = "truncate task " + std::to_string(i);
-        py::sequence t = task_tuple(list[i], 4, w, "(B: Stack, At: Stack, out_B: Mat, out_At: Mat)");
-        kmf::TruncateTask tr;
-        tr.b = parse_stack(t[0], w + " B");
-        tr.at = parse_stack(t[1], w + " At");
-        tr.out_b = parse_mat(t[2], w + " out_B");
-        tr.out_at = parse_mat(t[3], w + " out_At");
-        if (tr.b.cols != tr.at.cols)
-            fail(w + ": B has " + std::to_string(tr.b.cols) + " stacked columns, At has " + std::to_string(tr.at.cols));
-        if (tr.b.cols > (std::int64_t(1) << 16)) fail(w + ": stacked rank above 65536");
-        if (tr.out_b.rows != tr.b.rows || tr.out_b.cols != rank)
-            fail(w + ": out_B is " + shape_str(tr.out_b) + ", expected " + std::to_string(tr.b.rows) + " x " + std::to_string(rank));
-        if (tr.out_at.rows != tr.at.rows || tr.out_at.cols != rank)
-            fail(w + ": out_At is " + shape_str(tr.out_at) + ", expected " + std::to_string(tr.at.rows) + " x " +
-                 std::to_string(rank));
-        if (tr.out_b.coef != 1.0 || tr.out_at.coef != 1.0) fail(w + ": out coefs must be 1");
-        parsed.push_back(std::move(tr));
-    }
-    {
-        py::gil_scoped_release release;
-        kmf::truncate(parsed, rank, threads);
-    }
-    py::list routes;
-    for (const kmf::TruncateTask& t : parsed) routes.append(t.route);
-    return routes;
+    return to_list(run_tasks<kmf::TruncateTask>(
+        tasks, threads, "truncate task", kTruncateFields, [&](const Fields& t) { return parse_truncate(t, rank); },
+        [&](std::vector<kmf::TruncateTask>& p) {
+            kmf::truncate(p, rank, threads);
+            std::vector<int> routes;
+            for (const kmf::TruncateTask& t : p) routes.push_back(t.route);
+            return routes;
+        }));
+}
+
+void dense_merge(py::handle terms, py::handle out, int mode, int sign_method, int threads) {
+    check_threads(threads);
+    check_code(kmf::kCombineModeCodes, mode, "mode");
+    check_code(kmf::kSignMethodCodes, sign_method, "sign_method");
+    const kmf::Mat o = parse_mat(out, "dense_merge out");
+    if (o.dtype != kmf::kF32 && o.dtype != kmf::kF64)
+        fail(std::string("dense_merge out: must be float32 or float64, got ") + kmf::dtype_name(o.dtype));
+    check_unit_coef(o, "dense_merge out:");
+    if ((o.rs == 0 && o.rows > 1) || (o.cs == 0 && o.cols > 1)) fail("dense_merge out: a zero stride aliases elements");
+    const auto parsed = parse_tuples<kmf::MergeTerm>(terms, "terms", "dense_merge term", kMergeTermFields,
+                                                     [&](const Fields& t) { return parse_merge_term(t, o); });
+    if (parsed.empty()) fail("terms: need at least one term");
+    py::gil_scoped_release release;
+    kmf::dense_merge(parsed, o, mode, sign_method, threads);
+}
+
+/// all_finite / max_abs: a list of Mats, one result each.
+template <typename Kernel>
+auto run_mats(py::handle mats, int threads, const char* what, Kernel kernel) {
+    check_threads(threads);
+    const std::vector<kmf::Mat> parsed = parse_mats(mats, what);
+    py::gil_scoped_release release;
+    return kernel(parsed);
+}
+
+py::list all_finite(py::handle mats, int threads) {
+    const std::vector<char> flags = run_mats(mats, threads, "all_finite mat", [&](const auto& p) { return kmf::all_finite(p, threads); });
+    return to_list(std::vector<bool>(flags.begin(), flags.end()));
+}
+
+py::list max_abs(py::handle mats, int threads) {
+    return to_list(run_mats(mats, threads, "max_abs mat", [&](const auto& p) { return kmf::max_abs(p, threads); }));
 }
 
 int sym_eig(std::uintptr_t a_ptr, std::int64_t n, std::int64_t k, std::uintptr_t w_ptr, std::uintptr_t v_ptr) {
     if (n < 0 || n > (std::int64_t(1) << 16)) fail("n: must be in [0, 65536], got " + std::to_string(n));
     if (k < 0 || k > n) fail("k: must be in [0, n], got " + std::to_string(k));
     if (n == 0) return 0;
-    double* a = f64_ptr(py::int_(a_ptr), "a_ptr");
-    double* w = k > 0 ? f64_ptr(py::int_(w_ptr), "w_ptr") : nullptr;
-    double* v = k > 0 ? f64_ptr(py::int_(v_ptr), "v_ptr") : nullptr;
+    double* a = f64_buffer(a_ptr, "a_ptr");
+    double* w = k > 0 ? f64_buffer(w_ptr, "w_ptr") : nullptr;
+    double* v = k > 0 ? f64_buffer(v_ptr, "v_ptr") : nullptr;
     for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = i; j < n; ++j)
             if (!std::isfinite(a[i * n + j])) fail("a: entries must be finite");
@@ -444,6 +519,14 @@ int sym_eig(std::uintptr_t a_ptr, std::int64_t n, std::int64_t k, std::uintptr_t
     kmf::SymEig eig(n, a, n);
     eig.top_values(k, w);
     return eig.vectors(k, w, v, k);
+}
+
+/// A code table as a Python dict {name: code}.
+template <std::size_t N>
+py::dict code_dict(const kmf::CodeName (&table)[N]) {
+    py::dict d;
+    for (const kmf::CodeName& c : table) d[py::str(c.name)] = py::int_(c.code);
+    return d;
 }
 
 }  // namespace
@@ -455,7 +538,14 @@ PYBIND11_MODULE(_C, m) {
         "ptr + (i*row_stride + j*col_stride)*elem_size and is multiplied by coef.\n"
         "dtype: 0=float32, 1=float16, 2=bfloat16, 3=float64. Stack = list of Mats with equal rows,\n"
         "concatenated along columns. threads=0 uses every hardware thread. The GIL is released\n"
-        "while kernels run; the caller keeps the buffers alive and must not alias outputs with inputs.";
+        "while kernels run; the caller keeps the buffers alive and must not alias outputs with inputs.\n\n"
+        "The integer codes, as dicts name -> code: DTYPES (Mat dtype), KEEP_KINDS, COMBINE_MODES,\n"
+        "SIGN_METHODS (dense_merge) and ROUTES (truncate's result).";
+    m.attr("DTYPES") = code_dict(kmf::kDTypeCodes);
+    m.attr("KEEP_KINDS") = code_dict(kmf::kKeepKindCodes);
+    m.attr("COMBINE_MODES") = code_dict(kmf::kCombineModeCodes);
+    m.attr("SIGN_METHODS") = code_dict(kmf::kSignMethodCodes);
+    m.attr("ROUTES") = code_dict(kmf::kRouteCodes);
     m.def("gram", &gram, py::arg("tasks"), py::arg("precise"), py::arg("threads") = 0,
           "gram(tasks, precise, threads=0) -> None\n\n"
           "tasks: list of (X: Stack, Y: Stack, out_ptr: int, symmetric: bool). X is K x R1, Y is K x R2.\n"

@@ -24,8 +24,8 @@ _LAZY = {
     "AdapterError": ".errors",
     "BackendError": ".errors",
     "KMergeError": ".errors",
-    "LoRA": ".lora",
-    "LoRAModule": ".lora",
+    "LoRA": ".adapter",
+    "LoRAModule": ".adapter",
     "merge": ".merge",
     "truncate": ".merge",
     "OnlineMerger": ".online",
@@ -36,7 +36,8 @@ _LAZY = {
 }
 # Submodules reachable as attributes (kf.d2c, kf.online, ...) without an explicit import;
 # kf.peft imports peft (and transformers). `merge` is the function, not the submodule.
-_SUBMODULES = ("cli", "d2c", "errors", "lora", "online", "opcm", "ops", "peft", "scoring", "similarity", "store")
+_SUBMODULES = ("adapter", "cli", "d2c", "errors", "formats", "lora", "names", "online", "opcm", "ops", "peft", "scoring",
+               "similarity", "store")
 
 
 def __getattr__(name: str):

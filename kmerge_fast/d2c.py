@@ -35,7 +35,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .lora import LoRA
-from .merge import METHODS, merge
+from .merge import merge
+from .methods import lookup
 from .similarity import similarity_matrix
 
 INITS = ("kmeans", "random")
@@ -205,8 +206,7 @@ def random_clusters(adapters: Mapping[str, LoRA], budget: int, seed: int = 0, me
 
 
 def _check_merge(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"merge: unknown merge method {method!r}; choose from {list(METHODS)}")
+    lookup(method, "merge")
 
 
 def _score(scorer: Scorer, merged: LoRA, tasks: list[str]) -> list[float]:

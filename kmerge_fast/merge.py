@@ -2,24 +2,17 @@
 ``add_weighted_adapter``) and ``truncate`` (re-truncation of one adapter).
 
 Conventions follow peft: a merged adapter has scaling 1 (``lora_alpha = r``).
-Three families of methods:
-
-- exact / low-rank: ``cat`` stacks the factors exactly (weight * scaling on
-  A); ``svd`` returns B = U_r S_r, A = V_r^T of the best rank-r approximation
-  of sum_i w_i s_i B_i A_i from the factors, never forming dW.
-- factor-wise (``linear``, ``ties``, ``dare_linear``, ``dare_ties``,
-  ``magnitude_prune``): the rule is applied separately to the A's and the
-  B's, with weights sqrt(|w_i s_i|) on both and the sign of w_i s_i on A
-  only. Not the sum of the updates (cross terms B_i A_j appear); needs equal
-  ranks.
-- dense-domain (``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
-  ``magnitude_prune_svd``): the rule acts elementwise on the dense updates
-  dW_i = s_i B_i A_i, then the result is truncated to rank r. The C++ backend
-  builds the combined dW tile by tile, holding one dense matrix per module.
+The methods, their families (``svd``, ``cat``, factor-wise, dense-domain;
+formulas in ``methods.py``) and the checks of their arguments are the
+registry's (``kmerge_fast/methods.py``). The ops run on the backend the
+dispatcher picks (``kmerge_fast.ops``): ``svd`` is ``ops.truncate``, ``cat``
+``ops.stack``; dense-domain methods combine the pruned dW_i of one module at
+a time (``ops.abs_kth``, ``ops.dense_combine``; the C++ backend builds it tile
+by tile, holding one dense matrix per module), then truncate it (``top_svd``).
 
 The elementwise rules and their two documented differences from peft (ties
 at the magnitude threshold, DARE's hash-based masks) are in
-``ops/elementwise.py``.
+``ops/numerics/elementwise.py``.
 """
 
 from __future__ import annotations
@@ -32,19 +25,11 @@ import torch
 from . import ops
 from .errors import AdapterError
 from .lora import LoRA, LoRAModule, first_non_finite
+from .methods import METHODS, check_args  # noqa: F401 (METHODS: kmerge_fast.merge.METHODS, the method names)
 from .ops import Factor
-from .ops.elementwise import (ALL, DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Keep, apply_keep, combine,
-                              dare_thresh24, magnitude_k, mix64, topk_keep)
-from .ops.top_svd import top_svd
-
-#: Factor-wise and dense-domain methods: (combine mode, keep kind).
-FACTOR_WISE = {"linear": (SUM, ALL), "ties": (TIES, MAGNITUDE), "dare_linear": (SUM, DARE),
-               "dare_ties": (TIES, DARE), "magnitude_prune": (SUM, MAGNITUDE)}
-DENSE = {"ties_svd": (TIES, MAGNITUDE), "dare_linear_svd": (SUM, DARE), "dare_ties_svd": (TIES, DARE),
-         "magnitude_prune_svd": (SUM, MAGNITUDE)}
-METHODS = ("svd", "cat", *FACTOR_WISE, *DENSE)
-#: Methods that return B = U_r S_r, A = V_r^T of a truncation (``svd_clamp`` applies).
-SVD_METHODS = ("svd", *DENSE)
+from .ops.contract import ALL, COMBINE_MODES, DARE, KEEP_KINDS, MAGNITUDE, Keep
+from .ops.numerics.elementwise import apply_keep, combine, dare_thresh24, magnitude_k, mix64, topk_keep
+from .ops.numerics.top_svd import top_svd
 
 
 def module_table(loras: Sequence[LoRA], arg: str = "loras") -> dict[str, list[tuple[int, LoRAModule]]]:
@@ -121,7 +106,7 @@ def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method:
         generator: the ``torch.Generator`` DARE draws its seed from (default:
             torch's global generator, so ``torch.manual_seed`` makes it
             reproducible as in peft). The masks themselves come from a
-            counter-based hash of that seed (``ops/elementwise.py``).
+            counter-based hash of that seed (``ops/numerics/elementwise.py``).
 
     Returns:
         A LoRA with scaling 1 on every module, in the inputs' promoted dtype.
@@ -136,48 +121,34 @@ def merge(loras: Sequence[LoRA], weights: Sequence[float] | None = None, method:
     Dense-domain methods with float32 and float64 inputs compute every term in
     float64 (so the magnitude threshold compares the values it was taken from).
     """
-    if method not in METHODS:
-        raise ValueError(f"method: unknown combination type {method!r}; choose from {list(METHODS)}")
+    entry, density = check_args(method, rank, density, majority_sign_method, svd_clamp)
     if not isinstance(loras, (list, tuple)) or not loras:
         raise ValueError("loras: need at least one adapter to merge")
     weights = check_weights(weights, len(loras))
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank: must be a positive int, got {rank!r}")
-    if rank is not None and method not in SVD_METHODS:
-        raise ValueError(f"rank: only the svd methods {list(SVD_METHODS)} take a rank, not {method!r}")
-    keep_kind = (FACTOR_WISE.get(method) or DENSE.get(method) or (SUM, ALL))[1]
-    density = _check_density(density, method, needed=keep_kind != ALL)
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method: must be one of {list(SIGN_METHODS)}, got {majority_sign_method!r}")
-    if svd_clamp is not None:
-        if method not in SVD_METHODS:
-            raise ValueError(f"svd_clamp: only the svd methods {list(SVD_METHODS)} take it, not {method!r}")
-        if not 0.0 <= float(svd_clamp) <= 1.0:
-            raise ValueError(f"svd_clamp: a quantile in [0, 1], got {svd_clamp!r}")
+    mode, kind = COMBINE_MODES[entry.combine], KEEP_KINDS[entry.keep]
     table = module_table(loras)
     dtype = result_dtype(loras)
     names = list(table)
-    seeds = _Seeds(generator) if keep_kind == DARE and density < 1 else None
-    if method in FACTOR_WISE:
-        mode, kind = FACTOR_WISE[method]
-        if mode == SUM and (kind == ALL or density >= 1.0) and len(loras) <= 2:
+    seeds = _Seeds(generator) if kind == DARE and density < 1 else None
+    if entry.family == "factor_wise":
+        if entry.sums_factors(len(loras), density):
             pairs = _factor_sums(names, table, weights, method, dtype)
         else:
-            pairs = [_factor_wise(name, table[name], weights, method, density, majority_sign_method, seeds, dtype)
-                     for name in names]
+            pairs = [_factor_wise(name, table[name], weights, method, mode, kind, density, majority_sign_method,
+                                  seeds, dtype) for name in names]
     else:
-        if rank is None and method != "cat":
+        if rank is None and entry.takes_rank:
             rank = max(max(lora.ranks.values(), default=1) for lora in loras)
         elif rank is not None:
             _check_rank_fits(rank, table)
         batch = [[Factor(m.A, m.B, weights[i] * m.scaling) for i, m in table[name]] for name in names]
-        if method == "cat":
-            pairs = ops.select_for(batch).stack(batch, dtype)
-        elif method == "svd":
-            pairs = ops.select_for(batch).truncate(batch, rank, dtype)
+        if entry.family == "cat":
+            pairs = ops.stack(batch, dtype)
+        elif entry.family == "svd":
+            pairs = ops.truncate(batch, rank, dtype)
         else:
-            pairs = [_dense_domain(name, table[name], weights, method, rank, density, majority_sign_method, seeds,
-                                   dtype) for name in names]
+            pairs = [_dense_domain(name, table[name], weights, method, mode, kind, rank, density,
+                                   majority_sign_method, seeds, dtype) for name in names]
         if svd_clamp is not None:
             pairs = [clamp_factors(a, b, float(svd_clamp)) for a, b in pairs]
     config = next((lora.config for lora in loras if lora.config), {})
@@ -206,18 +177,6 @@ def _check_rank_fits(rank: int, table) -> None:
         n_out, n_in = entries[0][1].shape
         raise ValueError(f"rank: {rank} is above the largest rank any module can have ({limit}, module {name!r} "
                          f"is {n_out} x {n_in}); ask for at most {limit}")
-
-
-def _check_density(density, method: str, needed: bool) -> float:
-    if density is None:
-        if needed:
-            raise ValueError(f"density: method {method!r} needs a density in (0, 1]")
-        return 1.0
-    if not needed:
-        raise ValueError(f"density: not used by method {method!r}")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density: must be in (0, 1], got {density!r}")
-    return float(density)
 
 
 class _Seeds:
@@ -255,23 +214,21 @@ def _factor_weights(name: str, entries, weights, method) -> tuple[list[float], l
 
 
 def _factor_sums(names, table, weights, method, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The factor-wise SUM without pruning over at most two adapters: every module's A and B
-    sums in one backend call (``weighted_sum``, peft's roundings); the online mergers' step."""
-    batch, factors = [], []
+    """The factor-wise SUM without pruning over at most two adapters (``Method.sums_factors``):
+    every module's A and B sums in one backend call (``ops.weighted_sum``, peft's roundings)."""
+    batch = []
     for name in names:
         entries = table[name]
         w_a, w_b = _factor_weights(name, entries, weights, method)
         batch.append(([m.A for _, m in entries], w_a))
         batch.append(([m.B for _, m in entries], w_b))
-        factors.append([Factor(m.A, m.B, 1.0) for _, m in entries])
-    sums = ops.select_for(factors).weighted_sum(batch, dtype)
+    sums = ops.weighted_sum(batch, dtype)
     return [(sums[2 * k], sums[2 * k + 1]) for k in range(len(names))]
 
 
-def _factor_wise(name: str, entries, weights, method, density, sign_method, seeds, dtype):
+def _factor_wise(name: str, entries, weights, method, mode, kind, density, sign_method, seeds, dtype):
     """peft's factor-wise merge of one module: the rule on the A's and on the B's separately."""
     w_a, w_b = _factor_weights(name, entries, weights, method)
-    mode, kind = FACTOR_WISE[method]
     out = []
     for tensors, w in (([m.A for _, m in entries], w_a), ([m.B for _, m in entries], w_b)):
         work = ops.compute_dtype(dtype)
@@ -286,21 +243,21 @@ def _factor_wise(name: str, entries, weights, method, density, sign_method, seed
     return out[0], out[1]
 
 
-def _dense_domain(name, entries, weights, method, rank, density, sign_method, seeds, dtype):
-    """One module of a dense-domain method: combine the pruned dW_i, truncate to ``rank``."""
-    mode, kind = DENSE[method]
+def _dense_domain(name, entries, weights, method, mode, kind, rank, density, sign_method, seeds, dtype):
+    """One module of a dense-domain method: combine the pruned dW_i, truncate to ``rank``.
+
+    One module per ``ops.dense_combine`` call: each holds its (n_out, n_in) result."""
     # Mixed float32 / float64 terms: every term in float64 on every backend, so that the
     # magnitude threshold is the k-th largest of the very values the merge compares with it.
     wide = torch.float64 if any(m.A.dtype == torch.float64 for _, m in entries) else None
     factors = [Factor(m.A.to(wide or m.A.dtype), m.B.to(wide or m.B.dtype), m.scaling) for _, m in entries]
-    backend = ops.select_for([factors])
     if kind == MAGNITUDE and density < 1.0:
         numel = factors[0].B.shape[0] * factors[0].A.shape[1]
-        taus = backend.abs_kth([(f, magnitude_k(density, numel)) for f in factors])
+        taus = ops.abs_kth([(f, magnitude_k(density, numel)) for f in factors])
     else:
         taus = [0.0] * len(factors)
     keeps = [_keep(kind, density, seeds, tau) for tau in taus]
-    combined = backend.dense_combine(factors, [weights[i] for i, _ in entries], keeps, mode, sign_method)
+    combined, = ops.dense_combine([(factors, [weights[i] for i, _ in entries], keeps)], mode, sign_method)
     if not bool(torch.isfinite(combined).all()):
         raise ValueError(f"method {method!r}: module {name!r}: the combined update is not finite (NaN/Inf in the "
                          f"inputs, or values beyond {combined.dtype}'s range: merge in float64, e.g. "

@@ -42,6 +42,11 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
   keeps a member's norm, where the average shrinks each task's update to 1/n.
 - ``sum``: c_n = 1 (task arithmetic with lambda = 1), re-truncated.
 
+Each strategy is a named pair (:data:`kmerge_fast.strategies.STRATEGY_TABLE`): a
+router that picks the slot and a combiner that merges into it (the mode's
+running average when the row names none); :mod:`kmerge_fast.strategies`
+holds them, each with its checks and per-slot state.
+
 With ``store=folder`` the state lives on disk (:mod:`kmerge_fast.store`):
 every ``add`` commits atomically before it returns, and
 :meth:`OnlineMerger.open` resumes (``readonly=True``: a reader that takes no
@@ -50,10 +55,7 @@ lock and writes nothing, beside a writer).
 
 from __future__ import annotations
 
-import math
-import random
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,23 +63,13 @@ from typing import Callable, Sequence
 import torch
 
 from .lora import LoRA, first_non_finite
-from .merge import merge
-from .opcm import opcm_step
-from .ops.elementwise import mix64
+from .ops.numerics.elementwise import mix64
 from .similarity import METRICS, cache_norms, similarity_matrix
 from .store import Store, StoreError, check_export_target
-
-STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
-MODES = ("faithful", "exact", "rms", "sum")
-#: The default mode (chosen on bench/quality's S-score; see README, "Quality").
-DEFAULT_MODE = "exact"
-#: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
-ALIGNED_A = 0.5
-#: Strategies that keep a running average (and so honour ``mode``).
-RUNNING_AVERAGE = ("kmerge", "kmerge++", "random", "oracle")
-#: Baselines merging (slot, newcomer) with a peft method and fixed weights.
-PEFT_BASELINES = {"linear": ("linear", [0.5, 0.5]), "ties": ("ties", [1.0, 1.0]),
-                  "dare_linear": ("dare_linear", [1.0, 1.0]), "dare_ties": ("dare_ties", [1.0, 1.0])}
+from .strategies import STRATEGY_TABLE, lookup, threshold_for
+# re-exported: kf.online's names from before the strategies had their module
+from .strategies import (ALIGNED_A, DEFAULT_MODE, MODES, PEFT_BASELINES, RUNNING_AVERAGE,  # noqa: F401
+                         STRATEGIES, a_alignment, running_weights, slot_scale, width_threshold)
 
 
 @dataclass
@@ -90,48 +82,6 @@ class Step:
     action: str            # "new" (took a free slot), "merge" or "replace"
     similarities: list     # similarity to each slot before the add (empty when there was none)
     seconds: float
-
-
-def width_threshold(lora: LoRA) -> float:
-    """K-Merge++'s threshold from shapes alone: the mean over modules of r / n_in.
-
-    The published 0.020 (Llama-3.2-1B, r = 32, n_in = 2048: r / n_in = 0.016)
-    sits near it. Needs no other adapter and never sees the stream's
-    similarities; used by ``threshold="auto"``.
-    """
-    mods = list(lora.modules.values())
-    return sum(m.rank / m.shape[1] for m in mods) / len(mods)
-
-
-def slot_scale(mode: str, n: int) -> float:
-    """c_n: a slot of n tasks holds c_n * sum_i dW_i (``faithful`` aims at the average, as ``exact``).
-
-    1/n for ``exact`` and ``faithful``, 1/sqrt(n) for ``rms``, 1 for ``sum``.
-    """
-    if mode == "rms":
-        return 1.0 / math.sqrt(n)
-    if mode == "sum":
-        return 1.0
-    return 1.0 / n
-
-
-def running_weights(mode: str, n: int) -> list[float]:
-    """(w_slot, w_new) = (c_n / c_{n-1}, c_n): they take a slot of n - 1 members to n (see :func:`slot_scale`)."""
-    return [slot_scale(mode, n) / slot_scale(mode, n - 1), slot_scale(mode, n)]
-
-
-def a_alignment(slot: LoRA, lora: LoRA) -> float:
-    """Mean over shared modules of |<A_slot, A_new>_F| / (|A_slot|_F |A_new|_F) (0 for independent
-    random A of rank r << n_in; near 1 for adapters trained from one initialisation)."""
-    vals = []
-    for name, m in lora.modules.items():
-        s = slot.modules.get(name)
-        if s is None or s.A.shape != m.A.shape:
-            continue
-        a, b = s.A.double(), m.A.double()
-        den = float(a.norm() * b.norm())
-        vals.append(abs(float((a * b).sum())) / den if den > 0 else 0.0)
-    return sum(vals) / len(vals) if vals else 0.0
 
 
 def calibrate_threshold(loras: Sequence[LoRA], metric: str = "cos") -> float:
@@ -186,14 +136,15 @@ class OnlineMerger:
         self.seed: int = settings["seed"]
         self.density: float = settings["density"]
         self.oracle = oracle
+        router, combiner = lookup(self.strategy).pair(self.mode)
+        self.router = router(settings, oracle)   # picks the slot; per-slot state in router.states
+        self.combiner = combiner(settings)       # merges into it; per-slot state in combiner.states
         self.slots: list[LoRA] = []
         self.members: list[list[str]] = []
         self.history: list[Step] = []
-        self._extra: list[dict] = []       # per slot: strategy state (OPCM's lambdas, oracle groups)
         self._store: Store | None = None
         self._readonly = False
         self._generation = 0               # the store generation that memory holds (add refuses a mismatch)
-        self._warned_aligned = False
 
     # ------------------------------------------------------------ persistence
     @classmethod
@@ -215,7 +166,7 @@ class OnlineMerger:
         """
         st = Store.open(store, readonly=readonly, verify=False, check_settings=_stored_settings)
         try:
-            if st.manifest["settings"]["strategy"] == "oracle" and oracle is None:
+            if _takes_oracle(st.manifest["settings"]["strategy"]) and oracle is None:
                 raise ValueError("oracle: this store uses the 'oracle' strategy; pass the task -> group function")
             loaded = st.load_slots()  # a reader may move on to a newer manifest here: read it after
             manifest = st.manifest
@@ -225,7 +176,8 @@ class OnlineMerger:
                 _check_stored_slot(st, i, meta, lora, loaded[0])
                 self.slots.append(lora)
                 self.members.append(list(meta["tasks"]))
-                self._extra.append(meta["extra"])
+            self.router.load([meta["extra"] for meta in manifest["slots"]])
+            self.combiner.load([meta["extra"] for meta in manifest["slots"]])
             self.history = [Step(**h) for h in manifest["history"]]
             self._generation = st.generation
             self._readonly = readonly
@@ -294,15 +246,14 @@ class OnlineMerger:
             if self.members[slot] != [task]:
                 raise ValueError(f"task: {task!r} shares slot {slot} with {len(self.members[slot]) - 1} other "
                                  "task(s); a merged task cannot be replaced")
-            extra = {"group": self._extra[slot]["group"]} if "group" in self._extra[slot] else {}
-            return self._apply(task, slot, "replace", lora, extra, [], start)
+            return self._apply(task, slot, "replace", lora, self.router.states[slot], {}, [], start)
         sims = self._similarities(lora)
         slot = self._choose(task, sims, lora)
         if slot == len(self.slots):
-            extra = {"group": self._group(task)} if self.strategy == "oracle" else {}
-            return self._apply(task, slot, "new", lora, extra, sims, start)
-        merged, extra = self._merge(slot, lora, task)
-        return self._apply(task, slot, "merge", merged, extra, sims, start)
+            return self._apply(task, slot, "new", lora, self.router.opened(task), {}, sims, start)
+        merged, state = self.combiner.combine(slot, self.slots[slot], lora, len(self.members[slot]) + 1, task,
+                                              self._step_seed())
+        return self._apply(task, slot, "merge", merged, self.router.states[slot], state, sims, start)
 
     def _check_writable(self) -> None:
         """Refuse an add, before any work, that the store cannot take (StoreError)."""
@@ -337,7 +288,7 @@ class OnlineMerger:
                     f"task {task!r}: the adapter does not match the stored base model: "
                     f"missing modules {missing[:3]}, unknown modules {extra[:3]}, "
                     f"shape mismatch in {[(n, got[n], want[n]) for n in shape[:3]]}")
-            if self.strategy in RUNNING_AVERAGE and self.mode == "faithful" or self.strategy in PEFT_BASELINES:
+            if self.combiner.equal_ranks:
                 ranks = {n: m.rank for n, m in lora.modules.items()}
                 stored = self.slots[0].ranks
                 if ranks != stored:
@@ -355,57 +306,15 @@ class OnlineMerger:
 
     def threshold_for(self, lora: LoRA) -> float:
         """K-Merge++'s threshold for this newcomer (a fixed number, or the ``"auto"`` rule)."""
-        return width_threshold(lora) if self.threshold == "auto" else float(self.threshold)
+        return threshold_for(self.threshold, lora)
 
     def _choose(self, task: str, sims: list[float], lora: LoRA) -> int:
-        """The slot for a newcomer; ``len(self.slots)`` means a new slot."""
-        free = len(self.slots) < self.budget
-        if self.strategy == "oracle":
-            if free:
-                return len(self.slots)
-            group = self._group(task)
-            for i, extra in enumerate(self._extra):    # the slot whose first member has this group
-                if extra.get("group") == group:
-                    return i
-            return _argmax(sims)
-        if self.strategy == "kmerge++":
-            return len(self.slots) if free and (not sims or max(sims) < self.threshold_for(lora)) else _argmax(sims)
-        if free:
-            return len(self.slots)
-        if self.strategy == "random":
-            return random.Random(self._step_seed()).randrange(len(self.slots))
-        return _argmax(sims)
+        """The slot for a newcomer (the router's choice); ``len(self.slots)`` means a new slot."""
+        return self.router.choose(task, lora, sims, self._step_seed())
 
-    def _group(self, task: str):
-        group = self.oracle(task)
-        return group if isinstance(group, (str, int, float, bool)) or group is None else str(group)
-
-    def _merge(self, slot: int, lora: LoRA, task: str) -> tuple[LoRA, dict]:
-        current = self.slots[slot]
-        rank = max(current.ranks.values())
-        if self.strategy in PEFT_BASELINES:
-            method, weights = PEFT_BASELINES[self.strategy]
-            density = None if method == "linear" else self.density
-            gen = torch.Generator().manual_seed(self._step_seed() & (2**63 - 1))
-            return merge([current, lora], weights, method=method, density=density, generator=gen), {}
-        if self.strategy == "opcm":
-            merged, state = opcm_step(current, lora, self._extra[slot].get("opcm", {}), rank)
-            return merged, {"opcm": state}
-        weights = running_weights(self.mode, len(self.members[slot]) + 1)
-        if self.mode == "faithful":
-            # once per merger (a stream repeats it): after the warning the check is not worth its cost
-            align = 0.0 if self._warned_aligned else a_alignment(current, lora)
-            if align > ALIGNED_A:
-                self._warned_aligned = True
-                warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
-                              f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "
-                              "nearly the sum of the updates, not their average (mode='exact' or 'rms' does not)",
-                              stacklevel=3)
-            return merge([current, lora], weights, method="linear"), dict(self._extra[slot])
-        return merge([current, lora], weights, method="svd", rank=rank), dict(self._extra[slot])
-
-    def _apply(self, task, slot, action, adapter, extra, sims, start) -> int:
-        """Commit the new state (store first, then memory) and record the step.
+    def _apply(self, task, slot, action, adapter, routed, combined, sims, start) -> int:
+        """Commit the new state (store first, then memory) and record the step; ``routed``,
+        ``combined``: the router's and the combiner's new state of the slot.
 
         The manifest's rename is the commit point: if the commit raises after it
         (an fsync of the store folder, a KeyboardInterrupt), memory still takes
@@ -414,20 +323,22 @@ class OnlineMerger:
         """
         slots = list(self.slots)
         members = [list(m) for m in self.members]
-        extras = list(self._extra)
+        rstates, cstates = list(self.router.states), list(self.combiner.states)
         if slot == len(slots):
             slots.append(adapter)
             members.append([task])
-            extras.append(extra)
+            rstates.append(routed)
+            cstates.append(combined)
         else:
             slots[slot] = adapter
-            extras[slot] = extra
+            rstates[slot], cstates[slot] = routed, combined
             if action == "merge":
                 members[slot].append(task)
         step = Step(task, slot, action, [float(s) for s in sims], time.perf_counter() - start)
         history = self.history + [step]
         if self._store is not None:
-            meta = [{"tasks": m, "rank": max(s.ranks.values()), "extra": e} for m, s, e in zip(members, slots, extras)]
+            meta = [{"tasks": m, "rank": max(s.ranks.values()), "extra": {**r, **c}}
+                    for m, s, r, c in zip(members, slots, rstates, cstates)]
             # The next step needs the new slot's norms; compute them while the commit mostly
             # waits on the disk (the kernels release the GIL).
             try:
@@ -435,18 +346,23 @@ class OnlineMerger:
                                    while_syncing=lambda: cache_norms([adapter], self.similarity))
             except BaseException:
                 if self._store.generation != self._generation:  # committed; the error came after the rename
-                    self.slots, self.members, self._extra, self.history = slots, members, extras, history
+                    self._take(slots, members, rstates, cstates, history)
                     self._generation = self._store.generation
                 raise
             self._generation = self._store.generation
-        self.slots, self.members, self._extra, self.history = slots, members, extras, history
+        self._take(slots, members, rstates, cstates, history)
         return slot
+
+    def _take(self, slots, members, rstates, cstates, history) -> None:
+        """Memory takes a committed step."""
+        self.slots, self.members, self.history = slots, members, history
+        self.router.states, self.combiner.states = rstates, cstates
 
 
 def _stored_settings(settings: dict) -> dict:
     """:func:`_check_settings` of a store's settings (the store's manifest check calls it): the
     normalised settings, or ValueError ``"<field>: why"``."""
-    oracle = (lambda task: task) if settings["strategy"] == "oracle" else None  # stands in for the caller's
+    oracle = (lambda task: task) if _takes_oracle(settings["strategy"]) else None  # stands in for the caller's
     return _check_settings(settings["budget"], settings["strategy"], settings["similarity"], settings["threshold"],
                            settings["mode"], settings["seed"], oracle, settings["density"])
 
@@ -466,39 +382,23 @@ def _check_stored_slot(st: Store, index: int, meta: dict, lora: LoRA, first: LoR
                          "base model)")
 
 
-def _argmax(values: list[float]) -> int:
-    best = max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the lowest index
-    return best
+def _takes_oracle(strategy: str) -> bool:
+    """Whether ``strategy`` (a name, perhaps unknown) routes by ``oracle=task -> group``."""
+    row = lookup(strategy)
+    return row is not None and row.router_class.takes_oracle
 
 
 def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density) -> dict:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget: must be an int >= 1, got {budget!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown {strategy!r}; choose from {list(STRATEGIES)}")
+    row = lookup(strategy)
+    if row is None:
+        raise ValueError(f"strategy: unknown {strategy!r}; choose from {list(STRATEGY_TABLE)}")
     if similarity not in METRICS:
         raise ValueError(f"similarity: unknown {similarity!r}; choose from {list(METRICS)}")
-    if mode is None:
-        mode = DEFAULT_MODE if strategy in RUNNING_AVERAGE else "faithful"
-    if mode not in MODES:
-        raise ValueError(f"mode: unknown {mode!r}; choose from {list(MODES)}")
-    if mode != "faithful" and strategy not in RUNNING_AVERAGE:
-        raise ValueError(f"mode: {mode!r} applies to the running-average strategies {list(RUNNING_AVERAGE)}, "
-                         f"not {strategy!r}")
-    if strategy == "kmerge++":
-        if threshold is None or threshold == "auto":
-            threshold = "auto"
-        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise ValueError(f"threshold: kmerge++ needs a finite number or 'auto', got {threshold!r} "
-                             "(see kf.calibrate_threshold, kf.online.width_threshold)")
-        else:
-            threshold = float(threshold)
-    elif threshold is not None:
-        raise ValueError(f"threshold: only kmerge++ uses a threshold, not {strategy!r}")
-    if (strategy == "oracle") != (oracle is not None):
-        raise ValueError("oracle: the 'oracle' strategy needs oracle=task -> group, and only it takes one")
-    if oracle is not None and not callable(oracle):
-        raise ValueError(f"oracle: must be callable, got {type(oracle).__name__}")
+    mode = row.check_mode(mode, strategy)
+    threshold = row.router_class.check_threshold(threshold, strategy)
+    row.router_class.check_oracle(oracle)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed: must be an int or None, got {seed!r}")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:

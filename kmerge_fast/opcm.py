@@ -37,7 +37,7 @@ ALPHA = 0.5
 
 def _sq_norm(factors: list[Factor]) -> float:
     """||sum_i c_i B_i A_i||_F^2 from r x r Grams."""
-    grams = ops.select_for([factors]).inner_products([(factors, factors)], precise=True)[0]
+    grams = ops.inner_products([(factors, factors)], precise=True)[0]
     return max(float(grams.sum()), 0.0)
 
 

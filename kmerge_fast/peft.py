@@ -47,7 +47,8 @@ from typing import Sequence
 import torch
 
 from .lora import LoRA, canonical_name
-from .merge import DENSE, FACTOR_WISE, METHODS, check_weights, merge
+from .merge import check_weights, merge
+from .methods import PEFT_NAMES, check_args, lookup
 
 
 class Unsupported(ValueError):
@@ -74,8 +75,7 @@ def _config_rank(config) -> int:
 def _plan(lora_model, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method):
     """Validate everything; return (method, new_rank, new_target_modules, weights)."""
     configs = lora_model.peft_config
-    if combination_type not in METHODS:
-        raise ValueError(f"combination_type: unknown {combination_type!r}; choose from {list(METHODS)}")
+    lookup(combination_type, PEFT_NAMES.method)
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise ValueError(f"adapters: need a non-empty list of adapter names, got {adapters!r}")
     if len(set(adapters)) != len(adapters):
@@ -91,14 +91,9 @@ def _plan(lora_model, adapters, weights, adapter_name, combination_type, svd_ran
     weights = check_weights(weights, len(adapters)) if weights is not None else None
     if weights is None:
         raise ValueError("weights: need one weight per adapter")
-    if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority_sign_method: must be 'total' or 'frequency', got {majority_sign_method!r}")
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
-        raise ValueError(f"svd_rank: must be a positive int, got {svd_rank!r}")
     method = "linear" if len(adapters) == 1 else combination_type  # as peft: one adapter merges linearly
-    prunes = method in FACTOR_WISE and method != "linear" or method in DENSE
-    if prunes and (density is None or isinstance(density, bool) or not 0.0 < float(density) <= 1.0):
-        raise ValueError(f"density: combination type {method!r} needs a density in (0, 1], got {density!r}")
+    # peft ignores the arguments a method does not take (density, svd_rank, svd_clamp)
+    entry, _ = check_args(method, svd_rank, density, majority_sign_method, names=PEFT_NAMES, ignore_unused=True)
     for name in adapters:
         config = configs[name]
         if getattr(config, "target_parameters", None):
@@ -106,11 +101,11 @@ def _plan(lora_model, adapters, weights, adapter_name, combination_type, svd_ran
         if getattr(config, "use_dora", False):
             raise Unsupported(f"adapter {name!r} is a DoRA adapter; only plain LoRA is supported")
     ranks = [_config_rank(configs[name]) for name in adapters]
-    if method in FACTOR_WISE:
+    if entry.family == "factor_wise":
         if len(set(ranks)) != 1:
             raise ValueError(f"combination type {method!r} needs all adapters to have the same r, got {ranks}")
         new_rank = ranks[0]
-    elif method == "cat":
+    elif entry.family == "cat":
         new_rank = sum(ranks)
     else:
         new_rank = svd_rank or max(ranks)
@@ -196,7 +191,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         model: a ``PeftModel`` or ``LoraModel`` holding the ``adapters``.
         adapters, weights: the adapter names to merge and one finite weight each.
         adapter_name: the new adapter's name (must not exist yet).
-        combination_type: one of peft's types (``kmerge_fast.merge.METHODS``);
+        combination_type: one of peft's types (``kmerge_fast.methods.METHODS``);
             with a single adapter peft (and this) merges ``linear``.
         svd_rank: rank of the ``svd`` family's result (default: the largest input rank).
         svd_clamp: peft's quantile clamp of the ``svd`` family's factors.
@@ -211,11 +206,11 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                                                svd_rank, density, majority_sign_method)
     layers = _lora_layers(lora_model)
     loras = [_extract(layers, name) for name in adapters]
-    uses_density = method in DENSE or (method in FACTOR_WISE and method != "linear")
-    uses_svd = method == "svd" or method in DENSE
-    merged = merge(loras, weights, method=method, rank=new_rank if uses_svd else None,
-                   density=float(density) if uses_density else None, majority_sign_method=majority_sign_method,
-                   svd_clamp=svd_clamp if uses_svd else None, generator=generator)
+    entry = lookup(method)
+    merged = merge(loras, weights, method=method, rank=new_rank if entry.takes_rank else None,
+                   density=float(density) if entry.takes_density else None,
+                   majority_sign_method=majority_sign_method, svd_clamp=svd_clamp if entry.takes_rank else None,
+                   generator=generator)
     _install(lora_model, adapters[0], adapter_name, new_rank, targets, merged)
 
 

@@ -15,8 +15,6 @@ import torch
 
 from .lora import LoRA
 
-PREFIX = "base_model.model."
-
 
 class _Hooks:
     """Forward hooks adding the current adapter's update to the target linears."""
@@ -39,13 +37,12 @@ class _Hooks:
 
     def load(self, lora: LoRA, dtype: torch.dtype, device) -> None:
         active = {}
-        for key, m in lora.modules.items():
-            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for name, m in lora.modules.items():  # keyed by the base model's module names
             linear = self.linears.get(name)
             if linear is None:
-                raise ValueError(f"module {key!r}: the base model has no nn.Linear {name!r}")
+                raise ValueError(f"module {name!r}: the base model has no nn.Linear of that name")
             if (linear.out_features, linear.in_features) != m.shape:
-                raise ValueError(f"module {key!r}: adapter update {m.shape} but the base layer is "
+                raise ValueError(f"module {name!r}: adapter update {m.shape} but the base layer is "
                                  f"{(linear.out_features, linear.in_features)}")
             active[name] = (m.A.to(device, dtype), m.B.to(device, dtype), m.scaling)
         self.active = active

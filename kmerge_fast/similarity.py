@@ -10,7 +10,7 @@ a per-module similarity of the updates dW_X and dW_Y:
 cos and l2 come from r x r cross-Grams and never form dW; l1 and linf need
 the dense values and stream tiles of dW_X - dW_Y through a fixed buffer.
 cos is invariant to the scale of the factors on every backend: factors far
-outside float32's range run on power-of-two scaled copies (``ops/scaling.py``),
+outside float32's range run on power-of-two scaled copies (``ops/numerics/scaling.py``),
 and an update whose squared norm leaves float64's range (|dW| beyond ~2^+-511)
 is recomputed scaled by 2^-+600 (l2 distances are scaled back exactly).
 Squared norms of every module are cached on the LoRAModule (per backend and
@@ -31,7 +31,7 @@ from . import ops
 from .lora import LoRA
 from .merge import module_table
 from .ops import Factor
-from .ops.scaling import ldexp, ldexp_tensor
+from .ops.numerics.scaling import ldexp, ldexp_tensor
 
 METRICS = ("cos", "l2", "l1", "linf")
 
@@ -52,16 +52,16 @@ def cache_norms(loras: Sequence[LoRA], metric: str = "cos") -> None:
     modules = [m for lora in loras for m in lora.modules.values()]
     if not modules:
         return
-    backend = ops.select_for([[_factor(m) for m in modules]])
     precise = metric == "l2"
-    key = _norm_key(backend, precise)
+    key = _norm_key([[_factor(m) for m in modules]], precise)
     missing = _missing_norms(modules, [m.cached_sq_norm(key) for m in modules])
     if missing:
-        _cache_self_dots(missing, backend.inner_products(_self_pairs(missing), precise=precise), key)
+        _cache_self_dots(missing, ops.inner_products(_self_pairs(missing), precise=precise), key)
 
 
-def _norm_key(backend, precise: bool) -> str:
-    return f"{backend.NAME}/{'precise' if precise else 'fast'}"
+def _norm_key(factor_lists, precise: bool) -> str:
+    """The cache key of squared norms computed with these factors: the backend that runs them, and the precision."""
+    return f"{ops.backend_name(factor_lists)}/{'precise' if precise else 'fast'}"
 
 
 def _missing_norms(modules, norms) -> list:
@@ -126,9 +126,8 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
         xs = [_factor(m) for _, m in table_x[name]]
         batch.append((xs, xs) if symmetric else (xs, [_factor(m) for _, m in table_y[name]]))
     # l2 subtracts nearly equal terms when adapters are close: it needs float64 Grams.
-    backend = ops.select_for([f for pair in batch for f in pair])
     precise = metric == "l2"
-    key = _norm_key(backend, precise)
+    key = _norm_key([f for pair in batch for f in pair], precise)
     groups = [[m for _, m in table_x[name]] for name in names]
     if not symmetric:
         groups += [[m for _, m in table_y[name]] for name in names]
@@ -138,7 +137,7 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
     missing = [] if symmetric else \
         _missing_norms([m for group in groups for m in group], [v for values in norms for v in values])
-    results = backend.inner_products(batch + _self_pairs(missing), precise=precise)
+    results = ops.inner_products(batch + _self_pairs(missing), precise=precise)
     inner = results[:len(batch)]
     _cache_self_dots(missing, results[len(batch):], key)
     if symmetric:
@@ -148,7 +147,7 @@ def _gram_similarities(table_x, table_y, names, metric, symmetric) -> list[torch
     if symmetric or missing:
         norms = [[m.cached_sq_norm(key) for m in group] for group in groups]
     norms_x, norms_y = norms[:len(names)], norms[len(names):] or norms
-    shifts = _rescue_out_of_range(batch, inner, norms_x, norms_y, backend, precise, metric)
+    shifts = _rescue_out_of_range(batch, inner, norms_x, norms_y, precise, metric)
     # The per-module similarities, batched over modules of the same (len(xs), len(ys)).
     out: list = [None] * len(names)
     by_shape = defaultdict(list)
@@ -184,12 +183,12 @@ def _shifted(f: Factor, k: int) -> Factor:
     return Factor(f.A, f.B.to(torch.float64) * ldexp(1.0, -k) * f.coef, 1.0)
 
 
-def _rescue_out_of_range(batch, inner, norms_x, norms_y, backend, precise, metric) -> list[int]:
+def _rescue_out_of_range(batch, inner, norms_x, norms_y, precise, metric) -> list[int]:
     """Recompute, in place, the modules whose squared norms or inner products left float64's
     range, on updates scaled by powers of two; returns per module the shift k (the l2
     distance of the scaled updates is 2^-k times the true one).
 
-    The backends normalise factors for their own arithmetic (ops/scaling.py), but they return
+    The backends normalise factors for their own arithmetic (ops/numerics/scaling.py), but they return
     <dW_x, dW_y> itself, which overflows when |dW| exceeds ~2^512 and underflows below
     ~2^-511. cos: each update is scaled on its own (cos does not change), down when its
     squared norm overflowed, up when it underflowed (a zero update stays zero); l2: one
@@ -225,7 +224,7 @@ def _rescue_out_of_range(batch, inner, norms_x, norms_y, backend, precise, metri
         if ys is not xs:
             entries.extend(_self_pairs_of(sy))
         plan.append((k, len(xs), 0 if ys is xs else len(ys)))
-    results = iter(backend.inner_products(entries, precise=precise))
+    results = iter(ops.inner_products(entries, precise=precise))
     for k, n_x, n_y in plan:
         inner[k] = next(results)
         norms_x[k] = [float(next(results)[0, 0]) for _ in range(n_x)]
@@ -244,7 +243,7 @@ def _dense_similarities(table_x, table_y, names, metric) -> list[torch.Tensor]:
         xs, ys = table_x[name], table_y[name]
         batch.extend((_factor(mx), _factor(my)) for _, mx in xs for _, my in ys)
         shapes.append((len(xs), len(ys)))
-    stats = ops.select_for(batch).diff_stats(batch) if batch else torch.zeros(0, 2, dtype=torch.float64)
+    stats = ops.diff_stats(batch)
     column = 0 if metric == "l1" else 1
     out, k = [], 0
     for n, m in shapes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -43,13 +44,40 @@ def dtype(request):
     return request.param
 
 
+# ------------------------------------------------------------------ devices
+#: Where ``random_lora`` puts its factors (the last entry): the CPU, or a device chosen with ``adapters_on``.
+_ADAPTER_DEVICES = [torch.device("cpu")]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` with the same strides (a strided view stays strided)."""
+    if t.device == device:
+        return t
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+    return out.copy_(t)
+
+
+@contextlib.contextmanager
+def adapters_on(device: torch.device):
+    """Inside the block ``random_lora`` makes its factors on ``device`` (test_triton.py runs
+    the shared cases of helpers/ on CUDA tensors this way); ``dense64`` stays on the CPU."""
+    _ADAPTER_DEVICES.append(torch.device(device))
+    try:
+        yield
+    finally:
+        _ADAPTER_DEVICES.pop()
+
+
+# --------------------------------------------------------------- adapters
 def random_lora(shapes: dict[str, tuple[int, int]], rank: int | dict = 4, dtype=torch.float32,
                 scaling: float | dict = 0.5, seed: int = 0, strided: bool = False) -> kf.LoRA:
     """A LoRA with Gaussian factors; ``shapes`` maps module name -> (n_out, n_in).
 
     ``strided=True`` makes every factor a non-contiguous view (every other column
-    of a wider tensor) to exercise stride handling.
+    of a wider tensor) to exercise stride handling. The factors lie on the CPU,
+    or on the device of an enclosing ``adapters_on`` (strides kept).
     """
+    device = _ADAPTER_DEVICES[-1]
     g = torch.Generator().manual_seed(seed)
     factors = {}
     for name, (n_out, n_in) in shapes.items():
@@ -60,17 +88,36 @@ def random_lora(shapes: dict[str, tuple[int, int]], rank: int | dict = 4, dtype=
         else:
             a = torch.randn(r, n_in, generator=g)
             b = torch.randn(n_out, r, generator=g)
-        factors[name] = (a.to(dtype), b.to(dtype))
+        factors[name] = (to_device(a.to(dtype), device), to_device(b.to(dtype), device))
     return kf.LoRA.from_factors(factors, scaling=scaling)
 
 
 def dense64(module) -> torch.Tensor:
-    """Float64 truth of a module's update from its stored factors."""
-    return module.scaling * (module.B.double() @ module.A.double())
+    """Float64 truth of a module's update from its stored factors, on the CPU."""
+    return (module.scaling * (module.B.double() @ module.A.double())).cpu()
 
 
 SHAPES_SMALL = {"q": (12, 10), "k": (6, 10)}
 SHAPES_AWKWARD = {"odd": (577, 193), "thin": (1, 33), "wide": (5, 301)}
+
+#: Two layers of q_proj (32 x 32) and v_proj (16 x 32): the modules of ``family_adapters``.
+FAMILY_SHAPES = {f"model.layers.{i}.self_attn.{p}": (32, 32) if p == "q_proj" else (16, 32)
+                 for i in range(2) for p in ("q_proj", "v_proj")}
+
+
+def family_adapters(n: int, families: int = 3, rank: int = 4, seed: int = 0, dtype=torch.float32) -> list[kf.LoRA]:
+    """Adapters in ``families`` groups: a shared random update per group plus noise, so routing is meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    bases = [{name: (torch.randn(rank, shape[1], generator=g), torch.randn(shape[0], rank, generator=g))
+              for name, shape in FAMILY_SHAPES.items()} for _ in range(families)]
+    out = []
+    for k in range(n):
+        base = bases[k % families]
+        factors = {name: (a + 0.6 * torch.randn(a.shape, generator=g), b + 0.6 * torch.randn(b.shape, generator=g))
+                   for name, (a, b) in base.items()}
+        out.append(kf.LoRA.from_factors({n_: (a.to(dtype), b.to(dtype)) for n_, (a, b) in factors.items()},
+                                        scaling=0.5 + 0.25 * (k % 3)))
+    return out
 
 
 def tiny_llama(hidden: int = 64, layers: int = 2, seed: int = 0):
@@ -96,7 +143,7 @@ def pytest_report_header(config):
 
 def spy_inner_products(monkeypatch) -> list:
     """Record the batch of every cpu / reference ``inner_products`` call (the calls still run)."""
-    from kmerge_fast.ops import cpu, reference
+    from kmerge_fast.ops.backend import cpp as cpu, reference
 
     calls = []
     for mod in (cpu, reference):

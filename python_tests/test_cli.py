@@ -11,7 +11,7 @@ import torch
 
 import kmerge_fast as kf
 from kmerge_fast.cli import main
-from test_online import family_adapters
+from conftest import family_adapters
 
 
 @pytest.fixture

@@ -11,21 +11,19 @@ float64 and are left out of the value comparison (they are rare: asserted).
 abs_kth is checked exactly against torch.topk of the very float32 t the
 merge kernel computes (dense_merge with one "all" term), and against float64.
 
-Set KMF_BENCH=1 to print timings against torch (test_benchmark).
+Timings against torch: ``python -m bench.bench_ops`` (the dense_merge and abs_kth rows).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 
 import numpy as np
 import pytest
 import torch
 
 _C = pytest.importorskip("kmerge_fast._C")
-from test_cpp_core import CODES, make, mat  # noqa: E402  (one way to describe tensors to _C)
+from helpers.cpp_tasks import make, mat  # noqa: E402  (one way to describe tensors to _C)
 
 GOLDEN = 0x9E3779B97F4A7C15
 M64 = (1 << 64) - 1
@@ -485,83 +483,3 @@ def test_bad_arguments_raise_value_error():
     assert _C.abs_kth([]) == []
     # a seed >= 2^63 is fine
     _C.dense_merge([good[:3] + (2, 0.0, (1 << 64) - 1, 100, 0.5)], mat(out), 0, 0)
-
-
-# ---------------------------------------------------------------- timings
-@pytest.mark.skipif(os.environ.get("KMF_BENCH") != "1", reason="set KMF_BENCH=1 to print timings")
-def test_benchmark(capsys):
-    def best(fn, reps=3):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return min(ts) * 1e3
-
-    n, r = 2048, 32
-    gen = torch.Generator().manual_seed(0)
-    lines = [f"torch threads {torch.get_num_threads()}, _C {_C.info()}"]
-    for k in [2, 8]:
-        Bs = [torch.randn(n, r, generator=gen) / 8 for _ in range(k)]
-        As = [torch.randn(r, n, generator=gen) / 8 for _ in range(k)]
-        w = torch.linspace(0.5, 1.5, k)
-        out = torch.empty(n, n)
-        density = 0.3
-
-        def torch_dense():
-            return torch.stack([b @ a for b, a in zip(Bs, As)])
-
-        def torch_sum():
-            return (torch_dense() * w.view(-1, 1, 1)).sum(0)
-
-        def torch_ties(T=None):
-            T = torch_dense() if T is None else T
-            sign = T.sign()
-            elect = torch.where(T.sum(0) >= 0, 1, -1)
-            mask = sign == elect
-            return (T * w.view(-1, 1, 1) * mask).sum(0) / mask.sum(0).clamp(min=1)
-
-        def torch_magnitude_ties():
-            T = torch_dense()
-            kk = int(density * n * n)
-            kept = []
-            for t in T:  # peft's magnitude_based_pruning
-                mask = torch.zeros_like(t).reshape(-1)
-                mask[torch.topk(t.abs().reshape(-1), k=kk).indices] = 1
-                kept.append(t * mask.reshape(t.shape))
-            return torch_ties(torch.stack(kept))
-
-        def torch_dare_ties():
-            T = torch_dense()
-            T = T * torch.bernoulli(torch.full_like(T, density)) / density
-            return torch_ties(T)
-
-        def terms(kind, taus=None):
-            return [(mat(b), mat(a), float(wi), kind, float(taus[i]) if taus else 0.0, i + 1, thresh24(density), density)
-                    for i, (b, a, wi) in enumerate(zip(Bs, As, w.tolist()))]
-
-        kk = int(density * n * n)
-        taus = _C.abs_kth([(mat(b), mat(a), kk) for b, a in zip(Bs, As)])
-        cases = [
-            ("sum (task arithmetic)", lambda: _C.dense_merge(terms(ALL), mat(out), SUM, TOTAL), torch_sum),
-            ("ties, keep all", lambda: _C.dense_merge(terms(ALL), mat(out), TIES, TOTAL), torch_ties),
-            ("ties + magnitude (taus given)", lambda: _C.dense_merge(terms(MAGNITUDE, taus), mat(out), TIES, TOTAL),
-             torch_magnitude_ties),
-            ("ties + magnitude incl. abs_kth",
-             lambda: (_C.abs_kth([(mat(b), mat(a), kk) for b, a in zip(Bs, As)]),
-                      _C.dense_merge(terms(MAGNITUDE, taus), mat(out), TIES, TOTAL)), torch_magnitude_ties),
-            ("dare_ties (hash vs bernoulli)", lambda: _C.dense_merge(terms(DARE), mat(out), TIES, TOTAL), torch_dare_ties),
-            ("dare_linear (hash vs bernoulli)", lambda: _C.dense_merge(terms(DARE), mat(out), SUM, TOTAL),
-             lambda: (torch_dense() * torch.bernoulli(torch.full((k, n, n), density)) / density * w.view(-1, 1, 1)).sum(0)),
-        ]
-        for name, cfn, tfn in cases:
-            lines.append(f"k={k} {n}x{n} r={r} {name:34s}: C++ {best(cfn):8.1f} ms   torch {best(tfn):8.1f} ms")
-    B, A = torch.randn(n, r, generator=gen), torch.randn(r, n, generator=gen)
-    for frac in [0.01, 0.2, 0.5]:
-        kk = int(frac * n * n)
-        c = best(lambda: _C.abs_kth([(mat(B), mat(A), kk)]))
-        t = best(lambda: torch.topk((B @ A).abs().flatten(), kk).values[-1])
-        lines.append(f"abs_kth {n}x{n} r={r} k={frac:.2f}*numel: C++ {c:8.1f} ms   torch (B@A + topk) {t:8.1f} ms")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

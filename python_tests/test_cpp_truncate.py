@@ -14,8 +14,9 @@ import threading
 import pytest
 import torch
 
-from kmerge_fast.ops import cpu, gram_svd
-from kmerge_fast.ops.cpu import _mat as mat  # (ptr, dtype, rows, cols, row_stride, col_stride, coef)
+from kmerge_fast.ops.backend import cpp as cpu
+from kmerge_fast.ops.backend.cpp import _mat as mat  # (ptr, dtype, rows, cols, row_stride, col_stride, coef)
+from kmerge_fast.ops.numerics import gram_svd
 
 _C = pytest.importorskip("kmerge_fast._C")
 
@@ -167,7 +168,7 @@ def test_stacked_ranks_off_the_block_sizes_are_optimal(ranks):
 
 
 def test_product_equals_the_torch_algebra_where_sigma_r_is_separated():
-    """The same B'A' as ops/gram_svd.py (torch.linalg) on the same Grams."""
+    """The same B'A' as ops/numerics/gram_svd.py (torch.linalg) on the same Grams."""
     terms = gaussian_terms(90, 70, [8, 8, 8], seed=3, coefs=[1.0, 0.5, -0.25])
     rank = 6
     new_a, new_b, route = truncate(terms, rank)
@@ -412,7 +413,7 @@ def test_non_finite_input_is_reported_and_left_to_the_caller():
 
 
 def test_cpu_backend_redoes_a_failed_module_with_the_torch_algebra(monkeypatch):
-    """A module _C.truncate cannot settle goes through ops/gram_svd.py: same product."""
+    """A module _C.truncate cannot settle goes through ops/numerics/gram_svd.py: same product."""
     from kmerge_fast.ops import Factor
 
     terms = gaussian_terms(50, 40, [6, 6], seed=12, dtype=torch.float32)

@@ -60,6 +60,9 @@ def test_import_survives_missing_extension():
         "import kmerge_fast as kf\n"
         "assert 'cpp' not in kf.backends(), kf.backends()\n"
         "assert 'cpp' in kf.ops.unavailable_reasons()\n"
+        "import torch\n"  # the codes of keep kinds and combine modes still work for the reference
+        "a = kf.LoRA.from_factors({'q': (torch.randn(2, 5), torch.randn(4, 2))})\n"
+        "m = kf.merge([a, a], [0.5, 0.5], method='ties_svd', density=0.5, rank=2)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

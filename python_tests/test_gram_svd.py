@@ -1,11 +1,11 @@
-"""The R x R algebra of truncation (``ops/gram_svd.py``): both routes, and the check that picks between them."""
+"""The R x R algebra of truncation (``ops/numerics/gram_svd.py``): both routes, and the check that picks between them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kmerge_fast.ops import gram_svd
+from kmerge_fast.ops.numerics import gram_svd
 
 
 def stacks(n_out: int, n_in: int, big_r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,12 +90,145 @@ def test_save_loads_in_peft_identically(tmp_path, dtype):
 def test_from_factors_names_and_scaling():
     a, b = torch.randn(2, 5), torch.randn(3, 2)
     lora = kf.LoRA.from_factors({"layer.q": (a, b)}, scaling={"layer.q": 0.25})
-    assert lora.names == ["base_model.model.layer.q"]
-    m = lora.modules["base_model.model.layer.q"]
+    assert lora.names == ["layer.q"]
+    m = lora.modules["layer.q"]
     torch.testing.assert_close(m.delta(), 0.25 * b @ a)
     assert (m.rank, m.shape) == (2, (3, 5))
     with pytest.raises(kf.AdapterError, match="no scaling"):
         kf.LoRA.from_factors({"x": (a, b)}, scaling={"y": 1.0})
+
+
+# ------------------------------------------- module names: base-model paths
+Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.0.self_attn.v_proj"
+
+
+def _pair(r=2, n_out=6, n_in=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+
+
+def test_modules_keyed_by_base_names_and_looked_up_by_either():
+    lora = kf.LoRA.from_factors({"x.q": _pair()})
+    assert lora.names == ["x.q"] and list(lora.ranks) == ["x.q"]
+    m = lora.modules["x.q"]
+    assert lora.modules["base_model.model.x.q"] is m
+    assert "x.q" in lora.modules and "base_model.model.x.q" in lora.modules and "x.v" not in lora.modules
+    assert lora.modules.get("base_model.model.x.q") is m and lora.modules.get("x.v") is None
+    assert isinstance(lora.modules, dict) and dict(lora.modules) == {"x.q": m}
+    # writes by either name land on the base name
+    lora.modules["base_model.model.x.v"] = lora.modules.pop("base_model.model.x.q")
+    assert list(lora.modules) == ["x.v"]
+    lora.modules.update({"base_model.model.x.k": m})
+    lora.modules |= {"base_model.model.x.o": m}
+    assert sorted(lora.modules) == ["x.k", "x.o", "x.v"]
+    del lora.modules["base_model.model.x.k"]
+    assert sorted(lora.modules.copy()) == ["x.o", "x.v"]
+
+
+def test_a_base_path_that_starts_like_peft_keeps_its_name(tmp_path):
+    """A base model whose module path itself begins with ``base_model.model.`` (a wrapped PeftModel)."""
+    import copy
+    import pickle
+
+    odd = "base_model.model.x"
+    lora = kf.LoRA.from_factors({"base_model.model." + odd: _pair(), "x": _pair(seed=1)})
+    assert lora.names == [odd, "x"] and lora.modules[odd] is not lora.modules["x"]
+    for again in (copy.deepcopy(lora.modules), pickle.loads(pickle.dumps(lora.modules)), lora.modules.copy()):
+        assert type(again) is type(lora.modules) and list(again) == [odd, "x"]
+    lora.save(tmp_path / "ad")
+    assert sorted(load_file(tmp_path / "ad" / "adapter_model.safetensors")) == sorted(
+        f"base_model.model.{n}.lora_{w}.weight" for n in (odd, "x") for w in "AB")
+    assert kf.LoRA.load(tmp_path / "ad").names == [odd, "x"]
+
+
+def test_from_factors_accepts_either_name_form():
+    a = kf.LoRA.from_factors({Q: _pair(), "base_model.model." + V: _pair(seed=1)},
+                             scaling={"base_model.model." + Q: 2.0, V: 0.5})
+    assert a.names == [Q, V]
+    assert (a.modules[Q].scaling, a.modules[V].scaling) == (2.0, 0.5)
+    # the LoRA constructor normalises too
+    b = kf.LoRA({"base_model.model." + Q: a.modules[Q]})
+    assert b.names == [Q]
+    with pytest.raises(kf.AdapterError, match=f"module '{Q}' given twice"):
+        kf.LoRA.from_factors({Q: _pair(), "base_model.model." + Q: _pair()})
+    with pytest.raises(kf.AdapterError, match="scaling given for unknown modules: \\['x'\\]"):
+        kf.LoRA.from_factors({Q: _pair()}, scaling={Q: 1.0, "base_model.model.x": 1.0})
+    # messages name the module by its base-model path
+    with pytest.raises(kf.AdapterError, match=f"module '{Q}': rank mismatch"):
+        kf.LoRA.from_factors({"base_model.model." + Q: (torch.zeros(2, 5), torch.zeros(6, 3))})
+
+
+def test_peft_files_keep_peft_keys_and_round_trip_base_names(tmp_path):
+    """Saving adds peft's prefix (the files are as before item 6), loading strips it."""
+    a = kf.LoRA.from_factors({Q: _pair(r=4), V: _pair(r=2, seed=1)}, scaling={Q: 2.0, V: 0.5},
+                             config={"base_model_name_or_path": "tiny", "task_type": "CAUSAL_LM"})
+    a.save(tmp_path / "ad")
+    state = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert sorted(state) == sorted(f"base_model.model.{n}.lora_{w}.weight" for n in (Q, V) for w in "AB")
+    assert torch.equal(state[f"base_model.model.{Q}.lora_A.weight"], a.modules[Q].A)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config == {
+        "peft_type": "LORA", "base_model_name_or_path": "tiny", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "rank_pattern": {"model\\.layers\\.0\\.self_attn\\.v_proj": 2},
+        "alpha_pattern": {"model\\.layers\\.0\\.self_attn\\.v_proj": 1.0},
+        "target_modules": [Q, V], "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }
+    assert config == a.peft_config()
+    again = kf.LoRA.load(tmp_path / "ad")
+    assert again.names == [Q, V] and again.ranks == a.ranks
+    assert again.modules["base_model.model." + V].scaling == pytest.approx(0.5)
+    again.save(tmp_path / "again")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "ad" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    # names compare equal between loaded and built adapters: one merged module each
+    merged = kf.merge([again, a], [0.5, 0.5], method="linear")
+    assert merged.names == [Q, V]
+
+
+def test_peft_saved_adapter_uses_the_base_models_module_names(tmp_path):
+    pm = _peft_model()
+    pm.save_pretrained(tmp_path / "ad")
+    lora = kf.LoRA.load(tmp_path / "ad")
+    base_names = {n for n, _ in tiny_llama().named_modules()}
+    assert lora.names and set(lora.names) <= base_names
+    assert Q in lora.names
+
+
+def test_load_unprefixed_and_doubled_keys(tmp_path, saved):
+    """A file without peft's prefix loads to the same names; one holding a module under both names is refused."""
+    state = load_file(saved / "adapter_model.safetensors")
+    plain = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    (tmp_path / "plain").mkdir()
+    shutil.copy(saved / "adapter_config.json", tmp_path / "plain")
+    save_file(plain, tmp_path / "plain" / "adapter_model.safetensors")
+    assert kf.LoRA.load(tmp_path / "plain").names == kf.LoRA.load(saved).names
+    name = next(k for k in state if k.endswith(".lora_A.weight")).removesuffix(".lora_A.weight")
+    doubled = {**state, **{k: v.clone() for k, v in plain.items() if "base_model.model." + k in state and
+                           k.startswith(name.removeprefix("base_model.model.") + ".")}}
+    assert len(doubled) == len(state) + 2
+    save_file(doubled, tmp_path / "plain" / "adapter_model.safetensors")
+    with pytest.raises(kf.AdapterError, match=r"module 'model.l0.q' appears twice, as 'base_model.model.model.l0.q' "
+                                              r"and as 'model.l0.q'"):
+        kf.LoRA.load(tmp_path / "plain")
+
+
+def test_clear_caches_forgets_cached_norms():
+    a = kf.LoRA.from_factors({Q: _pair()})
+    b = kf.LoRA.from_factors({Q: _pair(seed=1)})
+    first = kf.similarity_matrix([a], [b])
+    module = b.modules[Q]
+    cached = [k for k in ("cpp/fast", "reference/fast", "cpp/precise", "reference/precise")
+              if module.cached_sq_norm(k) is not None]
+    assert cached, "similarity_matrix caches the norms"
+    b.clear_caches()
+    assert all(module.cached_sq_norm(k) is None for k in cached)
+    torch.testing.assert_close(kf.similarity_matrix([a], [b]), first, rtol=0, atol=0)
+    assert module.cached_sq_norm(cached[0]) is not None
+    module.clear_cache()
+    assert module.cached_sq_norm(cached[0]) is None
+
 
 
 # ----------------------------------------------------------------- refusals
@@ -150,7 +283,7 @@ def test_unsupported_configs(saved, field, value, message):
 def test_bad_tensors_name_file_and_module(saved):
     key = "base_model.model.model.l0.q"
     _rewrite_weights(saved, lambda s: s.__setitem__(f"{key}.lora_A.weight", torch.full((2, 5), float("nan"))))
-    with pytest.raises(kf.AdapterError, match=rf"adapter_model.safetensors: module '{key}': lora_A contains NaN"):
+    with pytest.raises(kf.AdapterError, match=r"adapter_model.safetensors: module 'model.l0.q': lora_A contains NaN"):
         kf.LoRA.load(saved)
     _rewrite_weights(saved, lambda s: s.__setitem__(f"{key}.lora_A.weight", torch.randn(3, 5)))
     with pytest.raises(kf.AdapterError, match="rank mismatch"):
@@ -190,7 +323,7 @@ def test_pickle_needs_opt_in(saved):
 
 
 def test_bad_modules_in_memory():
-    with pytest.raises(kf.AdapterError, match="module 'base_model.model.x': rank mismatch"):
+    with pytest.raises(kf.AdapterError, match="module 'x': rank mismatch"):
         kf.LoRA.from_factors({"x": (torch.randn(2, 5), torch.randn(3, 4))})
     with pytest.raises(kf.AdapterError, match="only 2-D"):
         kf.LoRA.from_factors({"x": (torch.randn(2, 5, 1), torch.randn(3, 2))})

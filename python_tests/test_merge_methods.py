@@ -12,56 +12,27 @@ import pytest
 import torch
 
 import kmerge_fast as kf
-from conftest import SHAPES_AWKWARD, STORE_TOL, TRUNC_TOL, dense64, random_lora
+from conftest import STORE_TOL, random_lora
+from helpers import method_cases as cases
+from helpers.method_cases import WEIGHTS, method_loras
 from kmerge_fast import ops
 from kmerge_fast.ops import Factor
-from kmerge_fast.ops.elementwise import (ALL, DARE, MAGNITUDE, SUM, TIES, Keep, dare_mask, dare_thresh24, magnitude_k, mix64)
+from kmerge_fast.ops.numerics.elementwise import (ALL, DARE, MAGNITUDE, SUM, TIES, Keep, dare_mask, dare_thresh24, mix64)
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
-
-SHAPES = {"q": (23, 17), "v": (9, 40), "o": (40, 40)}
-WEIGHTS = [0.8, -0.5, 1.3]
-
-
-def _loras(dtype, k=3, ranks=(3, 5, 2), shared_only=False):
-    out = []
-    for i in range(k):
-        shapes = dict(SHAPES)
-        if i == 1 and not shared_only:
-            shapes.pop("o")  # a module only some adapters hold
-        out.append(random_lora(shapes, ranks[i], dtype, scaling=0.4 + 0.3 * i, seed=i, strided=i == 2))
-    return out
-
-
-def _peft_dense(method, deltas, weights, density, sign):
-    w = torch.tensor(weights, dtype=torch.float64)
-    if method == "ties_svd":
-        return merge_utils.ties(deltas, w, density, sign)
-    if method == "magnitude_prune_svd":
-        return merge_utils.magnitude_prune(deltas, w, density)
-    return merge_utils.task_arithmetic(deltas, w)
 
 
 @pytest.mark.parametrize("method,density,sign", [
     ("ties_svd", 0.5, "total"), ("ties_svd", 0.3, "frequency"), ("ties_svd", 1.0, "total"),
     ("magnitude_prune_svd", 0.4, "total"), ("magnitude_prune_svd", 1.0, "total")])
 def test_dense_domain_matches_peft_math(backend, dtype, method, density, sign):
-    loras = _loras(dtype)
-    merged = kf.merge(loras, WEIGHTS, method=method, density=density, majority_sign_method=sign, rank=4)
-    for name, module in merged.modules.items():
-        holders = [(l, w) for l, w in zip(loras, WEIGHTS) if name in l.modules]
-        m = _peft_dense(method, [dense64(l.modules[name]) for l, _ in holders], [w for _, w in holders], density, sign)
-        assert module.A.shape == (4, m.shape[1]) and module.A.dtype == dtype and module.scaling == 1.0
-        s = torch.linalg.svdvals(m)
-        best = float(s[4:].square().sum().sqrt())
-        got = float((m - dense64(module)).norm())
-        assert got - best <= TRUNC_TOL[dtype] * float(m.norm()), (name, got, best)
+    cases.dense_domain_matches_peft_math(backend, dtype, method, density, sign)
 
 
 @pytest.mark.parametrize("method,density,sign", [
     ("linear", None, "total"), ("ties", 0.5, "total"), ("ties", 0.7, "frequency"), ("magnitude_prune", 0.3, "total")])
 def test_factor_wise_matches_peft_math(backend, dtype, method, density, sign):
-    loras = _loras(dtype, ranks=(4, 4, 4))
+    loras = method_loras(dtype, ranks=(4, 4, 4))
     merged = kf.merge(loras, WEIGHTS, method=method, density=density, majority_sign_method=sign)
     fn = {"linear": lambda t, w: merge_utils.task_arithmetic(t, w),
           "ties": lambda t, w: merge_utils.ties(t, w, density, sign),
@@ -85,7 +56,7 @@ def test_weighted_sum_rounds_like_peft():
         tensors = [torch.randn(*shape, generator=g) for _ in range(k)]
         weights = [float(w) for w in torch.randn(k, generator=g, dtype=torch.float64)]
         want = merge_utils.task_arithmetic(tensors, torch.tensor(weights))
-        assert torch.equal(ops.elementwise.combine(tensors, weights, SUM), want)
+        assert torch.equal(ops.numerics.elementwise.combine(tensors, weights, SUM), want)
 
 
 def _bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -140,7 +111,7 @@ def test_weighted_sum_special_values_and_mixed_dtypes(backend):
 @pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_linear_merge_bit_equal_to_peft(backend, in_dtype):
     """kf.merge(method="linear") of two adapters: exactly peft's task_arithmetic on the factors, cast back."""
-    loras = _loras(in_dtype, k=2, ranks=(4, 4), shared_only=True)
+    loras = method_loras(in_dtype, k=2, ranks=(4, 4), shared_only=True)
     weights = [0.75, 0.25]
     merged = kf.merge(loras, weights, method="linear")
     for name, module in merged.modules.items():
@@ -153,7 +124,7 @@ def test_linear_merge_bit_equal_to_peft(backend, in_dtype):
 
 
 def test_factor_wise_needs_equal_ranks():
-    loras = _loras(torch.float32)
+    loras = method_loras(torch.float32)
     with pytest.raises(ValueError, match="needs equal ranks"):
         kf.merge(loras, WEIGHTS, method="linear")
 
@@ -161,31 +132,7 @@ def test_factor_wise_needs_equal_ranks():
 @pytest.mark.parametrize("mode,kind,sign", [(SUM, ALL, "total"), (SUM, MAGNITUDE, "total"), (TIES, MAGNITUDE, "total"),
                                             (TIES, MAGNITUDE, "frequency"), (SUM, DARE, "total"), (TIES, DARE, "total")])
 def test_dense_combine_backends_agree(backend, dtype, mode, kind, sign):
-    """The C++ tile kernel and the torch reference: same thresholds, same DARE masks."""
-    factors = [Factor(l.modules[f"base_model.model.{n}"].A, l.modules[f"base_model.model.{n}"].B, 0.5 + i)
-               for i, l in enumerate([random_lora(SHAPES_AWKWARD, r, dtype, seed=s) for s, r in ((1, 3), (2, 1))])
-               for n in ["odd"]]
-    impl = ops.select_for([factors])
-    ref = ops._load("reference")
-    numel = 577 * 193
-    keeps = []
-    for j, f in enumerate(factors):
-        if kind == MAGNITUDE:
-            tau = impl.abs_kth([(f, magnitude_k(0.4, numel))])[0]
-            tau_ref = ref.abs_kth([(f, magnitude_k(0.4, numel))])[0]
-            assert tau == pytest.approx(tau_ref, rel=1e-5)
-            keeps.append(Keep(MAGNITUDE, tau=tau))
-        elif kind == DARE:
-            keeps.append(Keep(DARE, seed=1234 + j, thresh24=dare_thresh24(0.3), density=0.3))
-        else:
-            keeps.append(Keep())
-    got = impl.dense_combine(factors, [0.9, -1.1], keeps, mode, sign)
-    want = ref.dense_combine(factors, [0.9, -1.1], keeps, mode, sign)
-    assert got.shape == (577, 193) and got.dtype == torch.float32
-    scale = float(want.abs().max())
-    # Elements right at a magnitude threshold may round to the other side in one backend.
-    close = (got - want).abs() <= 1e-5 * scale
-    assert float(close.float().mean()) >= 1 - 1e-4
+    cases.dense_combine_backends_agree(backend, dtype, mode, kind, sign)
 
 
 # ------------------------------------------------------------------ DARE
@@ -203,13 +150,7 @@ def test_dare_mask_keeps_density_fraction(density):
 
 
 def test_dare_rescales_kept_values(backend):
-    f = Factor(torch.randn(3, 50), torch.randn(40, 3), 0.7)
-    dense = 0.7 * (f.B.double() @ f.A.double())
-    impl = ops.select_for([[f]])
-    out = impl.dense_combine([f], [1.0], [Keep(DARE, seed=7, thresh24=dare_thresh24(0.25), density=0.25)], SUM)
-    kept = out != 0
-    torch.testing.assert_close(out[kept].double(), dense[kept] / 0.25, rtol=1e-5, atol=1e-6)
-    assert torch.equal(kept, dare_mask(7, (40, 50), dare_thresh24(0.25)))
+    cases.dare_rescales_kept_values(backend)
 
 
 def test_dare_expectation_is_the_weighted_sum(backend):
@@ -217,11 +158,11 @@ def test_dare_expectation_is_the_weighted_sum(backend):
     gen = torch.Generator().manual_seed(0)
     factors = [Factor(torch.randn(2, 30, generator=gen), torch.randn(20, 2, generator=gen), s) for s in (1.0, 0.5)]
     weights, d, draws = [0.6, -1.2], 0.4, 300
-    impl = ops.select_for([factors])
+    impl = ops._load(ops.backend_name([factors]))
     total = torch.zeros(20, 30, dtype=torch.float64)
     for k in range(draws):
         keeps = [Keep(DARE, seed=mix64(2 * k + i), thresh24=dare_thresh24(d), density=d) for i in range(2)]
-        total += impl.dense_combine(factors, weights, keeps, SUM).double()
+        total += impl.dense_combine([(factors, weights, keeps)], SUM)[0].double()
     mean = total / draws
     dense = [f.coef * (f.B.double() @ f.A.double()) for f in factors]
     truth = sum(w * t for w, t in zip(weights, dense))
@@ -234,7 +175,7 @@ def test_dare_expectation_is_the_weighted_sum(backend):
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
 def test_dare_merge_reproducible(method):
-    loras = _loras(torch.float32, ranks=(4, 4, 4))
+    loras = method_loras(torch.float32, ranks=(4, 4, 4))
 
     def run(seed):
         return kf.merge(loras, WEIGHTS, method=method, density=0.5, generator=torch.Generator().manual_seed(seed))
@@ -270,7 +211,7 @@ def test_dare_linear_factor_values():
     (dict(method="svd", svd_clamp=2.0), "svd_clamp: a quantile"),
 ])
 def test_bad_arguments(kw, message):
-    loras = _loras(torch.float32, ranks=(4, 4, 4))
+    loras = method_loras(torch.float32, ranks=(4, 4, 4))
     with pytest.raises(ValueError, match=message):
         kf.merge(loras, WEIGHTS, **kw)
 
@@ -284,10 +225,4 @@ def test_nan_input_to_dense_method_is_an_error():
 
 
 def test_svd_clamp_bounds_factors(backend):
-    loras = _loras(torch.float32)
-    merged = kf.merge(loras, WEIGHTS, method="svd", svd_clamp=0.8)
-    plain = kf.merge(loras, WEIGHTS, method="svd")
-    for name, module in merged.modules.items():
-        values = torch.cat([plain.modules[name].B.flatten(), plain.modules[name].A.flatten()]).double()
-        q = float(torch.quantile(values, 0.8))
-        assert float(module.A.abs().max()) <= q * (1 + 1e-6) and float(module.B.abs().max()) <= q * (1 + 1e-6)
+    cases.svd_clamp_bounds_factors(backend)

@@ -3,7 +3,7 @@
 - cosine similarity is invariant to scaling the factors (any power of two, and
   scalings such as 1e20 or 1e-30), and distances of float64 updates near 1e300
   are finite where the true value is (power-of-two range normalisation,
-  ``ops/scaling.py``);
+  ``ops/numerics/scaling.py``);
 - subnormal factors truncate; an output that overflows its dtype says so;
 - mixed float32 / float64 dense-domain merges agree across backends; rank-0
   modules and absurd ranks are handled.
@@ -194,7 +194,7 @@ def test_mixed_float32_float64_dense_methods_agree(backend, method, seed):
 def test_dense_combine_of_mixed_dtypes_is_float64(backend):
     a, b = factors()
     fs = [Factor(a.float(), b.float(), 1.0), Factor(a, b, 1.0)]
-    out = ops._load(backend).dense_combine(fs, [1.0, 1.0], [ops.elementwise.Keep()] * 2, ops.elementwise.SUM)
+    out = ops._load(backend).dense_combine([(fs, [1.0, 1.0], [ops.Keep()] * 2)], ops.SUM)[0]
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, b.float().double() @ a.float().double() + b @ a, rtol=1e-6, atol=1e-6)
 
@@ -221,7 +221,7 @@ def test_rank_zero_modules_merge(backend, method):
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
 def test_cpp_max_abs_matches_torch():
-    from kmerge_fast.ops import cpu
+    from kmerge_fast.ops.backend import cpp as cpu
     g = torch.Generator().manual_seed(3)
     base = torch.randn(9, 14, generator=g, dtype=torch.float64) * 1e3
     tensors = [base.to(d) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]

@@ -9,25 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kmerge_fast as kf
-from conftest import random_lora, spy_inner_products, tiny_llama
-
-SHAPES = {f"model.layers.{i}.self_attn.{p}": (32, 32) if p == "q_proj" else (16, 32)
-          for i in range(2) for p in ("q_proj", "v_proj")}
-
-
-def family_adapters(n: int, families: int = 3, rank: int = 4, seed: int = 0, dtype=torch.float32) -> list[kf.LoRA]:
-    """Adapters in ``families`` groups: a shared random update per group plus noise, so routing is meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    bases = [{name: (torch.randn(rank, shape[1], generator=g), torch.randn(shape[0], rank, generator=g))
-              for name, shape in SHAPES.items()} for _ in range(families)]
-    out = []
-    for k in range(n):
-        base = bases[k % families]
-        factors = {name: (a + 0.6 * torch.randn(a.shape, generator=g), b + 0.6 * torch.randn(b.shape, generator=g))
-                   for name, (a, b) in base.items()}
-        out.append(kf.LoRA.from_factors({n_: (a.to(dtype), b.to(dtype)) for n_, (a, b) in factors.items()},
-                                        scaling=0.5 + 0.25 * (k % 3)))
-    return out
+from conftest import FAMILY_SHAPES as SHAPES, family_adapters, random_lora, spy_inner_products, tiny_llama
 
 
 # ------------------------------------------------- the published loop on peft
@@ -403,3 +385,43 @@ def test_replace_a_task_alone_in_its_slot():
         merger.add(adapters[3], "t0", replace=True)
     with pytest.raises(KeyError, match="never added"):
         merger.slot_for("t9")
+
+
+def test_a_new_strategy_is_one_class_registered_once(tmp_path):
+    """A router subclass, registered once with add_strategy: OnlineMerger takes it by name, pairs it with
+    the mode's running average (or a named combiner), and a store persists and reopens it by name."""
+    from kmerge_fast import strategies
+
+    class LeastSimilar(strategies.Router):
+        name = "test_least_similar"
+
+        def choose(self, task, lora, sims, seed):
+            return len(sims) if len(sims) < self.budget else min(range(len(sims)), key=lambda i: (sims[i], i))
+
+    strategies.add_strategy("test_least", LeastSimilar)               # combiner: the mode's running average
+    strategies.add_strategy("test_least_ties", "test_least_similar", "ties")
+    try:
+        adapters = family_adapters(7)
+        with kf.OnlineMerger(2, strategy="test_least", mode="rms", store=tmp_path / "s") as merger:
+            assert isinstance(merger.router, LeastSimilar) and isinstance(merger.combiner, strategies.Rms)
+            for k, lora in enumerate(adapters[:5]):
+                merger.add(lora, f"t{k}")
+        with kf.OnlineMerger.open(tmp_path / "s") as merger:
+            assert merger.settings["strategy"] == "test_least" and merger.mode == "rms"
+            merger.add(adapters[5], "t5")
+            for step in merger.history[2:]:
+                assert step.slot == min(range(2), key=lambda i: (step.similarities[i], i))
+        ties = kf.OnlineMerger(2, strategy="test_least_ties", seed=1)
+        assert ties.mode == "faithful" and type(ties.combiner) is strategies.Ties
+        with pytest.raises(ValueError, match=r"mode: 'exact' applies to the running-average strategies "
+                                             r"\[.*'test_least'\], not 'test_least_ties'"):
+            kf.OnlineMerger(2, strategy="test_least_ties", mode="exact")
+        with pytest.raises(ValueError, match="registered already"):
+            strategies.add_strategy("test_least_again", type("Other", (strategies.Router,), {"name": "oracle"}))
+    finally:
+        for name in ("test_least", "test_least_ties"):
+            strategies.STRATEGY_TABLE.pop(name, None)
+        strategies.ROUTERS.pop("test_least_similar", None)
+    assert kf.online.STRATEGIES == tuple(strategies.STRATEGY_TABLE) == strategies.STRATEGIES
+    with pytest.raises(ValueError, match="strategy: unknown 'test_least'"):
+        kf.OnlineMerger(2, strategy="test_least")

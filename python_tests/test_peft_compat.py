@@ -249,7 +249,7 @@ def test_unsupported_dora_falls_back_when_patched():
 
 def test_truncation_close_to_optimal_on_a_wide_module():
     """The svd family's large-matrix path (subspace iteration) against the exact SVD."""
-    from kmerge_fast.ops.top_svd import top_svd
+    from kmerge_fast.ops.numerics.top_svd import top_svd
 
     gen = torch.Generator().manual_seed(0)
     m = sum(torch.randn(300, 8, generator=gen) @ torch.randn(8, 420, generator=gen) for _ in range(4))

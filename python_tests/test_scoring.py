@@ -148,6 +148,10 @@ def test_scorer_bad_input(trained):
     wrong = kf.LoRA.from_factors({"model.layers.0.self_attn.q_proj": (torch.zeros(2, 40), torch.zeros(48, 2))})
     with pytest.raises(ValueError, match="adapter update"):
         scorer(wrong, ["alpha0"])
+    # the hooks find modules by base-model name, whichever form the adapter was built from
+    unknown = kf.LoRA.from_factors({"base_model.model.model.nope": (torch.zeros(2, 40), torch.zeros(48, 2))})
+    with pytest.raises(ValueError, match="module 'model.nope': the base model has no nn.Linear of that name"):
+        scorer(unknown, ["alpha0"])
     scorer.close()
 
 

@@ -17,8 +17,7 @@ import torch
 
 import kmerge_fast as kf
 from kmerge_fast.store import StoreError
-from conftest import spy_inner_products
-from test_online import family_adapters
+from conftest import family_adapters, spy_inner_products
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -20,7 +20,7 @@ import torch
 
 import kmerge_fast as kf
 from kmerge_fast.store import StoreError
-from test_online import family_adapters
+from conftest import family_adapters
 
 #: The calls counted, by name: (owner, attribute).
 TARGETS = {

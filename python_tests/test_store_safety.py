@@ -21,7 +21,7 @@ import torch
 
 import kmerge_fast as kf
 from kmerge_fast.store import MANIFEST, READ_ATTEMPTS, Store, StoreError, enclosing_store
-from test_online import family_adapters
+from conftest import family_adapters
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ import torch
 
 import kmerge_fast as kf
 from kmerge_fast.store import StoreError, manifest_checksum
-from test_online import family_adapters
+from conftest import family_adapters
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -10,9 +10,9 @@ TRITON_INTERPRET=1 when no CUDA device is present):
 - ``triton_gpu``: compiled kernels on CUDA tensors: the full matrix (the
   cases marked ``gpu_only`` too) plus Llama-sized shapes.
 
-The cases are the other backends' own test functions (test_similarity.py,
-test_merge.py, test_merge_methods.py), called with the backend forced; on a
-GPU their adapter factory makes CUDA tensors (strides kept). The kernel-level
+The cases are the checks the other backends' tests run (helpers/
+similarity_cases.py, merge_cases.py, method_cases.py), called with the backend
+forced; on a GPU their adapter factory makes CUDA tensors (strides kept). The kernel-level
 tests below cover what those do not: layouts, multi-tile ranks, bit-exact
 DARE masks, abs_kth against the kernel's own values, NaN, mixed dtypes and
 the dispatch rules. Skipped when Triton is not installed.
@@ -32,16 +32,14 @@ pytest.importorskip("triton")
 
 import kmerge_fast as kf  # noqa: E402
 from kmerge_fast import ops  # noqa: E402
-from kmerge_fast.lora import LoRAModule  # noqa: E402
 from kmerge_fast.ops import Factor  # noqa: E402
-from kmerge_fast.ops.elementwise import (ALL, DARE, MAGNITUDE, SUM, TIES, Keep, dare_mask,  # noqa: E402
+from kmerge_fast.ops.numerics.elementwise import (ALL, DARE, MAGNITUDE, SUM, TIES, Keep, dare_mask,  # noqa: E402
                                          dare_thresh24, magnitude_k)
 
 import conftest  # noqa: E402
-import test_merge as merge_cases  # noqa: E402
-import test_merge_methods as method_cases  # noqa: E402
-import test_similarity as similarity_cases  # noqa: E402
 from conftest import DTYPES, SHAPES_AWKWARD, SHAPES_SMALL  # noqa: E402
+from helpers import merge_cases, method_cases, similarity_cases  # noqa: E402
+from helpers.cpp_tasks import make  # noqa: E402
 
 TRITON = ops._load("triton")
 if isinstance(TRITON, str):
@@ -69,36 +67,20 @@ def gpu(*values):
 # ------------------------------------------------------------------ devices
 def on_device(t: torch.Tensor) -> torch.Tensor:
     """t on DEVICE with the same strides (a strided view stays strided)."""
-    if t.device == DEVICE:
-        return t
-    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=DEVICE)
-    return out.copy_(t)
-
-
-def device_lora(lora: kf.LoRA) -> kf.LoRA:
-    return kf.LoRA({n: LoRAModule(on_device(m.A), on_device(m.B), m.scaling) for n, m in lora.modules.items()},
-                   lora.config)
+    return conftest.to_device(t, DEVICE)
 
 
 def random_lora(*args, **kwargs) -> kf.LoRA:
     """conftest.random_lora on DEVICE."""
-    return device_lora(conftest.random_lora(*args, **kwargs))
-
-
-def dense64_on_cpu(module) -> torch.Tensor:
-    """conftest.dense64 on the CPU (the cases' float64 truths mix with CPU tensors)."""
-    return conftest.dense64(module).cpu()
+    with conftest.adapters_on(DEVICE):
+        return conftest.random_lora(*args, **kwargs)
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
-    """The triton backend forced; on a GPU the reused cases' adapter factory makes CUDA
-    tensors and their float64 truths come back to the CPU."""
-    if DEVICE.type != "cpu":
-        for module in (similarity_cases, merge_cases, method_cases):
-            monkeypatch.setattr(module, "random_lora", random_lora)
-            monkeypatch.setattr(module, "dense64", dense64_on_cpu)
-    with kf.use_backend("triton"):
+def triton_backend():
+    """The triton backend forced; on a GPU the shared cases' adapter factory makes CUDA
+    tensors (conftest.adapters_on; their float64 truths stay on the CPU)."""
+    with conftest.adapters_on(DEVICE), kf.use_backend("triton"):
         yield "triton"
 
 
@@ -125,12 +107,12 @@ def _similarity_cases():
 
 @pytest.mark.parametrize("dtype,shapes,rank,metric", list(_similarity_cases()))
 def test_similarity_matches_truth_and_reference(triton_backend, dtype, shapes, rank, metric):
-    similarity_cases.test_matches_truth_and_reference(triton_backend, dtype, metric, shapes, rank)
+    similarity_cases.matches_truth_and_reference(triton_backend, dtype, metric, shapes, rank)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 def test_similarity_different_ranks_and_negative_scaling(triton_backend, dtype):
-    similarity_cases.test_different_ranks_and_negative_scaling(triton_backend, dtype)
+    similarity_cases.different_ranks_and_negative_scaling(triton_backend, dtype)
 
 
 def test_similarity_zero_empty_and_cache(triton_backend):
@@ -139,13 +121,13 @@ def test_similarity_zero_empty_and_cache(triton_backend):
     sims = kf.similarity_matrix([zero, other], metric="cos")
     assert not sims.isnan().any()
     assert sims[0, 0] == 0 and sims[0, 1] == 0 and sims[1, 1] == pytest.approx(1.0, abs=1e-6)
-    similarity_cases.test_no_shared_module_and_empty_lists(triton_backend)
-    similarity_cases.test_norm_cache_invalidated_by_inplace_change(triton_backend)
+    similarity_cases.no_shared_module_and_empty_lists(triton_backend)
+    similarity_cases.norm_cache_invalidated_by_inplace_change(triton_backend)
 
 
 @gpu_only
 def test_similarity_many_modules(triton_backend):
-    similarity_cases.test_many_modules(triton_backend)
+    similarity_cases.many_modules(triton_backend)
 
 
 def test_similarity_many_small_modules(triton_backend):
@@ -159,7 +141,7 @@ def test_similarity_many_small_modules(triton_backend):
 @pytest.mark.parametrize("shapes,rank,k", [
     (SHAPES_AWKWARD, 4, 4), gpu(SHAPES_SMALL, 3, 2), gpu(SHAPES_AWKWARD, 1, 3)])
 def test_cat_is_exact(triton_backend, dtype, shapes, rank, k):
-    merge_cases.test_cat_is_exact(triton_backend, dtype, shapes, rank, k)
+    merge_cases.cat_is_exact(triton_backend, dtype, shapes, rank, k)
 
 
 @pytest.mark.parametrize("dtype,shapes,rank,k,target", [
@@ -169,20 +151,20 @@ def test_cat_is_exact(triton_backend, dtype, shapes, rank, k):
     gpu(dtype, *case) for dtype in DTYPES for case in
     [(SHAPES_SMALL, 3, 2, 3), (SHAPES_SMALL, 4, 3, 2), (SHAPES_AWKWARD, 1, 2, 1)]], ids=ids)
 def test_svd_is_optimal(triton_backend, dtype, shapes, rank, k, target):
-    merge_cases.test_svd_is_optimal(triton_backend, dtype, shapes, rank, k, target)
+    merge_cases.svd_is_optimal(triton_backend, dtype, shapes, rank, k, target)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 def test_rank_deficient_one_and_truncate(triton_backend, dtype):
-    merge_cases.test_rank_deficient_stacks(triton_backend, dtype)
-    merge_cases.test_merge_one_with_weight_one_returns_it(triton_backend, dtype)
-    merge_cases.test_truncate(triton_backend, dtype)
+    merge_cases.rank_deficient_stacks(triton_backend, dtype)
+    merge_cases.merge_one_with_weight_one_returns_it(triton_backend, dtype)
+    merge_cases.truncate(triton_backend, dtype)
 
 
 def test_merge_ranks_and_partial_modules(triton_backend):
-    merge_cases.test_svd_default_rank_is_largest_input_rank(triton_backend)
-    merge_cases.test_modules_held_by_some_adapters(triton_backend)
-    method_cases.test_svd_clamp_bounds_factors(triton_backend)
+    merge_cases.svd_default_rank_is_largest_input_rank(triton_backend)
+    merge_cases.modules_held_by_some_adapters(triton_backend)
+    method_cases.svd_clamp_bounds_factors(triton_backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, gpu(torch.float16)], ids=ids)
@@ -190,7 +172,7 @@ def test_merge_ranks_and_partial_modules(triton_backend):
     ("ties_svd", 0.5, "total"), ("magnitude_prune_svd", 0.4, "total"),
     gpu("ties_svd", 0.3, "frequency"), gpu("ties_svd", 1.0, "total"), gpu("magnitude_prune_svd", 1.0, "total")])
 def test_dense_domain_matches_peft_math(triton_backend, dtype, method, density, sign):
-    method_cases.test_dense_domain_matches_peft_math(triton_backend, dtype, method, density, sign)
+    method_cases.dense_domain_matches_peft_math(triton_backend, dtype, method, density, sign)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
@@ -198,24 +180,18 @@ def test_dense_domain_matches_peft_math(triton_backend, dtype, method, density, 
     (TIES, MAGNITUDE, "frequency"), (TIES, DARE, "total"),
     gpu(SUM, ALL, "total"), gpu(SUM, MAGNITUDE, "total"), gpu(TIES, MAGNITUDE, "total"), gpu(SUM, DARE, "total")])
 def test_dense_combine_agrees_with_reference(triton_backend, dtype, mode, kind, sign):
-    method_cases.test_dense_combine_backends_agree(triton_backend, dtype, mode, kind, sign)
+    method_cases.dense_combine_backends_agree(triton_backend, dtype, mode, kind, sign)
 
 
 @interpret_only
 def test_dare_rescales_kept_values(triton_backend):
-    method_cases.test_dare_rescales_kept_values(triton_backend)
+    method_cases.dare_rescales_kept_values(triton_backend)
 
 
 # ------------------------------------------------------------- kernel level
 def layout(rows: int, cols: int, dtype, kind: str, gen) -> torch.Tensor:
     """row-major, a transposed view ("col") or a view with no unit stride ("strided"), on DEVICE."""
-    if kind == "row":
-        t = torch.randn(rows, cols, generator=gen).to(dtype)
-    elif kind == "col":
-        t = torch.randn(cols, rows, generator=gen).to(dtype).T
-    else:
-        t = torch.randn(2 * rows + 1, 2 * cols, generator=gen).to(dtype)[1::2, ::2]
-    return on_device(t)
+    return on_device(make(rows, cols, dtype, kind, gen))
 
 
 def factor(n_out, n_in, r, dtype, kind, gen, coef=1.0) -> Factor:
@@ -262,14 +238,14 @@ def test_dare_mask_is_bit_exact(seed, density):
     a = on_device(torch.rand(3, 130, generator=gen) + 0.1)  # all products > 0: kept iff nonzero
     keep = Keep(DARE, seed=seed, thresh24=dare_thresh24(density), density=density)
     with kf.use_backend("triton"):
-        out = TRITON.dense_combine([Factor(a, b, 1.0)], [1.0], [keep], SUM).cpu()
+        out = TRITON.dense_combine([([Factor(a, b, 1.0)], [1.0], [keep])], SUM)[0].cpu()
     assert torch.equal(out != 0, dare_mask(seed, (67, 130), keep.thresh24))
     t32 = (b.float() @ a.float()).cpu()
     kept = out != 0
     torch.testing.assert_close(out[kept], (t32 / torch.tensor(density))[kept], rtol=1e-6, atol=0)
     # threshold 0 drops everything
     with kf.use_backend("triton"):
-        none = TRITON.dense_combine([Factor(a, b, 1.0)], [1.0], [keep._replace(thresh24=0)], SUM)
+        none = TRITON.dense_combine([([Factor(a, b, 1.0)], [1.0], [keep._replace(thresh24=0)])], SUM)[0]
     assert bool((none == 0).all())
 
 
@@ -282,14 +258,14 @@ def test_abs_kth_is_exact_on_the_kernel_values(dtype):
     ks = [0, 1, 17, n // 3, n]
     with kf.use_backend("triton"):
         taus = TRITON.abs_kth([(f, k) for k in ks])
-        t = TRITON.dense_combine([f], [1.0], [Keep()], SUM).abs().flatten().cpu()
+        t = TRITON.dense_combine([([f], [1.0], [Keep()])], SUM)[0].abs().flatten().cpu()
         ref = ops._load("reference").abs_kth([(f, k) for k in ks])
         srt = t.sort(descending=True).values
         assert taus[0] == math.inf
         for k, tau, r in zip(ks[1:], taus[1:], ref[1:]):
             assert tau == float(srt[k - 1])
             assert tau == pytest.approx(r, rel=1e-5, abs=1e-6 * float(srt[0]))
-            kept = TRITON.dense_combine([f], [1.0], [Keep(MAGNITUDE, tau=tau)], SUM).cpu() != 0
+            kept = TRITON.dense_combine([([f], [1.0], [Keep(MAGNITUDE, tau=tau)])], SUM)[0].cpu() != 0
             assert int(kept.sum()) >= k and int((t > tau).sum()) < k
 
 
@@ -306,8 +282,8 @@ def test_nan_and_identical_pairs():
         torch.testing.assert_close(stats[1], ref.diff_stats([(x, y)])[0], rtol=1e-5, atol=0)
         assert stats[2].isnan().all()
         for mode, sign in ((SUM, "total"), (TIES, "total"), (TIES, "frequency")):
-            got = TRITON.dense_combine([bad, y], [0.5, 1.0], [Keep(), Keep()], mode, sign).cpu()
-            want = ref.dense_combine([bad, y], [0.5, 1.0], [Keep(), Keep()], mode, sign).cpu()
+            got = TRITON.dense_combine([([bad, y], [0.5, 1.0], [Keep(), Keep()])], mode, sign)[0].cpu()
+            want = ref.dense_combine([([bad, y], [0.5, 1.0], [Keep(), Keep()])], mode, sign)[0].cpu()
             assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
@@ -342,7 +318,7 @@ def test_mixed_dtypes_and_float64_fall_back(triton_backend):
     f32 = factor(12, 10, 2, torch.float32, "row", gen)
     f64 = Factor(f32.A.double(), f32.B.double(), 1.0)
     with kf.use_backend("triton"):
-        got = TRITON.inner_products([([f32], [f64])], precise=True)[0]
+        got = ops.inner_products([([f32], [f64])], precise=True)[0]
     assert float(got) == pytest.approx(float((dense(f32) * dense(f64)).sum()), rel=1e-12)
     with kf.use_backend("triton"), pytest.raises(kf.BackendError, match="cannot run torch.float64"):
         ops.select(DEVICE, torch.float64)
@@ -361,7 +337,7 @@ def test_truncate_matches_reference_on_many_modules_of_two_stacked_ranks(triton_
 def test_dispatch_rules():
     # never chosen automatically for CPU tensors, even where it can run them
     assert ops.select(torch.device("cpu"), torch.float32).NAME != "triton"
-    reason = TRITON.unsupported_reason(torch.device("cpu"), torch.float32)
+    reason = TRITON.manual_only_reason(torch.device("cpu"))
     assert reason and "forced" in reason
     if INTERPRETED:
         with kf.use_backend("triton"):
@@ -378,7 +354,7 @@ def test_optional_and_lazy():
     """Importing the backend neither imports Triton nor touches CUDA; without Triton
     everything imports and runs, and the reason says so."""
     code = (
-        "import sys, torch, kmerge_fast as kf, kmerge_fast.ops.triton\n"
+        "import sys, torch, kmerge_fast as kf, kmerge_fast.ops.backend.triton\n"
         "assert 'triton' not in sys.modules and not torch.cuda.is_initialized()\n"
         "print('reason:', kf.ops.unavailable_reasons().get('triton', ''))\n"
         "sys.modules['triton'] = None\n"
@@ -422,7 +398,7 @@ def test_gpu_dare_expectation(triton_backend):
     total = torch.zeros(20, 30, dtype=torch.float64)
     for k in range(300):
         keeps = [Keep(DARE, seed=k * 7 + i, thresh24=dare_thresh24(0.4), density=0.4) for i in range(2)]
-        total += TRITON.dense_combine(factors, [0.6, -1.2], keeps, SUM).double().cpu()
+        total += TRITON.dense_combine([(factors, [0.6, -1.2], keeps)], SUM)[0].double().cpu()
     truth = sum(w * dense(f) for w, f in zip([0.6, -1.2], factors))
     assert float((total / 300 - truth).abs().max()) < 0.5 * float(truth.abs().max())
 
@@ -432,5 +408,5 @@ def test_magnitude_k_on_gpu(triton_backend):
     f = factor(300, 200, 8, torch.float16, "row", torch.Generator().manual_seed(7))
     k = magnitude_k(0.3, 300 * 200)
     tau = TRITON.abs_kth([(f, k)])[0]
-    kept = TRITON.dense_combine([f], [1.0], [Keep(MAGNITUDE, tau=tau)], SUM) != 0
+    kept = TRITON.dense_combine([([f], [1.0], [Keep(MAGNITUDE, tau=tau)])], SUM)[0] != 0
     assert int(kept.sum()) >= k

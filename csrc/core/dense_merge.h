@@ -26,6 +26,11 @@ enum CombineMode : int {
 /// Sign election for kCombineTies: sign of sum_i p_i, or of sum_i sign(p_i).
 enum SignMethod : int { kSignTotal = 0, kSignFrequency = 1 };
 
+/// The codes above by name (exported as _C.KEEP_KINDS, _C.COMBINE_MODES, _C.SIGN_METHODS).
+inline constexpr CodeName kKeepKindCodes[] = {{"all", kKeepAll}, {"magnitude", kKeepMagnitude}, {"dare", kKeepDare}};
+inline constexpr CodeName kCombineModeCodes[] = {{"sum", kCombineSum}, {"ties", kCombineTies}};
+inline constexpr CodeName kSignMethodCodes[] = {{"total", kSignTotal}, {"frequency", kSignFrequency}};
+
 /// One term t = (b.coef * B) @ (a.coef * A) (B: out x r, A: r x in; the
 /// coefs are applied while the factors are read) with its rule and weight.
 struct MergeTerm {

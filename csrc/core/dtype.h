@@ -13,6 +13,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "codes.h"
+
 #if defined(__F16C__) && defined(__AVX2__)
 #include <immintrin.h>
 #define KMF_F16C 1
@@ -20,10 +22,13 @@
 
 namespace kmf {
 
-/// dtype codes shared with the caller (kmerge_fast/ops/cpu.py).
+/// dtype codes of a Mat, shared with the caller.
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
-inline bool valid_dtype(int code) { return code >= 0 && code <= 3; }
+/// The dtype codes by torch's names (exported as _C.DTYPES).
+inline constexpr CodeName kDTypeCodes[] = {{"float32", kF32}, {"float16", kF16}, {"bfloat16", kBF16}, {"float64", kF64}};
+
+inline bool valid_dtype(int code) { return valid_code(kDTypeCodes, code); }
 
 inline int elem_size(int code) {
     switch (code) {
@@ -35,15 +40,7 @@ inline int elem_size(int code) {
     }
 }
 
-inline const char* dtype_name(int code) {
-    switch (code) {
-        case kF32: return "float32";
-        case kF16: return "float16";
-        case kBF16: return "bfloat16";
-        case kF64: return "float64";
-        default: return "invalid";
-    }
-}
+inline const char* dtype_name(int code) { return code_name(kDTypeCodes, code); }
 
 /// Unit roundoff (half an ulp of 1) of a storage dtype.
 inline double unit_roundoff(int code) {

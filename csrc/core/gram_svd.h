@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "codes.h"
 #include "parallel.h"
 #include "sym_eig.h"
 #include "xty.h"
@@ -37,6 +38,8 @@ struct GramSvdTask {
 constexpr int kRouteCholesky = 0;
 constexpr int kRouteEigen = 1;
 constexpr int kRouteFailed = 2;
+/// The routes by name (exported as _C.ROUTES).
+inline constexpr CodeName kRouteCodes[] = {{"cholesky", kRouteCholesky}, {"eigen", kRouteEigen}, {"failed", kRouteFailed}};
 
 /// Eigenvalues of Ga below this fraction of the largest are dropped on the eigen route.
 constexpr double kRankTol = 1e-12;

@@ -25,7 +25,7 @@ constexpr int L = Simd<double>::L;
 
 /// Lane indices 0 .. L-1, for masks.
 typedef std::int64_t VI __attribute__((vector_size(kVecBytes)));
-constexpr VI make_lanes() {
+VI make_lanes() {  // not constexpr: clang cannot constant-evaluate vector subscript stores
     VI v{};
     for (int q = 0; q < L; ++q) v[q] = q;
     return v;
@@ -222,8 +222,11 @@ std::int64_t sturm_counts(std::int64_t n, const double* d, const double* e2, dou
                           std::int64_t count, std::int64_t* cnt) {
     const std::int64_t done = std::min<std::int64_t>(count, G * L);
     V x[G], q[G], neg[G];
-    for (int g = 0; g < G; ++g)
-        for (int j = 0; j < L; ++j) x[g][j] = mid[std::min<std::int64_t>(g * L + j, done - 1)];
+    for (int g = 0; g < G; ++g) {  // through an array: lane stores into x[g] draw GCC -Wmaybe-uninitialized
+        double lanes[L];
+        for (int j = 0; j < L; ++j) lanes[j] = mid[std::min<std::int64_t>(g * L + j, done - 1)];
+        x[g] = vload<V>(lanes);
+    }
     const V pm = V{} + pivmin, minus_pm = V{} - pivmin, one = V{} + 1.0;
     for (int g = 0; g < G; ++g) {
         V t = d[0] - x[g];

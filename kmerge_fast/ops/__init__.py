@@ -1,46 +1,25 @@
-"""Kernel ops and the one dispatch point that picks a backend for them.
+"""The ops' entry points and the one dispatch point that picks a backend for them.
 
-Every backend module (``reference``, ``cpu``, later ``triton``) exposes the
-same ops on *batches of modules*; a batch entry is a list of
-:class:`Factor` (A, B, coef) standing for the update ``coef * B @ A``:
+Callers (``merge``, ``similarity``, ``opcm``, ``lora``) call the module-level
+ops here (``ops.truncate(batch, rank, dtype)``, ``ops.inner_products(...)``,
+...); the contract of each op is in ``ops/contract.py``, the backends in
+``ops/backend/<name>/`` and the torch numerics they share in
+``ops/numerics/``. Every backend decision is taken here, per call:
 
-- ``inner_products(batch, precise) -> list[Tensor]``: batch entries are pairs
-  (xs, ys) of factor lists; returns per entry the float64 (len(xs), len(ys))
-  matrix of Frobenius inner products <coef_i B_i A_i, coef_j B_j A_j>_F,
-  from the r x r cross-Grams (B_i^T B_j) * (A_i A_j^T), never forming dW.
-- ``diff_stats(batch) -> Tensor``: batch entries are pairs (x, y) of factors;
-  returns float64 (len(batch), 2): [sum |dW_x - dW_y|, max |dW_x - dW_y|],
-  streaming tiles of the difference (it is needed densely for l1 / linf).
-- ``stack(batch, dtype) -> list[(A, B)]``: the fused low-rank merge
-  sum_i coef_i B_i A_i in factor form, A = [coef_1 A_1; ...] (R x n_in),
-  B = [B_1, ...] (n_out x R), R = sum r_i (peft's ``cat`` convention).
-- ``truncate(batch, rank, dtype) -> list[(A, B)]``: the best rank-``rank``
-  approximation of sum_i coef_i B_i A_i with B = U_r S_r (n_out x rank) and
-  A = V_r^T (rank x n_in), zero-padded where the sum has lower rank.
-- ``abs_kth(batch) -> list[float]``: batch entries are (factor, k); the k-th
-  largest |coef B A| over all elements (+inf for k = 0), without storing dW.
-- ``weighted_sum(batch, dtype) -> list[Tensor]``: batch entries are
-  (tensors, weights), same-shape 2-D tensors; returns per entry
-  ((w_0 t_0) + w_1 t_1) + ... with every product and sum rounded in
-  ``compute_dtype(dtype)``, left to right, then cast to ``dtype``: for one or
-  two terms bit-equal to peft's ``task_arithmetic`` (factor-wise ``linear``).
-- ``dense_combine(factors, weights, keeps, mode, sign_method) -> Tensor``: one
-  module; the dense (n_out, n_in) result of pruning each dW_i = coef_i B_i A_i
-  by ``keeps[i]`` and combining with ``weights`` (SUM or TIES, see
-  ``ops/elementwise.py``), in ``compute_dtype`` of the factors. The C++
-  backend holds one tile of each dW_i at a time, never all of them.
+1. The batch's tensors must live on one device (ValueError otherwise).
+2. Selection by the device and the dtype of the batch's first tensor:
+   ``KMERGE_FAST_BACKEND=reference|cpp|triton`` (or :func:`use_backend`)
+   forces a backend and raises :class:`BackendError` if it cannot run them;
+   otherwise the first backend of :data:`PREFERENCE` that is available,
+   supports them and may be picked automatically on that device
+   (``manual_only_reason``: Triton's interpreter on CPU tensors is for tests,
+   forced only) runs.
+3. Fallback: a batch the selected backend cannot run whole (another dtype
+   among its tensors, or an output dtype it does not produce: Triton with
+   float64) runs on the reference backend, whatever was forced.
 
-Range: ``inner_products``, ``diff_stats`` and ``truncate`` are exact up to
-rounding whatever the factors' magnitudes (subnormal, or far beyond float32):
-each backend runs factors outside [2^-32, 2^32] on power-of-two scaled copies
-and scales the results back (``ops/scaling.py``); a result is +-inf or 0 only
-where the true value is out of float64's (or the output dtype's) range.
-Ordinary factors run unchanged, bit for bit. ``truncate`` with rank 0 returns
-empty factors.
-
-Selection: ``KMERGE_FAST_BACKEND=reference|cpp|triton`` (or :func:`use_backend`)
-forces a backend and raises :class:`BackendError` if it cannot run the inputs;
-otherwise the first backend of :data:`PREFERENCE` that supports them runs.
+``all_finite`` is validation, not a merge op: it runs the C++ bit test on
+the CPU tensors that backend takes whatever is forced, torch on the rest.
 """
 
 from __future__ import annotations
@@ -48,32 +27,29 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import NamedTuple
+from typing import Iterable
 
 import torch
 
 from ..errors import BackendError
+from .contract import (ALL, DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Backend, CombineBatch, DiffBatch, Factor,
+                       FactorBatch, InnerBatch, Keep, KthBatch, Pair, SumBatch, compute_dtype)
 
-
-class Factor(NamedTuple):
-    """One term ``coef * B @ A`` of a sum: A (r x n_in), B (n_out x r)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    coef: float
-
+__all__ = ["ALL", "DARE", "MAGNITUDE", "SIGN_METHODS", "SUM", "TIES", "Backend", "Factor", "Keep", "PREFERENCE",
+           "abs_kth", "all_finite", "backend_name", "backends", "compute_dtype", "dense_combine", "diff_stats",
+           "forced_backend", "inner_products", "max_abs", "select", "stack", "truncate", "unavailable_reasons",
+           "use_backend", "weighted_sum"]
 
 #: Backend names in the order auto-selection tries them (fastest first).
 PREFERENCE = ("triton", "cpp", "reference")
-_MODULES = {"reference": "reference", "cpp": "cpu", "triton": "triton"}
 ENV_VAR = "KMERGE_FAST_BACKEND"
 _forced: list[str] = []
 
 
 def _load(name: str):
-    """The backend module, or a string saying why it cannot be loaded here."""
+    """The backend module ``ops/backend/<name>``, or a string saying why it cannot be loaded here."""
     try:
-        module = importlib.import_module(f".{_MODULES[name]}", __name__)
+        module = importlib.import_module(f".backend.{name}", __name__)
     except ImportError as e:  # a missing optional dependency or extension
         return f"cannot import: {e}"
     reason = module.unavailable_reason()
@@ -93,8 +69,8 @@ def unavailable_reasons() -> dict[str, str]:
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Force a backend inside a ``with`` block (``None``: automatic selection)."""
-    if name is not None and name not in _MODULES:
-        raise ValueError(f"backend: unknown name {name!r}; choose from {list(_MODULES)}")
+    if name is not None and name not in PREFERENCE:
+        raise ValueError(f"backend: unknown name {name!r}; choose from {list(PREFERENCE)}")
     _forced.append(name)
     try:
         yield
@@ -109,13 +85,14 @@ def forced_backend() -> str | None:
     if _forced:  # use_backend(None) overrides the environment
         return None
     name = os.environ.get(ENV_VAR, "").strip()
-    if name and name not in _MODULES:
-        raise BackendError(f"{ENV_VAR}={name!r}: unknown backend; choose from {list(_MODULES)}")
+    if name and name not in PREFERENCE:
+        raise BackendError(f"{ENV_VAR}={name!r}: unknown backend; choose from {list(PREFERENCE)}")
     return name or None
 
 
-def select(device: torch.device, dtype: torch.dtype):
-    """The backend module to run an op on tensors of this device and dtype."""
+def select(device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend module for tensors of this device and dtype (rule 2 of the module docstring)."""
+    device = torch.device(device)
     forced = forced_backend()
     if forced is not None:
         module = _load(forced)
@@ -127,24 +104,91 @@ def select(device: torch.device, dtype: torch.dtype):
         return module
     for name in PREFERENCE:
         module = _load(name)
-        if not isinstance(module, str) and not module.unsupported_reason(device, dtype):
+        if (not isinstance(module, str) and not module.unsupported_reason(device, dtype)
+                and not module.manual_only_reason(device)):
             return module
     raise BackendError(f"no backend can run {dtype} on {device}")  # reference takes everything: unreachable
 
 
-def select_for(factor_lists) -> object:
-    """The backend for a batch: every factor must live on one device."""
-    device, dtype = None, None
+def _backend(tensors: Iterable[torch.Tensor], out_dtype: torch.dtype | None = None) -> Backend:
+    """The backend for a batch holding ``tensors`` (and producing ``out_dtype``): rules 1-3."""
+    device, dtypes = None, {}
+    for t in tensors:
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"factors live on different devices ({device} and {t.device})")
+        dtypes.setdefault(t.dtype, None)
+    if out_dtype is not None:
+        dtypes.setdefault(out_dtype, None)
+    dtypes = list(dtypes) or [torch.float32]
+    device = device or torch.device("cpu")
+    module = select(device, dtypes[0])
+    if any(module.unsupported_reason(device, dtype) for dtype in dtypes[1:]):
+        return _load("reference")
+    return module
+
+
+def _factor_tensors(factor_lists: Iterable[Iterable[Factor]]) -> Iterable[torch.Tensor]:
     for factors in factor_lists:
         for f in factors:
-            for t in (f.A, f.B):
-                if device is None:
-                    device, dtype = t.device, t.dtype
-                elif t.device != device:
-                    raise ValueError(f"factors live on different devices ({device} and {t.device})")
-    return select(device or torch.device("cpu"), dtype or torch.float32)
+            yield f.A
+            yield f.B
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype kernels accumulate in: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def backend_name(factor_lists: Iterable[Iterable[Factor]]) -> str:
+    """The name of the backend that runs a batch of these factor lists (e.g. a cache key of its results)."""
+    return _backend(_factor_tensors(factor_lists)).NAME
+
+
+# ------------------------------------------------------------ entry points
+# Each: the contract's op (ops/contract.py), on the backend chosen for its batch.
+def inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
+    return _backend(_factor_tensors(fs for pair in batch for fs in pair)).inner_products(batch, precise)
+
+
+def diff_stats(batch: DiffBatch) -> torch.Tensor:
+    if not batch:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    return _backend(_factor_tensors(batch)).diff_stats(batch)
+
+
+def stack(batch: FactorBatch, dtype: torch.dtype) -> list[Pair]:
+    return _backend(_factor_tensors(batch), dtype).stack(batch, dtype)
+
+
+def truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
+    return _backend(_factor_tensors(batch), dtype).truncate(batch, rank, dtype)
+
+
+def abs_kth(batch: KthBatch) -> list[float]:
+    return _backend(_factor_tensors([[f for f, _ in batch]])).abs_kth(batch)
+
+
+def weighted_sum(batch: SumBatch, dtype: torch.dtype) -> list[torch.Tensor]:
+    return _backend((t for tensors, _ in batch for t in tensors), dtype).weighted_sum(batch, dtype)
+
+
+def dense_combine(batch: CombineBatch, mode: int, sign_method: str = "total") -> list[torch.Tensor]:
+    return _backend(_factor_tensors(factors for factors, _, _ in batch)).dense_combine(batch, mode, sign_method)
+
+
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
+    return _backend(tensors).max_abs(tensors)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Per tensor (any shape): no NaN or inf. The C++ scan for the non-empty 2-D CPU tensors it
+    takes (it tests exponent bits on the extension's threads, without waking torch's pool), torch
+    for the rest, whatever backend is forced."""
+    flags: list[bool | None] = [None] * len(tensors)
+    cpp = _load("cpp")
+    if not isinstance(cpp, str):
+        idx = [i for i, t in enumerate(tensors)
+               if t.dim() == 2 and t.numel() and cpp.unsupported_reason(t.device, t.dtype) is None]
+        for i, ok in zip(idx, cpp.all_finite([tensors[i] for i in idx])):
+            flags[i] = ok
+    rest = [i for i, flag in enumerate(flags) if flag is None]
+    for i, ok in zip(rest, _load("reference").all_finite([tensors[i] for i in rest])):
+        flags[i] = ok
+    return flags

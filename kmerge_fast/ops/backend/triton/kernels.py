@@ -32,6 +32,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...contract import COMBINE_MODES, KEEP_KINDS, SIGN_METHODS
+
+# The contract's codes, as constants the kernels may read (Triton kernels only see constexpr globals).
+_KEEP_MAGNITUDE = tl.constexpr(KEEP_KINDS["magnitude"])
+_KEEP_DARE = tl.constexpr(KEEP_KINDS["dare"])
+_MODE_SUM = tl.constexpr(COMBINE_MODES["sum"])
+_SIGN_TOTAL = tl.constexpr(SIGN_METHODS["total"])
 
 # Row widths of the work tables the Python layer pads to (the column layouts are in
 # each kernel's docstring).
@@ -322,7 +329,7 @@ def _kept_term(tab, ftab, t, rows, cols, mr, mc, n_in,
     """(p, w): term t's tile of coef * B A after its keep rule, and its weight.
 
     Term row: 0 B, 1 A (addresses), 2 r, 3 / 4 B strides, 5 / 6 A strides,
-    7 keep kind (0 all, 1 magnitude, 2 DARE), 8 DARE seed (uint64 bits), 9
+    7 keep kind (the contract's KEEP_KINDS), 8 DARE seed (uint64 bits), 9
     DARE threshold (24 bits). ftab (float32, 4 per term): coef, weight, tau, density.
     """
     row = tab + t * 10
@@ -335,10 +342,10 @@ def _kept_term(tab, ftab, t, rows, cols, mr, mc, n_in,
     v = tl.load(fr + 0) * v
     kind = tl.load(row + 7)
     p = v
-    if kind == 1:  # magnitude: |v| >= tau (NaN kept, so it is not silently dropped)
+    if kind == _KEEP_MAGNITUDE:  # magnitude: |v| >= tau (NaN kept, so it is not silently dropped)
         tau = tl.load(fr + 2)
         p = tl.where((tl.abs(v) >= tau) | (v != v), v, 0.0)
-    if kind == 2:  # DARE: kept with probability density, rescaled by 1 / density
+    if kind == _KEEP_DARE:  # DARE: kept with probability density, rescaled by 1 / density
         density = tl.load(fr + 3)
         thresh = tl.load(row + 9)
         if thresh >= 16777216:  # keeps everything: no hashing
@@ -356,8 +363,8 @@ def dense_combine_kernel(tab, ftab, out_ptr, n_terms, n_out, n_in, so0, so1, DT:
     """One (BM, BN) tile of the combined dense update; each term's tile is formed in
     registers (twice for TIES: the election, then the merge), never in memory.
 
-    MODE 0 (SUM): sum_i w_i p_i. MODE 1 (TIES): elect = +1 if sum_i p_i >= 0
-    (SIGN 0, total) or sum_i sign(p_i) >= 0 (SIGN 1, frequency) else -1;
+    MODE SUM: sum_i w_i p_i. MODE TIES: elect = +1 if sum_i p_i >= 0
+    (SIGN total) or sum_i sign(p_i) >= 0 (SIGN frequency) else -1;
     sum of w_i p_i over the terms whose sign is elect, over their count (>= 1);
     NaN anywhere gives NaN.
     """
@@ -366,7 +373,7 @@ def dense_combine_kernel(tab, ftab, out_ptr, n_terms, n_out, n_in, so0, so1, DT:
     mr = rows < n_out
     mc = cols < n_in
     acc = tl.full((BM, BN), 0, tl.float32)
-    if MODE == 0:
+    if MODE == _MODE_SUM:
         for t in range(0, n_terms):
             p, w = _kept_term(tab, ftab, t, rows, cols, mr, mc, n_in, DT, BM, BN, BR, DOT_DT)
             acc += w * p
@@ -374,7 +381,7 @@ def dense_combine_kernel(tab, ftab, out_ptr, n_terms, n_out, n_in, so0, so1, DT:
         votes = tl.full((BM, BN), 0, tl.float32)
         for t in range(0, n_terms):
             p, w = _kept_term(tab, ftab, t, rows, cols, mr, mc, n_in, DT, BM, BN, BR, DOT_DT)
-            if SIGN == 0:
+            if SIGN == _SIGN_TOTAL:
                 votes += p
             else:
                 votes += tl.where(p > 0, 1.0, tl.where(p < 0, -1.0, 0.0))

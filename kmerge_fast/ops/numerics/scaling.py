@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from . import Factor
+from ..contract import Factor
 
 #: Largest |log2| of a factor's peak magnitude used without rescaling.
 SAFE_EXP = 32

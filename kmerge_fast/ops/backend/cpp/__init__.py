@@ -4,8 +4,10 @@ The compiled core works on raw pointers, sizes and strides; this module turns
 tensors into those descriptions (no copies: transposed views are passed as
 strides). Truncation runs in C++ end to end, its small R x R algebra included
 (``csrc/core/gram_svd.cpp``, with our own symmetric eigensolver); the torch
-version of that algebra (``ops/gram_svd.py``) is the fallback for a module the
-C++ one cannot settle. See ``ops/__init__.py`` for the op contracts.
+version of that algebra (``ops/numerics/gram_svd.py``) is the fallback for a module the
+C++ one cannot settle. See ``ops/contract.py`` for the op contracts; the
+dtype, keep-kind, combine-mode, sign-method and route codes passed to and
+from ``_C`` are the contract's (``_C``'s own tables).
 """
 
 from __future__ import annotations
@@ -17,32 +19,28 @@ from collections import defaultdict
 
 import torch
 
-from . import Factor, compute_dtype, scaling
-from .elementwise import SIGN_METHODS, Keep
-from .gram_svd import core_transforms
+from ...contract import (ROUTE_CHOLESKY, ROUTE_EIGEN, ROUTE_FAILED, C_IMPORT_ERROR, DTYPE_CODES,  # noqa: F401 (routes:
+                         SIGN_METHODS, CombineBatch, DiffBatch, Factor, FactorBatch, InnerBatch,  # ``_C.truncate``'s
+                         KthBatch, Pair, SumBatch, _C, compute_dtype)  # results, for its tests)
+from ...numerics import scaling
+from ...numerics.gram_svd import core_transforms
 
 NAME = "cpp"
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-#: ``_C.truncate``'s route codes (per module: Cholesky route, eigen route, not settled).
-ROUTE_CHOLESKY, ROUTE_EIGEN, ROUTE_FAILED = 0, 1, 2
-
-try:
-    from .. import _C
-except ImportError as _e:  # the extension was not built: the package still imports
-    _C = None
-    _IMPORT_ERROR = str(_e)
-
 
 def unavailable_reason() -> str | None:
-    return None if _C is not None else f"the C++ extension kmerge_fast._C is not built ({_IMPORT_ERROR})"
+    return None if _C is not None else f"the C++ extension kmerge_fast._C is not built ({C_IMPORT_ERROR})"
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if torch.device(device).type != "cpu":
         return f"tensors on {device}; the C++ backend runs on CPU tensors"
-    if dtype not in _DTYPE_CODES:
-        return f"dtype {dtype} is not one of {list(_DTYPE_CODES)}"
+    if dtype not in DTYPE_CODES:
+        return f"dtype {dtype} is not one of {list(DTYPE_CODES)}"
+    return None
+
+
+def manual_only_reason(device: torch.device) -> str | None:
     return None
 
 
@@ -53,7 +51,7 @@ def _mat(t: torch.Tensor, coef: float = 1.0, transpose: bool = False) -> tuple:
     rs, cs = t.stride()
     if transpose:
         rows, cols, rs, cs = cols, rows, cs, rs
-    return (t.data_ptr(), _DTYPE_CODES[t.dtype], rows, cols, rs, cs, float(coef))
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], rows, cols, rs, cs, float(coef))
 
 
 def _b_stack(factors: list[Factor]) -> list[tuple]:
@@ -104,12 +102,12 @@ def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     return list(_C.max_abs([_mat(t) for t in tensors], 0)) if tensors else []
 
 
-def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
-    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/scaling.py).
+def inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
+    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/numerics/scaling.py).
     return scaling.inner_products(batch, precise, _inner_products, max_abs)
 
 
-def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+def _inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
     # Modules with the same rank layout share one (n, Rx, Ry) Gram buffer and one batched block reduction.
     groups = defaultdict(list)
     for k, (xs, ys) in enumerate(batch):
@@ -149,12 +147,12 @@ def _block_indicator(ranks: tuple[int, ...]) -> torch.Tensor:
     return s
 
 
-def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
-    # The tiles are float32 even for float64 inputs: scaled into its range first (ops/scaling.py).
+def diff_stats(batch: DiffBatch) -> torch.Tensor:
+    # The tiles are float32 even for float64 inputs: scaled into its range first (ops/numerics/scaling.py).
     return scaling.diff_stats(batch, _diff_stats, max_abs)
 
 
-def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+def _diff_stats(batch: DiffBatch) -> torch.Tensor:
     out = torch.zeros(len(batch), 2, dtype=torch.float64)
     tasks = []
     for k, (x, y) in enumerate(batch):
@@ -166,7 +164,7 @@ def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     return out
 
 
-def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def stack(batch: FactorBatch, dtype: torch.dtype) -> list[Pair]:
     tasks, out = [], []
     for factors in batch:
         rank = sum(f.A.shape[0] for f in factors)
@@ -183,12 +181,12 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
     return out
 
 
-def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     """Best rank-r approximation from the Grams, without QR of the tall stacks.
 
     One ``_C.truncate`` call, one module per thread: the Grams Gb = B^T B and
     Ga = A A^T, their R x R algebra in float64 (the two routes of
-    ``ops/gram_svd.py``, in C++), and the rebuild B' = B T_B, A'^T = A^T T_A.
+    ``ops/numerics/gram_svd.py``, in C++), and the rebuild B' = B T_B, A'^T = A^T T_A.
     Without float64 data the Grams accumulate in float32 first; each is
     redone in float64 when its estimated perturbation of the kept factors
     exceeds 5e-5 (cancelling, graded or nearly dependent stacks), and Ga also
@@ -197,15 +195,15 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     ``float_errors`` in csrc/core/truncate.cpp). The tall stacks are read
     twice and the R x R Grams never leave the worker's scratch. A module the
     C++ algebra cannot settle (non-finite Grams, an eigenproblem that did not
-    converge) is redone with the torch algebra of ``ops/gram_svd.py``. A module
+    converge) is redone with the torch algebra of ``ops/numerics/gram_svd.py``. A module
     whose factors lie outside float32's comfortable range (subnormal or huge
-    entries) runs on power-of-two scaled copies (``ops/scaling.py``). ``rank``
+    entries) runs on power-of-two scaled copies (``ops/numerics/scaling.py``). ``rank``
     0 gives empty factors.
     """
     return scaling.truncate(batch, rank, dtype, _truncate, max_abs)
 
 
-def _truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     if rank == 0:
         return [(torch.empty(0, fs[0].A.shape[1], dtype=dtype), torch.empty(fs[0].B.shape[0], 0, dtype=dtype))
                 for fs in batch]
@@ -224,7 +222,8 @@ def _truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[
 
 
 def _truncate_with_torch_algebra(factors: list[Factor], rank: int, new_a: torch.Tensor, new_b: torch.Tensor) -> None:
-    """``truncate`` of one module with the R x R algebra of ``ops/gram_svd.py`` (torch.linalg), into new_a / new_b."""
+    """``truncate`` of one module with the R x R algebra of ``ops/numerics/gram_svd.py`` (torch.linalg),
+    into new_a / new_b."""
     big_r = sum(_ranks(factors))
     g_b, g_a = _empty(1, big_r, big_r), _empty(1, big_r, big_r)
     bs, ats = _b_stack(factors), _at_stack(factors)
@@ -239,11 +238,11 @@ def all_finite(tensors: list[torch.Tensor]) -> list[bool]:
     return list(_C.all_finite([_mat(t) for t in tensors], 0))
 
 
-def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:
+def abs_kth(batch: KthBatch) -> list[float]:
     return list(_C.abs_kth([(_mat(f.B), _mat(f.A, f.coef), int(k)) for f, k in batch], 0))
 
 
-def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: torch.dtype) -> list[torch.Tensor]:
+def weighted_sum(batch: SumBatch, dtype: torch.dtype) -> list[torch.Tensor]:
     out, tasks = [], []
     for tensors, weights in batch:
         result = torch.empty(tensors[0].shape, dtype=dtype)
@@ -253,13 +252,16 @@ def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: tor
     return out
 
 
-def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,
-                  sign_method: str = "total") -> torch.Tensor:
-    f0 = factors[0]
-    # The C++ merge accumulates every term in float64 when any factor is float64: the result too.
-    wide = any(t.dtype == torch.float64 for f in factors for t in (f.A, f.B))
-    out = torch.empty(f0.B.shape[0], f0.A.shape[1], dtype=torch.float64 if wide else torch.float32)
-    terms = [(_mat(f.B), _mat(f.A, f.coef), float(w), k.kind, float(k.tau), int(k.seed), int(k.thresh24),
-              float(k.density)) for f, w, k in zip(factors, weights, keeps)]
-    _C.dense_merge(terms, _mat(out), mode, SIGN_METHODS[sign_method], 0)
+def dense_combine(batch: CombineBatch, mode: int, sign_method: str = "total") -> list[torch.Tensor]:
+    """One ``_C.dense_merge`` call per module (its tiles run on the extension's threads)."""
+    out = []
+    for factors, weights, keeps in batch:
+        f0 = factors[0]
+        # The C++ merge accumulates every term in float64 when any factor is float64: the result too.
+        wide = any(t.dtype == torch.float64 for f in factors for t in (f.A, f.B))
+        result = torch.empty(f0.B.shape[0], f0.A.shape[1], dtype=torch.float64 if wide else torch.float32)
+        terms = [(_mat(f.B), _mat(f.A, f.coef), float(w), k.kind, float(k.tau), int(k.seed), int(k.thresh24),
+                  float(k.density)) for f, w, k in zip(factors, weights, keeps)]
+        _C.dense_merge(terms, _mat(result), mode, SIGN_METHODS[sign_method], 0)
+        out.append(result)
     return out

@@ -20,11 +20,12 @@ and the reference backend's ``dense_combine`` applies them to dense updates
   Each element is kept independently with probability ``density`` (to
   2^-24), as in peft; the masks themselves are not peft's.
 
-Keep kinds and combine modes (their integer codes are the C++ kernel's):
+Keep kinds and combine modes (their integer codes are the C++ core's, see
+``ops/contract.py``):
 
-- keep ``ALL`` (0): p = v; ``MAGNITUDE`` (1): p = v if |v| >= tau else 0;
-  ``DARE`` (2): p = v / density if kept else 0.
-- combine ``SUM`` (0): sum_i w_i p_i. ``TIES`` (1): elect = +1 if
+- keep ``ALL``: p = v; ``MAGNITUDE``: p = v if |v| >= tau else 0;
+  ``DARE``: p = v / density if kept else 0.
+- combine ``SUM``: sum_i w_i p_i. ``TIES``: elect = +1 if
   sum_i p_i >= 0 (sign method ``total``) or sum_i sign(p_i) >= 0
   (``frequency``), else -1; result = sum_{i: sign(p_i) = elect} w_i p_i /
   max(1, #{i: sign(p_i) = elect}).
@@ -32,30 +33,12 @@ Keep kinds and combine modes (their integer codes are the C++ kernel's):
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-ALL, MAGNITUDE, DARE = 0, 1, 2
-SUM, TIES = 0, 1
-SIGN_METHODS = {"total": 0, "frequency": 1}
+from ..contract import ALL, DARE, MAGNITUDE, SUM, TIES, Keep
 
 _M64 = (1 << 64) - 1
 _MIX1, _MIX2, _GOLDEN = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x9E3779B97F4A7C15
-
-
-class Keep(NamedTuple):
-    """How one term is pruned before combining (see the module docstring).
-
-    ``tau``: the magnitude threshold (MAGNITUDE); ``seed`` (uint64),
-    ``thresh24`` (= round(density * 2^24)) and ``density``: the DARE draw.
-    """
-
-    kind: int = ALL
-    tau: float = 0.0
-    seed: int = 0
-    thresh24: int = 0
-    density: float = 1.0
 
 
 def mix64(x: int) -> int:

@@ -1,17 +1,21 @@
-"""The Triton backend: the GPU path. See ``ops/__init__.py`` for the op contracts.
+"""The Triton backend: the GPU path. See ``ops/contract.py`` for the op contracts.
 
 Selection: chosen automatically for CUDA tensors when Triton is installed
 (``pip install 'kmerge_fast[triton]'``). Without Triton the package works as
 before and :func:`unavailable_reason` says why this backend is missing.
 Nothing here touches CUDA at import time; Triton itself is imported when the
-backend is about to be used (``ops/triton/kernels.py``): on a CUDA machine at
-the first dispatch, never for CPU tensors that are not forced onto it.
+backend is about to be used (``kernels.py`` beside this file): on a CUDA
+machine at the first dispatch, never for CPU tensors that are not forced
+onto it.
 
 CPU tensors: never picked automatically. With ``TRITON_INTERPRET=1`` set
 before Triton is first imported, the same kernels run on CPU tensors under
 Triton's interpreter (numpy, slow) when the backend is forced
 (``kf.use_backend("triton")`` or ``KMERGE_FAST_BACKEND=triton``): this is how
-the kernels are tested on machines without a GPU.
+the kernels are tested on machines without a GPU. The dispatcher
+(``ops/__init__.py``) takes both decisions: it picks this backend for CPU
+tensors only when forced (:func:`manual_only_reason`), and hands batches
+holding float64 (which this backend does not run) to the reference.
 
 How each op runs (every launch covers the whole batch; work items are rows
 of an int64 table of addresses, sizes and strides, see ``kernels.py``):
@@ -26,7 +30,7 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
   batches compute each pair once.
 - ``truncate``: float64 Grams Gb = B^T B, Ga = A A^T of the stacks (block
   pairs i <= j, mirrored), the R x R core algebra of the C++ backend
-  (``ops/gram_svd.py``: batched Cholesky and ``torch.linalg.eigh`` in float64
+  (``ops/numerics/gram_svd.py``: batched Cholesky and ``torch.linalg.eigh`` in float64
   on the device, grouped by stacked rank), then one launch rebuilds every B' =
   [c_i B_i] T_B and A'^T = [A_i^T] T_A (float64 accumulation, one rounding
   to the output dtype).
@@ -62,11 +66,12 @@ from collections import defaultdict
 
 import torch
 
-from ...errors import BackendError
-from .. import Factor, forced_backend, scaling
+from ....errors import BackendError
+from ...contract import (COMBINE_MODES, KEEP_KINDS, MAGNITUDE, SIGN_METHODS, SUM, CombineBatch, DiffBatch, Factor,
+                         FactorBatch, InnerBatch, Keep, KthBatch, Pair, SumBatch)
+from ...numerics import scaling
+from ...numerics.gram_svd import core_transforms
 from .. import reference as _reference
-from ..gram_svd import core_transforms
-from ..elementwise import DARE, MAGNITUDE, SIGN_METHODS, SUM, TIES, Keep
 
 NAME = "triton"
 
@@ -139,15 +144,19 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
             if not _interpreted():
                 return ("CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before Triton is "
                         "imported) with the backend forced")
-            if forced_backend() != NAME:
-                return ("CPU tensors run under Triton's interpreter (slow, for tests) only when the backend is "
-                        "forced: kf.use_backend('triton') or KMERGE_FAST_BACKEND=triton")
         else:
             return f"tensors on {device}; the Triton backend runs on CUDA devices"
         if _kernels is not None:
             return None
         if _load_kernels() is None:
             return f"cannot import triton: {_import_error}"
+    return None
+
+
+def manual_only_reason(device: torch.device) -> str | None:
+    if torch.device(device).type == "cpu":
+        return ("CPU tensors run under Triton's interpreter (slow, for tests) only when the backend is "
+                "forced: kf.use_backend('triton') or KMERGE_FAST_BACKEND=triton")
     return None
 
 
@@ -176,12 +185,12 @@ def _fast_dot(dtype: torch.dtype):
     return tl.float32
 
 
-def _common_dtype(tensors) -> torch.dtype | None:
+def _common_dtype(tensors) -> torch.dtype:
     """The one element type of a launch: the tensors' dtype, float32 if they mix
-    supported dtypes, None if any is unsupported (the batch runs on the reference)."""
+    supported dtypes (exact for fp16 / bf16)."""
     dtypes = {t.dtype for t in tensors}
-    if not dtypes <= set(_SUPPORTED):
-        return None
+    if not dtypes <= set(_SUPPORTED):  # the dispatcher sends such batches to the reference
+        raise BackendError(f"backend 'triton' cannot run {sorted(map(str, dtypes - set(_SUPPORTED)))}")
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -295,18 +304,20 @@ def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     return scaling.torch_max_abs(tensors)
 
 
-def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
-    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/scaling.py).
+def all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    return _reference.all_finite(tensors)  # torch reductions on the device
+
+
+def inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
+    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/numerics/scaling.py).
     _require()
     return scaling.inner_products(batch, precise, _inner_products, max_abs)
 
 
-def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+def _inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
     if not batch:
         return []
     dtype = _common_dtype(t for xs, ys in batch for f in (*xs, *ys) for t in (f.A, f.B))
-    if dtype is None:
-        return _reference._inner_products(batch, precise)  # factors already normalised
     device = _device_of(xs for xs, _ in batch)
     items, shapes, base, alive, descs = [], [], 0, [], {}  # alive: converted copies, until the kernels ran
 
@@ -341,17 +352,15 @@ def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: boo
     return result
 
 
-def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+def diff_stats(batch: DiffBatch) -> torch.Tensor:
     _require()
     return scaling.diff_stats(batch, _diff_stats, max_abs)
 
 
-def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+def _diff_stats(batch: DiffBatch) -> torch.Tensor:
     if not batch:
         return torch.zeros(0, 2, dtype=torch.float64)
     dtype = _common_dtype(t for pair in batch for f in pair for t in (f.A, f.B))
-    if dtype is None:
-        return _reference._diff_stats(batch)  # factors already normalised
     device = _device_of(batch)
     groups, alive = defaultdict(list), []  # (BM, BN) -> [(position, row, coefs, max r, tiles)]
     for k, (x, y) in enumerate(batch):
@@ -384,18 +393,16 @@ def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     return torch.stack([total, peak], dim=1).cpu()
 
 
-def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: torch.dtype) -> list[torch.Tensor]:
+def weighted_sum(batch: SumBatch, dtype: torch.dtype) -> list[torch.Tensor]:
     _require()
     return _reference.weighted_sum(batch, dtype)
 
 
-def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def stack(batch: FactorBatch, dtype: torch.dtype) -> list[Pair]:
     _require()
     if not batch:
         return []
     in_dtype = _common_dtype(t for factors in batch for f in factors for t in (f.A, f.B))
-    if in_dtype is None or dtype not in _SUPPORTED:
-        return _reference.stack(batch, dtype)
     device = _device_of(batch)
     rows, coefs, out, keep = [], [], [], []
     max_tiles, tile = 1, _tiles()["copy"]
@@ -419,21 +426,19 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
     return out
 
 
-def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     """Best rank-r approximation from float64 Grams, as the C++ backend (see ``cpu.truncate``)."""
     _require()
     return scaling.truncate(batch, rank, dtype, _truncate, max_abs)
 
 
-def _truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     if not batch:
         return []
     if rank == 0:
         return [(torch.empty(0, fs[0].A.shape[1], dtype=dtype, device=fs[0].A.device),
                  torch.empty(fs[0].B.shape[0], 0, dtype=dtype, device=fs[0].A.device)) for fs in batch]
     in_dtype = _common_dtype(t for factors in batch for f in factors for t in (f.A, f.B))
-    if in_dtype is None or dtype not in _SUPPORTED:
-        return _reference.truncate(batch, rank, dtype)
     device = _device_of(batch)
     batch = [[_conv(f, in_dtype) for f in factors] for factors in batch]
 
@@ -535,34 +540,32 @@ def _dense(factors: list[Factor], weights: list[float], keeps: list[Keep], mode:
     return out
 
 
-def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:
+def abs_kth(batch: KthBatch) -> list[float]:
     _require()
     out = []
     for f, k in batch:
         dtype = _common_dtype([f.A, f.B])
-        if dtype is None:
-            out.extend(_reference.abs_kth([(f, k)]))
-            continue
         if k == 0:
             out.append(math.inf)
             continue
         # The values the merge prunes: the dense_combine kernel with one unpruned term of weight 1.
-        dense = _dense([_conv(f, dtype)], [1.0], [Keep()], SUM, 0, dtype).abs().flatten()
+        dense = _dense([_conv(f, dtype)], [1.0], [Keep()], SUM, SIGN_METHODS["total"], dtype).abs().flatten()
         dense = torch.where(dense.isnan(), torch.full_like(dense, math.inf), dense)  # NaN counts as largest
         out.append(float(torch.kthvalue(dense, dense.numel() - int(k) + 1).values))
         del dense
     return out
 
 
-def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,
-                  sign_method: str = "total") -> torch.Tensor:
+def dense_combine(batch: CombineBatch, mode: int, sign_method: str = "total") -> list[torch.Tensor]:
+    """One launch per module (each holds its dense float32 result)."""
     _require()
-    dtype = _common_dtype(t for f in factors for t in (f.A, f.B))
-    if dtype is None:
-        return _reference.dense_combine(factors, weights, keeps, mode, sign_method)
-    for keep in keeps:
-        if keep.kind not in (0, MAGNITUDE, DARE):
-            raise ValueError(f"keep kind: unknown {keep.kind}")
-    if mode not in (SUM, TIES):
+    if mode not in COMBINE_MODES.values():
         raise ValueError(f"combine mode: unknown {mode}")
-    return _dense([_conv(f, dtype) for f in factors], weights, keeps, mode, SIGN_METHODS[sign_method], dtype)
+    out = []
+    for factors, weights, keeps in batch:
+        dtype = _common_dtype(t for f in factors for t in (f.A, f.B))
+        for keep in keeps:
+            if keep.kind not in KEEP_KINDS.values():
+                raise ValueError(f"keep kind: unknown {keep.kind}")
+        out.append(_dense([_conv(f, dtype) for f in factors], weights, keeps, mode, SIGN_METHODS[sign_method], dtype))
+    return out

@@ -2,7 +2,7 @@
 
 Written for clarity, one module and one pair at a time, on any device torch
 supports. Half-precision inputs are computed in float32, float64 in float64;
-``precise=True`` computes in float64 throughout. See ``ops/__init__.py`` for
+``precise=True`` computes in float64 throughout. See ``ops/contract.py`` for
 the op contracts.
 """
 
@@ -12,8 +12,10 @@ import math
 
 import torch
 
-from . import Factor, compute_dtype, scaling
-from .elementwise import Keep, apply_keep, combine, kth_largest_abs, weighted_sum as _weighted_sum
+from ...contract import (CombineBatch, DiffBatch, Factor, FactorBatch, InnerBatch, KthBatch, Pair, SumBatch,
+                         compute_dtype)
+from ...numerics import scaling
+from ...numerics.elementwise import apply_keep, combine, kth_largest_abs, weighted_sum as _weighted_sum
 
 NAME = "reference"
 #: Rows of the dense difference materialised at once by :func:`diff_stats`.
@@ -25,6 +27,10 @@ def unavailable_reason() -> str | None:
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def manual_only_reason(device: torch.device) -> str | None:
     return None
 
 
@@ -45,12 +51,25 @@ def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     return scaling.torch_max_abs(tensors)
 
 
-def inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
-    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/scaling.py).
+def all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """One fused min / max reduction per tensor proves it: NaN propagates into both, and an
+    Inf is the min or the max. It never overflows and is ~5x cheaper than ``isfinite(t).all()``."""
+    out = []
+    for t in tensors:
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            out.append(math.isfinite(float(lo)) and math.isfinite(float(hi)))
+        else:
+            out.append(True)
+    return out
+
+
+def inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
+    # Factors outside float32's comfortable range run on power-of-two scaled copies (ops/numerics/scaling.py).
     return scaling.inner_products(batch, precise, _inner_products, max_abs)
 
 
-def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: bool = False) -> list[torch.Tensor]:
+def _inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tensor]:
     out = []
     for xs, ys in batch:
         g = torch.zeros(len(xs), len(ys), dtype=torch.float64)
@@ -62,11 +81,11 @@ def _inner_products(batch: list[tuple[list[Factor], list[Factor]]], precise: boo
     return out
 
 
-def diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+def diff_stats(batch: DiffBatch) -> torch.Tensor:
     return scaling.diff_stats(batch, _diff_stats, max_abs)
 
 
-def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
+def _diff_stats(batch: DiffBatch) -> torch.Tensor:
     out = torch.zeros(len(batch), 2, dtype=torch.float64)
     for k, (x, y) in enumerate(batch):
         dtype = compute_dtype(x.A.dtype)
@@ -83,7 +102,7 @@ def _diff_stats(batch: list[tuple[Factor, Factor]]) -> torch.Tensor:
     return out
 
 
-def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def stack(batch: FactorBatch, dtype: torch.dtype) -> list[Pair]:
     out = []
     for factors in batch:
         cdt = compute_dtype(dtype)
@@ -93,7 +112,7 @@ def stack(batch: list[list[Factor]], dtype: torch.dtype) -> list[tuple[torch.Ten
     return out
 
 
-def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     """Best rank-``rank`` approximation of sum_i c_i B_i A_i through QR of both stacks.
 
     B = Qb Rb, A^T = Qa Ra, core Rb Ra^T = U S V^T; B' = Qb U_r S_r, A' = V_r^T Qa^T.
@@ -117,7 +136,7 @@ def truncate(batch: list[list[Factor]], rank: int, dtype: torch.dtype) -> list[t
     return out
 
 
-def weighted_sum(batch: list[tuple[list[torch.Tensor], list[float]]], dtype: torch.dtype) -> list[torch.Tensor]:
+def weighted_sum(batch: SumBatch, dtype: torch.dtype) -> list[torch.Tensor]:
     work = compute_dtype(dtype)
     return [_weighted_sum([t.to(work) for t in tensors], weights).to(dtype) for tensors, weights in batch]
 
@@ -127,11 +146,10 @@ def _dense(f: Factor) -> torch.Tensor:
     return f.coef * (b @ a)
 
 
-def abs_kth(batch: list[tuple[Factor, int]]) -> list[float]:
+def abs_kth(batch: KthBatch) -> list[float]:
     return [kth_largest_abs(_dense(f), k) for f, k in batch]
 
 
-def dense_combine(factors: list[Factor], weights: list[float], keeps: list[Keep], mode: int,
-                  sign_method: str = "total") -> torch.Tensor:
-    pruned = [apply_keep(_dense(f), keep) for f, keep in zip(factors, keeps)]
-    return combine(pruned, weights, mode, sign_method)
+def dense_combine(batch: CombineBatch, mode: int, sign_method: str = "total") -> list[torch.Tensor]:
+    return [combine([apply_keep(_dense(f), keep) for f, keep in zip(factors, keeps)], weights, mode, sign_method)
+            for factors, weights, keeps in batch]
