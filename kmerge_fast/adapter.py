@@ -365,8 +365,9 @@ class LoRA:
 
     # ---------------------------------------------------------------------- I/O
     @classmethod
-    def load(cls, path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu") -> "LoRA":
-        """Read a peft LoRA adapter folder.
+    def load(cls, path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu",
+             format: str | None = None, base=None) -> "LoRA":
+        """Read an adapter: a peft folder (the default), a llama.cpp GGUF LoRA file or an MLX-LM folder.
 
         Each file is read once, whole, into private memory (the config only up
         to :data:`~kmerge_fast.formats.peft.MAX_CONFIG_BYTES`), then parsed by the same code as
@@ -379,6 +380,12 @@ class LoRA:
             allow_pickle: also accept a pickled ``adapter_model.bin`` (loaded with
                 ``torch.load(weights_only=True)``). Off by default: pickles can run code.
             device: where to put the factors.
+            format: ``"peft"``, ``"gguf"`` or ``"mlx"``; by default detected from
+                ``path`` (:func:`kmerge_fast.formats.detect`: a ``.gguf`` file, a folder
+                with ``adapters.safetensors``, else peft).
+            base: GGUF only: the base GGUF file or transformers config, needed to undo
+                llama.cpp's q/k row permutation in files that kmerge_fast did not write
+                (:func:`kmerge_fast.formats.gguf.load_gguf`).
 
         Raises:
             AdapterError: missing, oversized or corrupt files, an invalid config
@@ -386,6 +393,19 @@ class LoRA:
                 embedding or convolution LoRA, non-LoRA methods), unknown keys,
                 A/B shape or rank mismatches, NaN/Inf values.
         """
+        from . import formats
+
+        format = formats.check_format(format) if format is not None else formats.detect(path)
+        if format != "gguf" and base is not None:
+            raise ValueError(f"base: only the gguf format takes a base, not {format!r}")
+        if format == "gguf":
+            from .formats.gguf import load_gguf
+
+            return load_gguf(path, base).to(device=device)
+        if format == "mlx":
+            from .formats.mlx import load_mlx
+
+            return load_mlx(path).to(device=device)
         from .formats import peft
 
         return peft.load(path, allow_pickle, device, cls=cls)
@@ -421,8 +441,15 @@ class LoRA:
 
         return peft.from_bytes(config, weights, where, device, pickled=False, cls=cls)
 
-    def save(self, path: str | os.PathLike, atomic: bool = True) -> None:
-        """Write the adapter as a peft adapter folder (created if needed).
+    def save(self, path: str | os.PathLike, atomic: bool = True, format: str = "peft", **options) -> None:
+        """Write the adapter as a peft adapter folder (created if needed), or in another format.
+
+        ``format="gguf"``: a llama.cpp GGUF LoRA file; ``options`` are
+        :func:`~kmerge_fast.formats.gguf.save_gguf`'s (``base`` required: the base
+        GGUF file or transformers config; ``dtype``, ``task_names``, ``overwrite``).
+        ``format="mlx"``: an MLX-LM adapter folder; ``options`` are
+        :func:`~kmerge_fast.formats.mlx.save_mlx`'s (``num_layers``, ``overwrite``).
+        Both write atomically. The rest of this docstring is the peft format's.
 
         ``PeftModel.from_pretrained(base, path)`` loads it with identical factors
         and scalings. Ranks and scalings that differ between modules are written
@@ -436,6 +463,18 @@ class LoRA:
         caller that makes a fresh folder durable itself (the online store).
         The files key each module by peft's name, ``base_model.model.`` + its path.
         """
+        from . import formats
+
+        if formats.check_format(format) == "gguf":
+            from .formats.gguf import save_gguf
+
+            return save_gguf(self, path, **options)
+        if format == "mlx":
+            from .formats.mlx import save_mlx
+
+            return save_mlx(self, path, **options)
+        if options:
+            raise ValueError(f"{sorted(options)[0]}: not an option of the peft format")
         from .formats import peft
 
         peft.save(self, path, atomic)

@@ -33,6 +33,7 @@ from pathlib import Path
 # (about 1 s); each command imports the numeric modules it needs.
 from . import __version__
 from .errors import KMergeError
+from .methods import METHODS
 
 # The flags' choices, copied from kmerge_fast.online and kmerge_fast.similarity (which import
 # torch) so that building the parser does not; test_cli checks that the copies match.
@@ -552,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--gguf); needed by d2c and --score")
     cluster.add_argument("--gguf", help="a GGUF file name inside --base")
     cluster.add_argument("--method", default="d2c", choices=("d2c", "kmeans", "random"), help="default d2c")
-    cluster.add_argument("--merge", default="svd", help="merge method of each cluster (default svd)")
+    cluster.add_argument("--merge", default="svd", choices=METHODS, help="merge method of each cluster (default svd)")
     cluster.add_argument("--density", type=float, help="density for ties / dare / magnitude_prune merges")
     cluster.add_argument("--init", default="kmeans", choices=("kmeans", "random"), help="d2c's start (default kmeans)")
     cluster.add_argument("--seed", type=int, default=0)

@@ -100,6 +100,13 @@ def lookup(method: str, arg: str = "method") -> Method:
     return entry
 
 
+def check_density(density, arg: str = "density") -> float:
+    """``density`` as a float in (0, 1]; ValueError naming ``arg`` otherwise."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"{arg}: must be in (0, 1], got {density!r}")
+    return float(density)
+
+
 def check_args(method: str, rank=None, density=None, majority_sign_method: str = "total", svd_clamp=None,
                names: ArgNames = ArgNames(), ignore_unused: bool = False) -> tuple[Method, float]:
     """Validate a merge's arguments; returns (the method's entry, the density: 1.0 when unused).
@@ -119,8 +126,7 @@ def check_args(method: str, rank=None, density=None, majority_sign_method: str =
     if entry.takes_density:
         if density is None:
             raise ValueError(f"density: {names.what} {method!r} needs a density in (0, 1]")
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-            raise ValueError(f"density: must be in (0, 1], got {density!r}")
+        check_density(density)
     elif density is not None and not ignore_unused:
         raise ValueError(f"density: not used by {names.what} {method!r}")
     if majority_sign_method not in SIGN_METHODS:

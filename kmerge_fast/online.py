@@ -63,6 +63,7 @@ from typing import Callable, Sequence
 import torch
 
 from .lora import LoRA, first_non_finite
+from .methods import check_density
 from .ops.numerics.elementwise import mix64
 from .similarity import METRICS, cache_norms, similarity_matrix
 from .store import Store, StoreError, check_export_target
@@ -401,10 +402,8 @@ def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle,
     row.router_class.check_oracle(oracle)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed: must be an int or None, got {seed!r}")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density: must be in (0, 1], got {density!r}")
     return {"budget": budget, "strategy": strategy, "similarity": similarity, "threshold": threshold,
-            "mode": mode, "seed": seed, "density": float(density)}
+            "mode": mode, "seed": seed, "density": check_density(density)}
 
 
 __all__ = ["DEFAULT_MODE", "MODES", "STRATEGIES", "OnlineMerger", "Step", "StoreError", "calibrate_threshold",
