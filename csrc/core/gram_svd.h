@@ -1,5 +1,5 @@
 // The R x R algebra of truncation: the best rank-r factors of M = B A from the
-// Grams Gb = B^T B and Ga = A A^T, held in float64 (the C++ twin of ops/gram_svd.py).
+// Grams Gb = B^T B and Ga = A A^T, held in float64 (the C++ twin of kmerge_fast/ops/numerics/gram_svd.py).
 #pragma once
 
 #include <cstdint>
