@@ -73,15 +73,22 @@ double mat_max_abs(const Mat& m) {
     }
 }
 
+// f(mat) for every matrix, on threads over the matrices. A scan is bound by memory:
+// an entry costs about the time of 16 multiply-adds.
+template <class R, class F>
+std::vector<R> per_mat(const std::vector<Mat>& mats, int threads, F f) {
+    double work = 0.0;
+    for (const Mat& m : mats) work += double(m.rows) * double(m.cols);
+    std::vector<R> out(mats.size(), R{});
+    parallel_for(static_cast<std::int64_t>(mats.size()), threads_for_work(threads, 16 * work),
+                 [&](std::int64_t i, int) { out[static_cast<std::size_t>(i)] = f(mats[static_cast<std::size_t>(i)]); });
+    return out;
+}
+
 }  // namespace
 
 std::vector<double> max_abs(const std::vector<Mat>& mats, int threads) {
-    double work = 0.0;
-    for (const Mat& m : mats) work += double(m.rows) * double(m.cols);
-    std::vector<double> out(mats.size(), 0.0);
-    parallel_for(static_cast<std::int64_t>(mats.size()), threads_for_work(threads, 16 * work),
-                 [&](std::int64_t i, int) { out[static_cast<std::size_t>(i)] = mat_max_abs(mats[static_cast<std::size_t>(i)]); });
-    return out;
+    return per_mat<double>(mats, threads, mat_max_abs);
 }
 
 bool all_finite(const Mat& m) {
@@ -97,13 +104,7 @@ bool all_finite(const Mat& m) {
 bool all_finite(const double* p, std::int64_t n) { return entries_finite(p, kF64, n, 1); }
 
 std::vector<char> all_finite(const std::vector<Mat>& mats, int threads) {
-    double work = 0.0;
-    for (const Mat& m : mats) work += double(m.rows) * double(m.cols);
-    std::vector<char> flags(mats.size(), 0);
-    // The scan is bound by memory: an entry costs about the time of 16 multiply-adds.
-    parallel_for(static_cast<std::int64_t>(mats.size()), threads_for_work(threads, 16 * work),
-                 [&](std::int64_t i, int) { flags[static_cast<std::size_t>(i)] = all_finite(mats[static_cast<std::size_t>(i)]); });
-    return flags;
+    return per_mat<char>(mats, threads, [](const Mat& m) -> char { return all_finite(m); });
 }
 
 }  // namespace kmf
