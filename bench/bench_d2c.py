@@ -22,7 +22,6 @@ total losses are given for comparison.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -85,9 +84,7 @@ class TimedScorer:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 12, K = 3")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "N = 12, K = 3", argv)
     n, budget = (12, 3) if args.quick else (40, 5)
     model = tiny_model()
     adapters, examples = adapters_and_examples(model, n)

@@ -43,7 +43,6 @@ and ``% fp32 peak`` with the fp32 one. ``rel. err`` is max over the modules the 
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -168,9 +167,7 @@ def run_case(k: int, dtype: torch.dtype, quick: bool, machine: dict) -> list[lis
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="dense path on 8 modules, scaled by 8")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "dense path on 8 modules, scaled by 8", argv)
     machine = h.machine_info()
     rows = []
     for k in (2, 8):

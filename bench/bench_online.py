@@ -51,7 +51,6 @@ with the bytes of K + 1 float16 adapters (the K slots and the newcomer).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -252,9 +251,7 @@ def ms(x):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 layers (16 modules), 16 adapters, K = 4")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "4 layers (16 modules), 16 adapters, K = 4", argv)
     cfg = QUICK if args.quick else FULL
     k, n_adapters = cfg["budget"], cfg["adapters"]
     shapes = h.llama_shapes(cfg["layers"])

@@ -46,7 +46,6 @@ formed, then stacked, signed, pruned with ``torch.topk`` or masked with
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 from dataclasses import dataclass
@@ -333,9 +332,7 @@ def run_all(shapes: dict, dense_shapes: dict, machine: dict, budget_s: float) ->
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="layer 0's 4 modules for every op, ~0.5 s per row")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "layer 0's 4 modules for every op, ~0.5 s per row", argv)
     if _C is None:
         raise SystemExit(f"kmerge_fast._C is not built: {_WHY}")
     machine = h.machine_info()

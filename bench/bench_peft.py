@@ -64,7 +64,6 @@ Columns:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import zlib
@@ -264,10 +263,7 @@ def run_case(ct: str, k: int, peft_model, kf_models: list, backend: str, quick: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="peft on a 2-layer model (8 modules), its time scaled to 64 modules")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "peft on a 2-layer model (8 modules), its time scaled to 64 modules", argv)
     torch.manual_seed(0)
     backend = os.environ.get(kf.ops.ENV_VAR) or kf.backends()[0]
     h.machine_info()  # the matmul peaks, before anything else is in memory

@@ -34,7 +34,6 @@ the 8 similarities against the dense path's.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -135,9 +134,7 @@ def run_dtype(dtype: torch.dtype, quick: bool, machine: dict) -> list[list]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one dense run, shorter budget for the others")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "one dense run, shorter budget for the others", argv)
     machine = h.machine_info()
     rows = []
     for dtype in (torch.float32, torch.float16):

@@ -34,7 +34,6 @@ Targets (printed with PASS / MISS): triton >= 100x faster than the dense path,
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -239,9 +238,7 @@ def print_targets(checks: list) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="dense peft path on 8 modules, scaled x8")
-    args = parser.parse_args(argv)
+    args = h.parse_quick(__doc__, "dense peft path on 8 modules, scaled x8", argv)
     reason = why_not_runnable()
     if reason:
         print(f"bench_triton: not run: {reason}.", file=sys.stderr)

@@ -14,6 +14,8 @@ the latest table.
 
 from __future__ import annotations
 
+import argparse
+
 import ctypes
 import datetime as _dt
 import gc
@@ -340,3 +342,11 @@ def peak_call(fn) -> tuple[float, float | None, float]:
     _trim()
     after = _status_kib("VmRSS")
     return seconds, (hwm - before) / 1024 if can_peak else None, (after - before) / 1024
+
+
+def parse_quick(doc: str, quick_help: str, argv=None) -> argparse.Namespace:
+    """The benches' command line: ``--quick`` (what it shortens: ``quick_help``); the
+    description is the first paragraph of the bench module's docstring ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser.parse_args(argv)
