@@ -3,12 +3,16 @@
 Environment:
   KMERGE_FAST_DEBUG=1   Debug build (default Release).
   KMERGE_FAST_NATIVE=0  no -march=native (a portable build for this architecture).
+  CMAKE_ARGS            more CMake arguments, split as a POSIX shell would, after this script's own
+                        (so they win): e.g. "-DKMERGE_FAST_NATIVE=OFF -DCMAKE_CXX_FLAGS=-march=x86-64-v3"
+                        or "-DCMAKE_TOOLCHAIN_FILE=/path/to/toolchain.cmake".
   CMAKE_BUILD_PARALLEL_LEVEL  build jobs (default: all CPUs).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,19 @@ def _tool(name: str, module: str, attr: str) -> str | None:
     return os.fspath(candidate) if candidate.exists() else None
 
 
+def cmake_configure_args(extdir: Path, cfg: str, pybind11_dir: str) -> list[str]:
+    """The arguments of CMake's configure step (before -G): this script's, then CMAKE_ARGS's."""
+    return [
+        f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
+        f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY_{cfg.upper()}={extdir}{os.sep}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11_dir}",
+        f"-DCMAKE_BUILD_TYPE={cfg}",
+        f"-DKMERGE_FAST_NATIVE={'ON' if _flag('KMERGE_FAST_NATIVE', '1') else 'OFF'}",
+        *shlex.split(os.environ.get("CMAKE_ARGS", "")),
+    ]
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
@@ -59,14 +76,7 @@ class CMakeBuild(build_ext):
         cmake = _tool("cmake", "cmake", "CMAKE_BIN_DIR")
         if cmake is None:
             raise RuntimeError("CMake is required to build kmerge_fast._C (pip install cmake)")
-        args = [
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY_{cfg.upper()}={extdir}{os.sep}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_BUILD_TYPE={cfg}",
-            f"-DKMERGE_FAST_NATIVE={'ON' if _flag('KMERGE_FAST_NATIVE', '1') else 'OFF'}",
-        ]
+        args = cmake_configure_args(extdir, cfg, pybind11.get_cmake_dir())
         ninja = _tool("ninja", "ninja", "BIN_DIR")
         build_temp = Path(self.build_temp) / ext.name
         cache = build_temp / "CMakeCache.txt"
@@ -78,9 +88,10 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", os.fspath(build_temp), "--config", cfg, "--parallel", jobs], check=True)
 
 
-setup(
-    packages=find_packages(include=["kmerge_fast", "kmerge_fast.*"]),
-    ext_modules=[CMakeExtension("kmerge_fast._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; python_tests/test_setup.py imports it
+    setup(
+        packages=find_packages(include=["kmerge_fast", "kmerge_fast.*"]),
+        ext_modules=[CMakeExtension("kmerge_fast._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

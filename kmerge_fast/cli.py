@@ -3,9 +3,11 @@
 Subcommands:
   demo     build a few synthetic adapters on disk (peft format), then load them,
            print their similarity matrix and merge them, with timings.
-  stream   add adapter folders one by one to an online merger's store (K-Merge).
-  inspect  print a store's slot table.
-  export   write one slot of a store as a peft adapter folder.
+  stream   add adapter folders one by one to an online merger's store (K-Merge);
+           ``--emit gguf --base BASE`` / ``--emit mlx`` also write every slot as llama.cpp's
+           GGUF / MLX-LM's folder, in the same commit.
+  inspect  print a store's slot table and each slot's files.
+  export   write one slot of a store as a peft adapter folder (or ``--format gguf|mlx``).
   cluster  D2C: cluster adapters into K merged adapters by their tasks' losses.
 
 Errors are one line, ``kmerge-fast: error: ...``, exit status 2; they name
@@ -33,6 +35,7 @@ from pathlib import Path
 # (about 1 s); each command imports the numeric modules it needs.
 from . import __version__
 from .errors import KMergeError
+from .formats import FORMATS
 from .methods import METHODS
 
 # The flags' choices, copied from kmerge_fast.online and kmerge_fast.similarity (which import
@@ -41,6 +44,7 @@ STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties"
 MODES = ("faithful", "exact", "rms", "sum")
 DEFAULT_MODE = "exact"
 METRICS = ("cos", "l2", "l1", "linf")
+GGUF_DTYPES = ("f32", "f16", "bf16")  # kmerge_fast.store.GGUF_DTYPES
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
 
@@ -141,7 +145,7 @@ def _stream(args: argparse.Namespace, progress: _Progress) -> int:
 
     from .lora import LoRA
     from .online import OnlineMerger
-    from .store import MANIFEST
+    from .store import MANIFEST, check_slot_formats, format_settings, store_formats
 
     store = Path(args.store)
     tasks = _task_names(args.adapters)
@@ -150,6 +154,9 @@ def _stream(args: argparse.Namespace, progress: _Progress) -> int:
     given = {"budget": args.budget, "strategy": args.strategy, "similarity": args.similarity,
              "threshold": _threshold(args.threshold), "mode": args.mode, "seed": args.seed, "density": args.density}
     given = {key: value for key, value in given.items() if value is not None}
+    emitted = {"formats": ["peft", *(f for f in FORMATS if f in (args.emit or ()))] if args.emit else None,
+               "base": os.path.abspath(args.base) if args.base is not None else None, "gguf_dtype": args.dtype}
+    emitted = {key: value for key, value in emitted.items() if value is not None}
     merger = None
     try:
         if (store / MANIFEST).exists():
@@ -159,7 +166,11 @@ def _stream(args: argparse.Namespace, progress: _Progress) -> int:
                                  "only --strategy oracle uses a groups file")
             if args.calibrate:
                 given["threshold"] = _calibrate(args.calibrate, args.adapters, merger.similarity)
-            _check_same_settings(store, given, merger.settings, calibrated=bool(args.calibrate))
+            gguf = merger.settings.get("gguf", {})
+            stored = {**merger.settings, "formats": list(store_formats(merger.settings)), "base": gguf.get("base"),
+                      "gguf_dtype": gguf.get("dtype")}
+            _check_same_settings(store, {**given, **emitted}, stored, calibrated=bool(args.calibrate))
+            formats = merger.settings
             print(f"resuming {store}: strategy {merger.strategy}, budget {merger.budget}, "
                   f"{sum(map(len, merger.members))} tasks in {len(merger.slots)} slots", flush=True)
             todo = _plan(merger, list(zip(args.adapters, tasks)), args)
@@ -171,6 +182,9 @@ def _stream(args: argparse.Namespace, progress: _Progress) -> int:
                     raise ValueError("--calibrate: only --strategy kmerge++ uses a threshold")
                 given["threshold"] = _calibrate(args.calibrate, args.adapters, given.get("similarity", "cos"))
             OnlineMerger(oracle=oracle, **given)  # checks the settings (in memory: no store is created yet)
+            if "gguf" not in emitted.get("formats", ()) and (args.base or args.dtype):
+                raise ValueError(f"{'--base' if args.base else '--dtype'}: only --emit gguf uses it")
+            formats = format_settings(emitted.get("formats", ["peft"]), args.base, args.dtype)  # reads --base
             todo = list(zip(args.adapters, tasks))
         progress.planned = len(todo)
         if groups is not None:
@@ -180,8 +194,11 @@ def _stream(args: argparse.Namespace, progress: _Progress) -> int:
                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         _check_adapters([folder for folder, _ in todo], merger.slots[0] if merger and merger.slots else None,
                         quiet=args.quiet)
+        if todo and len(store_formats(formats)) > 1:  # all adapters have the first one's modules and shapes
+            check_slot_formats(LoRA.load(todo[0][0]), formats, [task for _, task in todo], todo[0][0])
         if merger is None:
-            merger = OnlineMerger(store=store, oracle=oracle, **given)
+            merger = OnlineMerger(store=store, oracle=oracle, formats=emitted.get("formats", ("peft",)),
+                                  base=args.base, gguf_dtype=args.dtype, **given)
         with tqdm(todo, desc="adapters", unit="adapter", disable=args.quiet) as bar:
             for folder, task in bar:
                 t0 = time.perf_counter()
@@ -241,7 +258,17 @@ def _calibrate(folders: list[str], streamed: list[str], metric: str) -> float:
 
 
 _SETTING_FLAGS = {"budget": "--budget", "strategy": "--strategy", "similarity": "--similarity",
-                  "threshold": "--threshold", "mode": "--mode", "seed": "--seed", "density": "--density"}
+                  "threshold": "--threshold", "mode": "--mode", "seed": "--seed", "density": "--density",
+                  "formats": "--emit", "base": "--base", "gguf_dtype": "--dtype"}
+
+
+def _flag_text(key: str, value) -> str:
+    """A setting as the flags that give it: ``--mode exact``, ``--emit gguf --emit mlx``, ``no --seed``."""
+    if key == "formats":
+        value = value[1:] or None  # peft is always written
+        if value is not None:
+            return " ".join(f"--emit {fmt}" for fmt in value)
+    return f"no {_SETTING_FLAGS[key]}" if value is None else f"{_SETTING_FLAGS[key]} {value}"
 
 
 def _check_same_settings(store: Path, given: dict, stored: dict, calibrated: bool) -> None:
@@ -259,9 +286,8 @@ def _check_same_settings(store: Path, given: dict, stored: dict, calibrated: boo
             same = value == have
         if not same:
             flag = f"--calibrate (threshold {value:.6g})" if key == "threshold" and calibrated else \
-                f"{_SETTING_FLAGS[key]} {value}"
-            have_text = f"no {_SETTING_FLAGS[key]}" if have is None else f"{_SETTING_FLAGS[key]} {have}"
-            diffs.append(f"{flag} (the store has {have_text})")
+                _flag_text(key, value)
+            diffs.append(f"{flag} (the store has {_flag_text(key, have)})")
     if diffs:
         raise ValueError(f"{'; '.join(diffs)}: the store at {store} keeps the settings it was created with; "
                          "leave these flags out to resume it, or use another --store")
@@ -343,10 +369,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         s = store.manifest["settings"]
         print(f"store {store.root}: strategy {s['strategy']}, budget {s['budget']}, similarity {s['similarity']}, "
               f"mode {s['mode']}" + (f", threshold {s['threshold']}" if s["threshold"] is not None else ""))
-        print(f"{'slot':>4}  {'rank':>4}  {'bytes':>12}  tasks")
+        gguf = s.get("gguf")
+        print("formats: " + ", ".join(f"gguf (base {gguf['base']}, {gguf['dtype']})" if fmt == "gguf" else fmt
+                                      for fmt in store.formats))
+        print(f"{'slot':>4}  {'rank':>4}  {'bytes':>12}  tasks / files")
         for i, slot in enumerate(store.manifest["slots"]):
-            size = sum((store.slot_dir(i) / name).stat().st_size for name in slot["files"])
-            print(f"{i:>4}  {slot['rank']:>4}  {size:>12,}  {', '.join(slot['tasks'])}")
+            sizes = {name: (store.slot_dir(i) / name).stat().st_size for name in store.files}
+            print(f"{i:>4}  {slot['rank']:>4}  {sum(sizes.values()):>12,}  {', '.join(slot['tasks'])}")
+            for name, size in sizes.items():
+                print(f"{'':>10}  {size:>12,}  {slot['dir']}/{name}")
     finally:
         store.close()
     return 0
@@ -359,17 +390,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     (:func:`kmerge_fast.store.check_export_target`, as ``OnlineMerger.export``):
     never inside a store, and not a non-empty folder unless ``--force``.
     """
-    from .store import Store, check_export_target
+    from .store import Store, export_adapter
 
+    options = {key: value for key, value in (("base", args.base), ("dtype", args.dtype)) if value is not None}
+    if options and args.format != "gguf":
+        raise ValueError(f"--{next(iter(options))}: only --format gguf takes it")
     store = Store.open(args.store, readonly=True, verify=False)  # load_slot verifies the bytes it uses
     try:
         if not 0 <= args.slot < len(store.manifest["slots"]):
             raise ValueError(f"--slot {args.slot}: the store has {len(store.manifest['slots'])} slots")
-        target = check_export_target(args.out, overwrite=args.force, flag="--force")
-        store.load_slot(args.slot).save(target)
+        lora = store.load_slot(args.slot)
+        export_adapter(lora, args.out, args.force, args.format, store.manifest["slots"][args.slot]["tasks"],
+                       store.manifest["settings"], flag="--force", **options)
     finally:
         store.close()
-    print(f"wrote slot {args.slot} to {args.out}")
+    print(f"wrote slot {args.slot} to {args.out} ({args.format})")
     return 0
 
 
@@ -516,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 0.5)")
     settings.add_argument("--groups", metavar="FILE", help="--strategy oracle's task -> group map: a JSON object "
                           "naming the group of every task streamed (needed again to resume such a store)")
+    settings.add_argument("--emit", action="append", choices=[f for f in FORMATS if f != "peft"],
+                          help="also write every slot in this format, in the same commit (repeatable): gguf "
+                               "(slots/DIR/adapter.gguf, for llama.cpp's --lora; needs --base), mlx (slots/DIR/mlx/, "
+                               "for mlx_lm's --adapter-path); peft is always written")
+    settings.add_argument("--base", help="--emit gguf's base model: a base GGUF file, or a transformers config.json "
+                          "or its folder (the store keeps its absolute path)")
+    settings.add_argument("--dtype", choices=GGUF_DTYPES, help="--emit gguf's factor dtype (default f32)")
     again = stream.add_mutually_exclusive_group()
     again.add_argument("--replace", action="store_true",
                        help="let an adapter replace its task's stored one (a task alone in its slot)")
@@ -530,13 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--store", required=True, help="the store folder")
     inspect.set_defaults(func=_cmd_inspect)
 
-    export = sub.add_parser("export", help="write one slot as a peft adapter",
-                            description="Write slot --slot of the store as a peft adapter folder OUT. OUT must "
-                                        "be new or empty (or --force) and is never inside a store. A reader: "
-                                        "works while a writer streams, and on a read-only store.")
+    export = sub.add_parser("export", help="write one slot as a peft, GGUF or MLX adapter",
+                            description="Write slot --slot of the store as a peft adapter folder OUT (or, with "
+                                        "--format, a GGUF file OUT or an MLX-LM folder OUT). OUT must be new, or an "
+                                        "empty folder (or --force), and is never inside a store. A reader: works "
+                                        "while a writer streams, and on a read-only store.")
     export.add_argument("--store", required=True, help="the store folder")
     export.add_argument("--slot", type=int, required=True, help="slot index")
-    export.add_argument("out", metavar="OUT", help="the adapter folder to write")
+    export.add_argument("out", metavar="OUT", help="the adapter folder (the file, for gguf) to write")
+    export.add_argument("--format", choices=FORMATS, default="peft", help="default peft")
+    export.add_argument("--base", help="--format gguf's base model (a base GGUF file, or a transformers config.json "
+                        "or its folder); default: the store's, if it emits gguf")
+    export.add_argument("--dtype", choices=GGUF_DTYPES, help="--format gguf's factor dtype (default: the store's, "
+                        "else f32)")
     export.add_argument("--force", action="store_true",
                         help="write into OUT even if it holds files (its adapter files are replaced)")
     export.set_defaults(func=_cmd_export)
@@ -582,7 +630,8 @@ def _threshold(text: str | None):
 _ARGUMENT_FLAGS = {"budget": "--budget", "strategy": "--strategy", "similarity": "--similarity",
                    "metric": "--similarity", "threshold": "--threshold", "mode": "--mode", "seed": "--seed",
                    "density": "--density", "oracle": "--groups", "loras": "--calibrate", "slot": "--slot",
-                   "merge": "--merge", "init": "--init", "max_iters": "--max-iters", "overwrite": "--force"}
+                   "merge": "--merge", "init": "--init", "max_iters": "--max-iters", "overwrite": "--force",
+                   "formats": "--emit", "base": "--base", "gguf_dtype": "--dtype", "format": "--format"}
 # ... and keyword arguments inside a message -> flags:
 _KEYWORD_FLAGS = [
     (re.compile(r"\breplace=True\b"), "--replace"),

@@ -50,7 +50,9 @@ holds them, each with its checks and per-slot state.
 With ``store=folder`` the state lives on disk (:mod:`kmerge_fast.store`):
 every ``add`` commits atomically before it returns, and
 :meth:`OnlineMerger.open` resumes (``readonly=True``: a reader that takes no
-lock and writes nothing, beside a writer).
+lock and writes nothing, beside a writer). ``formats=("peft", "gguf", "mlx")``
+writes every slot also as a llama.cpp GGUF and an MLX-LM folder, in the same
+commit (``base=`` the base model, for the GGUF).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from .lora import LoRA, first_non_finite
 from .methods import check_density
 from .ops.numerics.elementwise import mix64
 from .similarity import METRICS, cache_norms, similarity_matrix
-from .store import Store, StoreError, check_export_target
+from .store import Store, StoreError, export_adapter, format_settings, store_formats
 from .strategies import STRATEGY_TABLE, lookup, threshold_for
 # re-exported: kf.online's names from before the strategies had their module
 from .strategies import (ALIGNED_A, DEFAULT_MODE, MODES, PEFT_BASELINES, RUNNING_AVERAGE,  # noqa: F401
@@ -114,14 +116,26 @@ class OnlineMerger:
             resumed store continues the same sequence).
         oracle: ``task -> group`` for the ``oracle`` strategy.
         density: kept fraction for ``ties`` / ``dare_*`` (default 0.5, as published).
+        formats: the formats the store writes every slot in: ``"peft"`` (always: the
+            store's own, read back by :meth:`open`) and any of ``"gguf"`` (llama.cpp,
+            ``slots/<dir>/adapter.gguf``) and ``"mlx"`` (MLX-LM, ``slots/<dir>/mlx/``),
+            in the same atomic commit (:mod:`kmerge_fast.store`). Needs ``store``.
+        base: with ``"gguf"``: the base model, a base GGUF file or a transformers
+            ``config.json`` or its folder (the store keeps its absolute path, and refuses
+            to add once the model there is another one).
+        gguf_dtype: with ``"gguf"``: ``"f32"`` (default), ``"f16"`` or ``"bf16"``.
 
     Use as a context manager (or call :meth:`close`) to release a store's lock.
     """
 
     def __init__(self, budget: int, strategy: str = "kmerge", similarity: str = "cos",
                  threshold: float | str | None = None, mode: str | None = None, store: str | Path | None = None, seed: int | None = None,
-                 oracle: Callable[[str], object] | None = None, density: float = 0.5):
+                 oracle: Callable[[str], object] | None = None, density: float = 0.5,
+                 formats: Sequence[str] = ("peft",), base: str | Path | None = None, gguf_dtype: str | None = None):
         settings = _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density)
+        settings.update(format_settings(formats, base, gguf_dtype))
+        if store is None and len(store_formats(settings)) > 1:
+            raise ValueError(f"formats: {store_formats(settings)}: only a store writes slot files (pass store=)")
         self._init(settings, oracle)
         if store is not None:
             self._store = Store.create(store, settings)
@@ -136,6 +150,7 @@ class OnlineMerger:
         self.mode: str = settings["mode"]
         self.seed: int = settings["seed"]
         self.density: float = settings["density"]
+        self.formats: tuple[str, ...] = store_formats(settings)
         self.oracle = oracle
         router, combiner = lookup(self.strategy).pair(self.mode)
         self.router = router(settings, oracle)   # picks the slot; per-slot state in router.states
@@ -203,17 +218,19 @@ class OnlineMerger:
     def store(self) -> Path | None:
         return self._store.root if self._store is not None else None
 
-    def export(self, slot: int, path: str | Path, overwrite: bool = False) -> None:
-        """Write slot ``slot`` as a peft adapter folder ``path`` (files with the umask's permissions).
+    def export(self, slot: int, path: str | Path, overwrite: bool = False, format: str = "peft",
+               **options) -> None:
+        """Write slot ``slot`` as a peft adapter folder ``path`` (files with the umask's permissions),
+        or in another ``format``: ``"gguf"`` (``path`` is the file; ``options`` ``base``, ``dtype``
+        default to the store's, ``task_names`` to the slot's tasks) or ``"mlx"`` (a folder).
 
         Refuses (:class:`~kmerge_fast.store.StoreError`), always, a ``path`` inside a
         store (this one or any other: the export would corrupt it or be deleted by
         it), and, unless ``overwrite=True``, a ``path`` that exists and is not an
-        empty folder.
+        empty folder (for a GGUF: that exists).
         """
         self._check_slot(slot)
-        target = check_export_target(path, overwrite)
-        self.slots[slot].save(target)
+        export_adapter(self.slots[slot], path, overwrite, format, self.members[slot], self.settings, **options)
 
     # ---------------------------------------------------------------- queries
     def slot_for(self, task: str) -> int:
@@ -239,6 +256,8 @@ class OnlineMerger:
         start = time.perf_counter()
         self._check_writable()
         self._check_newcomer(lora, task)
+        if self._store is not None:  # the store's other formats can take it (modules, base, task name)
+            self._store.check_adapter(lora, [task])
         if any(task in m for m in self.members):
             if not replace:
                 raise ValueError(f"task: {task!r} is already stored (slot {self.slot_for(task)}); "

@@ -7,7 +7,11 @@ Layout of a store folder::
                              the SHA-256 of all that (``checksum``)
     slots/s003-g000017/      one peft adapter folder per slot version: slot 3, written by the commit of
                              generation 17 (adapter_config.json, adapter_model.safetensors; loadable
-                             by PeftModel.from_pretrained)
+                             by PeftModel.from_pretrained), and the slot in the store's other formats:
+        adapter.gguf             llama.cpp's GGUF LoRA (``--lora``), if the store emits ``gguf``
+        mlx/adapters.safetensors, mlx/adapter_config.json
+                                 MLX-LM's adapter folder (``--adapter-path``), if it emits ``mlx``
+                                 (in a folder of its own: its config has peft's file name)
     .lock                    held (flock, exclusive) by the one writer that has the store open
 
 Commit. A commit writes the slots that changed into *new* folders (named by
@@ -22,8 +26,30 @@ online merger's memory follows it. Generation numbers are never reused, not
 even those of a commit that failed, so no commit ever writes into a folder of
 an earlier one.
 
+Formats. peft is the store's own format: always written, and the only one it
+reads back. ``settings.formats`` (absent in stores that emit nothing else, which
+means ``["peft"]``) lists the formats every slot version is written in, in
+:data:`FORMAT_FILES`'s order; the other formats' files are written into the same
+new folder before the manifest's rename, made durable like the peft files, and
+listed with their SHA-256 in ``slots[i].files``: a device runtime reads them
+straight from the store. A GGUF needs the base model: ``settings.gguf`` holds
+its path (``base``: absolute, a base GGUF file, a transformers ``config.json``
+or its folder; the store copies nothing), the ``dtype`` of the factors, and
+what identifies the base (``architecture``, ``head_count``, ``head_count_kv``,
+``block_count``, ``head_dim``; null where the base does not say): a writer
+refuses to add while the base at that path no longer matches them. The GGUF's
+``adapter.lora.task_name`` is the slot's tasks. A writer checks each newcomer
+against the formats (modules llama.cpp or MLX-LM can place, shapes of the base
+GGUF, task names without commas) before any work, so that an add they would
+fail changes nothing; a write that fails all the same fails the commit (its
+folder goes as a failed commit's does). Verification hashes these files like
+the peft files; nothing parses them. The fields are optional, so the format
+version stays 2: a store of peft alone is written as before, and a kmerge_fast
+from before them refuses a store that has them (``settings.formats: unknown
+field``) rather than add slots without their other formats.
+
 What a store deletes: only folders under ``slots/`` that it wrote itself, and
-only its two files in them (a folder holding anything else stays):
+only the files of its formats in them (a folder holding anything else stays):
 
 - the folders a manifest lists under ``obsolete``: slot versions an earlier
   manifest named and a later one replaced, and folders of a commit that failed
@@ -33,7 +59,10 @@ only its two files in them (a folder holding anything else stays):
 - when a writer opens the store, the leftovers of a commit a crash
   interrupted: folders named ``sNNN-gNNNNNN`` of a generation above the
   manifest's (a committed manifest never names a folder of a later
-  generation) that hold nothing but the adapter files;
+  generation) that hold nothing but the files of the store's formats (and,
+  for the formats written through :func:`kmerge_fast.files.atomic_write`,
+  its temporary files ``.<name>.<8 hex digits>.tmp``), the ``mlx/`` folder
+  holding nothing else;
 - when a writer opens the store, the temporary files of an interrupted
   manifest write (``.manifest.json.<random>.tmp``, regular files only).
 
@@ -103,6 +132,12 @@ SLOTS = "slots"
 #: The files of a slot folder: lora.CONFIG_NAME and lora.WEIGHTS_NAME (spelled out here so that
 #: reading a manifest imports no torch; a test checks they agree).
 SLOT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: Format -> the files it puts into a slot folder (paths relative to it; :mod:`kmerge_fast.formats` names
+#: the formats). peft's are :data:`SLOT_FILES`; MLX-LM's sit in ``mlx/``, its config having peft's file name.
+FORMAT_FILES = {"peft": SLOT_FILES, "gguf": ("adapter.gguf",),
+                "mlx": ("mlx/adapter_config.json", "mlx/adapters.safetensors")}
+#: The dtypes of a GGUF slot's factors (formats.gguf.save_gguf's ``dtype``).
+GGUF_DTYPES = ("f32", "f16", "bf16")
 #: How many times a reader re-reads the manifest when a writer removed the folders it named meanwhile.
 READ_ATTEMPTS = 5
 #: The actions of the history (online.Step.action).
@@ -116,9 +151,15 @@ _MAX_GENERATION = 10**18
 # The temporary names of _replace_manifest (os.urandom hex), the only temporary files a writer removes.
 _MANIFEST_TMP = re.compile(r"\." + re.escape(MANIFEST) + r"\.[0-9a-f]{8,32}\.tmp")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# files.atomic_write's temporary names, ".<name>.<secrets.token_hex(4)>.tmp": a crashed GGUF or MLX write's
+_ATOMIC_TMP = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 
 _TOP_KEYS = ("format", "version", "checksum", "generation", "settings", "slots", "obsolete", "history")
 _SETTINGS_KEYS = ("budget", "strategy", "similarity", "threshold", "mode", "seed", "density")
+_OPTIONAL_SETTINGS = ("formats", "gguf")  # absent: peft only
+#: What identifies a GGUF base model (formats.gguf's reading of it), kept in settings.gguf beside base and dtype.
+_GGUF_IDENTITY = ("architecture", "head_count", "head_count_kv", "block_count", "head_dim")
+_GGUF_KEYS = ("base", "dtype", *_GGUF_IDENTITY)
 _SLOT_KEYS = ("dir", "files", "tasks", "rank", "extra")
 _STEP_KEYS = ("task", "slot", "action", "similarities", "seconds")
 _OPCM_KEYS = ("lambda", "norm_sum", "count")
@@ -176,15 +217,162 @@ def _read_file(path: Path, keep: bool) -> tuple[str, bytes | None, tuple, tuple]
     return digest, data, _fingerprint(st), _fingerprint(after)
 
 
-def write_slot(lora: "LoRA", path: Path, while_syncing: Callable[[], object] | None = None) -> dict[str, str]:
-    """Write ``lora`` as a peft adapter into the new, empty folder ``path`` and make it durable.
+# ------------------------------------------------------------------ formats
+def store_formats(settings: dict) -> tuple[str, ...]:
+    """The formats of a store's slots: ``settings["formats"]``, or peft alone (a store without the field)."""
+    return tuple(settings.get("formats", ("peft",)))
 
-    The files are written in place (the folder is fresh and no manifest names
-    it yet, so no per-file rename is needed), fsynced by a worker thread while
-    this one hashes them (both mostly wait on I/O or run outside the GIL),
-    then the folder is fsynced. ``while_syncing`` runs in a second worker
-    meanwhile. Returns {file name: SHA-256 hex digest} of :data:`SLOT_FILES`.
+
+def slot_files(formats: Sequence[str]) -> tuple[str, ...]:
+    """The files of a slot folder written in ``formats`` (paths relative to the folder)."""
+    return tuple(name for fmt in formats for name in FORMAT_FILES[fmt])
+
+
+def format_settings(formats: Sequence[str] = ("peft",), base: str | os.PathLike | None = None,
+                    dtype: str | None = None) -> dict:
+    """The settings fields of a store that writes its slots in ``formats``: ``{}`` for peft alone, else
+    ``formats`` (in :data:`FORMAT_FILES`'s order) and, with ``gguf``, ``gguf`` {base, dtype, the base's
+    identity} (module docstring). ``base`` (gguf only, required): a base GGUF file, a transformers
+    ``config.json`` or its folder, read now; ``dtype`` (gguf only): one of :data:`GGUF_DTYPES`, default f32.
+
+    Raises ValueError ``"formats: ..."``, ``"base: ..."``, ``"gguf_dtype: ..."``, or AdapterError for a
+    base that cannot be read or is not supported.
     """
+    chosen = [formats] if isinstance(formats, str) else list(formats)
+    for fmt in chosen:
+        if fmt not in FORMAT_FILES:
+            raise ValueError(f"formats: unknown {fmt!r}; choose from {list(FORMAT_FILES)}")
+        if chosen.count(fmt) > 1:
+            raise ValueError(f"formats: {fmt!r} is listed twice")
+    if "peft" not in chosen:
+        raise ValueError(f"formats: {chosen} lacks 'peft', the store's own format (always written, the one "
+                         "OnlineMerger.open reads back)")
+    chosen = [fmt for fmt in FORMAT_FILES if fmt in chosen]
+    if "gguf" not in chosen:
+        for name, value in (("base", base), ("gguf_dtype", dtype)):
+            if value is not None:
+                raise ValueError(f"{name}: only the gguf format takes it, and the formats are {chosen}")
+        return {"formats": chosen} if len(chosen) > 1 else {}
+    if base is None:
+        raise ValueError("base: the gguf format needs the base model: a base GGUF file, or a transformers "
+                         "config.json or its folder")
+    if not isinstance(base, (str, os.PathLike)):
+        raise ValueError(f"base: a store keeps its base model as a path (a base GGUF file, a config.json or its "
+                         f"folder), not a {type(base).__name__}")
+    dtype = "f32" if dtype is None else dtype
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"gguf_dtype: unknown {dtype!r}; choose from {list(GGUF_DTYPES)}")
+    path = os.path.abspath(base)
+    return {"formats": chosen, "gguf": {"base": path, "dtype": dtype, **_identity(_read_base(path))}}
+
+
+_BASES: dict[str, tuple[tuple, object]] = {}  # base path -> (fingerprint of the file read, formats.gguf's reading)
+
+
+def _read_base(path: str):
+    """formats.gguf's reading of the base model at ``path`` (re-read only when its file changed)."""
+    from .formats import gguf
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        key = _fingerprint(os.stat(file))
+    except OSError:
+        key = None  # _resolve_base says what is wrong
+    cached = _BASES.get(path)
+    if key is None or cached is None or cached[0] != key:
+        cached = _BASES[path] = (key, gguf._resolve_base(path))
+    return cached[1]
+
+
+def _identity(info) -> dict:
+    return dict(zip(_GGUF_IDENTITY, (info.arch, info.head_count, info.head_count_kv, info.n_layers, info.head_dim)))
+
+
+def check_slot_formats(lora: "LoRA", settings: dict, tasks: Sequence[str], where: str | os.PathLike) -> None:
+    """Raise unless a slot of ``lora`` and ``tasks`` can be written in the formats of ``settings``, before
+    any work: the base model is still the one ``settings.gguf`` describes (StoreError), llama.cpp and
+    MLX-LM can place every module and the base GGUF has its tensor of its shape (AdapterError, naming the
+    module), GGUF task names hold no comma (ValueError)."""
+    from .errors import AdapterError
+
+    formats = store_formats(settings)
+    if "gguf" in formats:
+        from .formats import gguf
+
+        spec = settings["gguf"]
+        info = _read_base(spec["base"])
+        now = _identity(info)
+        changed = [f"{key} {now[key]!r} (was {spec[key]!r})" for key in _GGUF_IDENTITY if now[key] != spec[key]]
+        if changed:
+            raise StoreError(f"{where}: the gguf base model {spec['base']} is not the one the store was created "
+                             f"with: {', '.join(changed)}; restore it, or stream into a new store")
+        for task in tasks:
+            if "," in task:
+                raise ValueError(f"task: {task!r} holds a comma, which a GGUF's adapter.lora.task_name cannot "
+                                 "(it joins the slot's task names with ', ')")
+        for key, hf, layer, rel, module in gguf._plan_modules(lora, str(where)):
+            what, n_out = f"{where}: module {key!r}", int(module.B.shape[0])
+            if info.n_layers is not None and layer >= info.n_layers:
+                raise AdapterError(f"{what}: layer {layer}, but the base {info.source} has {info.n_layers} layers")
+            gguf._check_against_base(info, gguf.gguf_tensor_name(hf), n_out, int(module.A.shape[1]), what)
+            heads = gguf._heads_for(info, rel, what)
+            if heads is not None:
+                gguf._check_heads(n_out, heads, what)
+    if "mlx" in formats:
+        from .formats import mlx
+        from .names import canonical_name
+
+        bad = [key for key in lora.modules if not mlx._LAYER_RE.match(canonical_name(key))]
+        if bad:
+            raise AdapterError(f"{where}: MLX-LM adapters hold only modules inside decoder layers "
+                               f"(model.layers.N.<path>); cannot write {bad[:3]}")
+
+
+def _write_other_formats(lora: "LoRA", path: Path, settings: dict, tasks: Sequence[str]) -> None:
+    """The slot's files in the store's formats other than peft (written atomically, so durable)."""
+    formats = store_formats(settings)
+    if "gguf" in formats:
+        spec = settings["gguf"]
+        # The base as the config it was read as (what the GGUF's metadata and q/k permutation need): parsing
+        # a real base GGUF again takes 50-100 ms an add. check_slot_formats checked this adapter's modules
+        # against the file itself (tensor names and shapes) before the add's work, and the base unchanged.
+        from .formats.gguf import HF_TO_GGUF_ARCH
+
+        info = _read_base(spec["base"])
+        config = {"model_type": info.arch, "num_attention_heads": info.head_count,
+                  "num_key_value_heads": info.head_count_kv, "num_hidden_layers": info.n_layers,
+                  "head_dim": info.head_dim} if HF_TO_GGUF_ARCH.get(info.arch) == info.arch else spec["base"]
+        lora.save(path / FORMAT_FILES["gguf"][0], format="gguf", base=config, dtype=spec["dtype"],
+                  task_names=list(tasks))
+    if "mlx" in formats:
+        lora.save(path / "mlx", format="mlx")
+
+
+def _listing(path: Path) -> list[str]:
+    """The entries of a slot folder, those of its subfolders as ``sub/name`` (sorted)."""
+    out = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            out += [f"{entry.name}/{p.name}" for p in sorted(entry.iterdir())]
+        else:
+            out.append(entry.name)
+    return sorted(out)
+
+
+def write_slot(lora: "LoRA", path: Path, while_syncing: Callable[[], object] | None = None,
+               settings: dict | None = None, tasks: Sequence[str] = ()) -> dict[str, str]:
+    """Write ``lora`` as a peft adapter, and in the other formats of ``settings`` (the store's; ``tasks``
+    name the slot's tasks in a GGUF), into the new, empty folder ``path`` and make it durable.
+
+    The peft files are written in place (the folder is fresh and no manifest names
+    it yet, so no per-file rename is needed), fsynced by a worker thread while
+    this one hashes them and writes the other formats (both mostly wait on I/O or
+    run outside the GIL), then the folder is fsynced. ``while_syncing`` runs in a
+    second worker meanwhile. Returns {file name: SHA-256 hex digest} of every file
+    (:func:`slot_files`).
+    """
+    settings = settings or {}
+    expected = slot_files(store_formats(settings))
     lora.save(path, atomic=False)
     found = sorted(p.name for p in path.iterdir())
     if found != sorted(SLOT_FILES):
@@ -194,9 +382,15 @@ def write_slot(lora: "LoRA", path: Path, while_syncing: Callable[[], object] | N
         synced = pool.submit(lambda: [fsync_file(p) for p in files])
         extra = pool.submit(while_syncing) if while_syncing is not None else None
         digests = {p.name: sha256(p) for p in files}
+        _write_other_formats(lora, path, settings, tasks)
         synced.result()
         if extra is not None:
             extra.result()
+    if len(expected) > len(SLOT_FILES):
+        found = _listing(path)
+        if found != sorted(expected):
+            raise StoreError(f"{path}: the adapter writers left {found}, expected exactly {sorted(expected)}")
+        digests.update((name, sha256(path / name)) for name in expected[len(SLOT_FILES):])
     fsync_dir(path)
     return digests
 
@@ -252,12 +446,12 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
     def fail(field: str, why: str):
         raise StoreError(f"{where}: {field}: {why}")
 
-    def exact_keys(obj: dict, keys: tuple, prefix: str) -> None:
+    def exact_keys(obj: dict, keys: tuple, prefix: str, optional: tuple = ()) -> None:
         for key in keys:
             if key not in obj:
                 fail(prefix + key, "missing")
         for key in obj:
-            if key not in keys:
+            if key not in keys and key not in optional:
                 fail(prefix + str(key), "unknown field")
 
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -283,7 +477,7 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
     settings = manifest["settings"]
     if not isinstance(settings, dict):
         fail("settings", f"expected an object, got {_show(settings)}")
-    exact_keys(settings, _SETTINGS_KEYS, "settings.")
+    exact_keys(settings, _SETTINGS_KEYS, "settings.", _OPTIONAL_SETTINGS)
     budget = settings["budget"]
     if not _is_int(budget) or budget < 1:
         fail("settings.budget", f"expected an int >= 1, got {_show(budget)}")
@@ -308,6 +502,7 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
                 fail(f"settings.{key}", f"{_show(settings[key])} is not what this kmerge_fast stores for these "
                                         f"settings ({_show(normal.get(key))})")
     strategy = settings["strategy"]
+    names = slot_files(_validate_formats(settings, fail, exact_keys))
 
     slots = manifest["slots"]
     if not isinstance(slots, list):
@@ -333,10 +528,11 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
             fail(f + ".dir", f"{folder!r} is also the folder of slots[{live[folder]}]")
         live[folder] = i
         files = slot["files"]
-        if not isinstance(files, dict) or sorted(files) != sorted(SLOT_FILES):
+        if not isinstance(files, dict) or sorted(files) != sorted(names):
             got = sorted(map(str, files)) if isinstance(files, dict) else _show(files)
-            fail(f + ".files", f"expected a SHA-256 for exactly {sorted(SLOT_FILES)}, got {got}")
-        for name in SLOT_FILES:
+            fail(f + ".files", f"expected a SHA-256 for exactly {sorted(names)} (the files of the formats "
+                               f"{list(store_formats(settings))}), got {got}")
+        for name in names:
             if not isinstance(files[name], str) or not _HEX64.fullmatch(files[name]):
                 fail(f"{f}.files[{name!r}]", f"expected a SHA-256 (64 lowercase hex digits), got {_show(files[name])}")
         tasks = slot["tasks"]
@@ -400,6 +596,32 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
     if new != len(slots):
         fail("history", f"{new} 'new' steps for {len(slots)} slots")
     return manifest
+
+
+def _validate_formats(settings: dict, fail, exact_keys) -> tuple[str, ...]:
+    """``settings.formats`` (optional: peft alone) and ``settings.gguf`` (there exactly when gguf is a format)."""
+    formats = settings.get("formats", ["peft"])
+    if (not isinstance(formats, list) or not formats or formats[0] != "peft"
+            or formats != [fmt for fmt in FORMAT_FILES if fmt in formats]):  # so distinct, known, in order
+        fail("settings.formats", f"expected a list of distinct formats in the order {list(FORMAT_FILES)}, peft "
+                                 f"first, got {_show(formats)}")
+    if ("gguf" in settings) != ("gguf" in formats):
+        fail("settings.gguf", "held by the stores that write the gguf format, always and only")
+    spec = settings.get("gguf")
+    if spec is not None:
+        if not isinstance(spec, dict):
+            fail("settings.gguf", f"expected an object, got {_show(spec)}")
+        exact_keys(spec, _GGUF_KEYS, "settings.gguf.")
+        if not isinstance(spec["base"], str) or not os.path.isabs(spec["base"]) or "\0" in spec["base"]:
+            fail("settings.gguf.base", f"expected an absolute path, got {_show(spec['base'])}")
+        if spec["dtype"] not in GGUF_DTYPES:
+            fail("settings.gguf.dtype", f"expected one of {list(GGUF_DTYPES)}, got {_show(spec['dtype'])}")
+        if not isinstance(spec["architecture"], str) or not spec["architecture"]:
+            fail("settings.gguf.architecture", f"expected a non-empty string, got {_show(spec['architecture'])}")
+        for key in _GGUF_IDENTITY[1:]:
+            if not (spec[key] is None or _is_int(spec[key]) and spec[key] >= 1):
+                fail("settings.gguf." + key, f"expected null or an int >= 1, got {_show(spec[key])}")
+    return tuple(formats)
 
 
 def _validate_extra(extra: object, f: str, strategy: str, fail) -> None:
@@ -472,7 +694,8 @@ def enclosing_store(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def check_export_target(path: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
+def check_export_target(path: str | os.PathLike, overwrite: bool = False, flag: str = "overwrite=True",
+                        file: bool = False) -> Path:
     """Refuse a folder an adapter must not be exported into; returns ``path`` as a Path.
 
     Refused, always: any path inside a store (:func:`enclosing_store`): the
@@ -480,12 +703,20 @@ def check_export_target(path: str | os.PathLike, overwrite: bool = False, flag: 
     unless ``overwrite``: an existing folder that is not empty (its adapter
     files would be replaced), and anything at ``path`` that is not a folder.
     ``flag`` names the way to say ``overwrite`` in the message (the CLI's ``--force``).
+    ``file=True`` (a GGUF): ``path`` names a file; refused are a folder there, and
+    an existing file unless ``overwrite``.
     """
     target = Path(path)
     store = enclosing_store(target)
     if store is not None:
         raise StoreError(f"{target}: inside the kmerge_fast store {store}; an export there would corrupt the "
                          "store or be deleted by it: export to a folder outside the store")
+    if file:
+        if target.is_dir():
+            raise StoreError(f"{target}: is a folder; a GGUF adapter is one file (name it, e.g. slot3.gguf)")
+        if os.path.lexists(target) and not overwrite:
+            raise StoreError(f"{target}: exists; refusing to overwrite it ({flag} replaces it)")
+        return target
     if os.path.lexists(target):
         if not target.is_dir():
             raise StoreError(f"{target}: exists and is not a folder")
@@ -497,34 +728,109 @@ def check_export_target(path: str | os.PathLike, overwrite: bool = False, flag: 
     return target
 
 
+def export_adapter(lora: "LoRA", path: str | os.PathLike, overwrite: bool = False, format: str = "peft",
+                   tasks: Sequence[str] | None = None, settings: dict | None = None, flag: str = "overwrite=True",
+                   **options) -> Path:
+    """Write a store's slot ``lora`` (holding ``tasks``) to ``path`` in ``format``, after
+    :func:`check_export_target`; returns the path written.
+
+    ``format="gguf"``: ``options`` are :func:`~kmerge_fast.formats.gguf.save_gguf`'s; ``base``,
+    ``dtype`` default to the store's (``settings.gguf``, dtype f32 for a store without one),
+    ``task_names`` to ``tasks``. ``"mlx"``: :func:`~kmerge_fast.formats.mlx.save_mlx`'s options.
+    ``"peft"``: none.
+    """
+    from .formats import check_format
+
+    format = check_format(format)
+    if format != "gguf":
+        target = check_export_target(path, overwrite, flag)
+        lora.save(target, format=format, **({"overwrite": True} if format == "mlx" else {}), **options)
+        return target
+    spec = (settings or {}).get("gguf") or {}
+    options.setdefault("dtype", spec.get("dtype", "f32"))
+    options.setdefault("task_names", list(tasks) if tasks else None)
+    if options.get("base") is None:
+        if "base" not in spec:
+            raise ValueError("base: the gguf format needs the base model (a base GGUF file, or a transformers "
+                             "config.json or its folder); the store has none")
+        options["base"] = spec["base"]
+    target = check_export_target(path, overwrite, flag, file=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lora.save(target, format="gguf", overwrite=True, **options)
+    return target
+
+
 # ---------------------------------------------------------------------- the store
 class _Superseded(Exception):
     """Internal: a reader's manifest was replaced, and the folders it named removed, while it read them."""
 
 
-def _only_slot_files(path: str) -> bool:
-    """Whether ``path`` is a real folder (not a link) holding nothing but regular files named in SLOT_FILES."""
+def _tree(files: Sequence[str]) -> dict[str, set[str]]:
+    """A slot's files by folder: ``{"": names in the slot folder, "mlx": names in mlx/}``."""
+    tree: dict[str, set[str]] = {"": set()}
+    for name in files:
+        sub, _, base = name.rpartition("/")
+        tree.setdefault(sub, set()).add(base)
+    return tree
+
+
+def _ours(entry: os.DirEntry, names: set[str], temps: set[str]) -> bool:
+    """Whether ``entry`` is a regular file named in ``names``, or an atomic_write temporary of one in ``temps``."""
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    match = _ATOMIC_TMP.fullmatch(entry.name)
+    return entry.name in names or match is not None and match[1] in temps
+
+
+def _only_slot_files(path: str, files: Sequence[str] = SLOT_FILES) -> bool:
+    """Whether ``path`` is a real folder (not a link) holding nothing but regular files named in ``files``
+    (a store's slot files, :func:`slot_files`) and the temporaries of those not of peft, their
+    subfolders (``mlx/``) real folders holding nothing else."""
+    tree, temps = _tree(files), _tree([f for f in files if f not in SLOT_FILES])
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             return False
         with os.scandir(path) as entries:
-            return all(e.name in SLOT_FILES and e.is_file(follow_symlinks=False) for e in entries)
+            for e in entries:
+                if e.name in tree and e.name and e.is_dir(follow_symlinks=False):
+                    with os.scandir(e.path) as inside:
+                        if not all(_ours(i, tree[e.name], temps.get(e.name, set())) for i in inside):
+                            return False
+                elif not _ours(e, tree[""], temps[""]):
+                    return False
+        return True
     except OSError:
         return False
 
 
-def _remove_slot_folder(path: Path) -> None:
-    """Delete a slot folder this store wrote: its adapter files, then the folder, which must then be
-    empty. Anything else found inside stays, and so does the folder; errors are ignored (the folder
-    stays listed as obsolete while it exists, and a later commit or writer tries again)."""
+def _remove_slot_folder(path: Path, files: Sequence[str] = SLOT_FILES) -> None:
+    """Delete a slot folder this store wrote: the files of its formats (and their temporaries, as
+    :func:`_only_slot_files` says), its subfolders, then the folder, each of which must then be empty.
+    Anything else found inside stays, and so does its folder; errors are ignored (the folder stays
+    listed as obsolete while it exists, and a later commit or writer tries again)."""
+    tree, temps = _tree(files), _tree([f for f in files if f not in SLOT_FILES])
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             return  # replaced by a link or a file: not what this store wrote
-        for name in SLOT_FILES:
+        for sub in sorted(tree, reverse=True):  # subfolders first, the slot folder ("") last
+            folder = path / sub
             try:
-                os.unlink(path / name)
+                if sub and not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    continue
+                with os.scandir(folder) as entries:
+                    doomed = [e.path for e in entries if _ours(e, tree[sub], temps.get(sub, set()))]
             except FileNotFoundError:
-                pass
+                continue
+            for doomed_path in doomed:
+                try:
+                    os.unlink(doomed_path)
+                except FileNotFoundError:
+                    pass
+            if sub:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass  # holds something else: it stays, and so does the slot folder
         os.rmdir(path)
     except OSError:
         pass
@@ -594,6 +900,8 @@ class Store:
         self._orphans: set[str] = set()      # folders this store wrote that no manifest names (failed commits)
         self._next_generation = manifest["generation"] + 1
         self._broken: str | None = None      # why this store refuses to commit until reopened
+        self.formats = store_formats(manifest["settings"])  # the formats of every slot (settings never change)
+        self.files = slot_files(self.formats)             # the files of every slot folder
 
     # ----------------------------------------------------------- open / create
     @staticmethod
@@ -698,7 +1006,7 @@ class Store:
                     continue
                 if parsed[1] < _MAX_GENERATION:
                     newest = max(newest, parsed[1])
-                if entry.name in obsolete or parsed[1] > generation and _only_slot_files(entry.path):
+                if entry.name in obsolete or parsed[1] > generation and _only_slot_files(entry.path, self.files):
                     doomed.append(entry.name)
         self._next_generation = newest + 1
         if doomed:
@@ -769,6 +1077,8 @@ class Store:
                     slot = self._slot(index)
                     if slot["dir"] not in done:
                         config, weights = (self._read_verified(slot, name, keep=True) for name in SLOT_FILES)
+                        for name in self.files[len(SLOT_FILES):]:  # the other formats: checked, never parsed
+                            self._read_verified(slot, name, keep=False)
                         done[slot["dir"]] = LoRA.load_bytes(config, weights, str(self.root / SLOTS / slot["dir"]))
                 return [done[self._slot(index)["dir"]] for index in wanted]
             except _Superseded:
@@ -781,7 +1091,7 @@ class Store:
         done = set() if _done is None else _done  # folders verified (by an earlier attempt of a reader)
         for slot in self.manifest["slots"]:
             if slot["dir"] not in done:
-                for name in SLOT_FILES:
+                for name in self.files:
                     self._read_verified(slot, name, keep=False)
                 done.add(slot["dir"])
 
@@ -817,6 +1127,12 @@ class Store:
         if not self._open:
             raise StoreError(f"{self.root}: the store is closed")
 
+    def check_adapter(self, lora: "LoRA", tasks: Sequence[str]) -> None:
+        """Raise unless a slot of ``lora`` holding ``tasks`` can be written in this store's formats
+        (:func:`check_slot_formats`); nothing to check for a store of peft alone."""
+        if len(self.formats) > 1:
+            check_slot_formats(lora, self.manifest["settings"], tasks, self.root)
+
     def check_writable(self) -> None:
         """Raise StoreError unless this store may commit: open, for writing, and in step with its disk."""
         self._check_open()
@@ -829,7 +1145,7 @@ class Store:
         """StoreError unless every file the manifest names is the one verified or written
         (by stat; a file whose stat changed is re-hashed)."""
         for slot in self.manifest["slots"]:
-            for name in SLOT_FILES:
+            for name in self.files:
                 key, path = f"{slot['dir']}/{name}", self.root / SLOTS / slot["dir"] / name
                 try:
                     now = _fingerprint(os.stat(path))
@@ -890,7 +1206,8 @@ class Store:
                 except FileExistsError:
                     created.pop()
                     raise
-                files = write_slot(changed[index], slots_root / folder, while_syncing)
+                files = write_slot(changed[index], slots_root / folder, while_syncing, self.manifest["settings"],
+                                   meta["tasks"])
                 while_syncing = None  # once
                 for name in files:
                     prints[f"{folder}/{name}"] = _fingerprint(os.stat(slots_root / folder / name))
@@ -972,5 +1289,5 @@ class Store:
             return
         if self._cleaner is None:
             self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="kmerge-store-cleanup")
-        paths = [self.root / SLOTS / name for name in names]
-        self._cleaner.submit(lambda: [_remove_slot_folder(p) for p in paths])
+        paths, files = [self.root / SLOTS / name for name in names], self.files
+        self._cleaner.submit(lambda: [_remove_slot_folder(p, files) for p in paths])

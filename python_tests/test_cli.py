@@ -98,10 +98,11 @@ def test_help_does_not_import_torch():
 
 def test_flag_choices_match_the_library():
     """The CLI's copies of the choices (kept so that the parser imports no torch) equal the library's."""
-    from kmerge_fast import cli, online, similarity
+    from kmerge_fast import cli, online, similarity, store
 
     assert cli.STRATEGIES == online.STRATEGIES and cli.MODES == online.MODES
     assert cli.DEFAULT_MODE == online.DEFAULT_MODE and cli.METRICS == similarity.METRICS
+    assert cli.GGUF_DTYPES == store.GGUF_DTYPES and cli.FORMATS == tuple(store.FORMAT_FILES)
 
 
 def test_package_names_are_lazy_and_complete():
@@ -368,3 +369,84 @@ def test_export_never_writes_inside_a_store(store2, capsys):
     assert not (store2 / "slots" / "x").exists() and not (store2 / "new").exists()
     with kf.OnlineMerger.open(store2) as m:  # every checksum still holds
         assert m.members == [["task0", "task2"], ["task1"]]
+
+
+# ------------------------------------------------------------ issue 21: slots in GGUF and MLX
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """main() in this process (a subprocess costs a torch import): (status, stdout, last line of stderr)."""
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, (err.strip().splitlines() or [""])[-1]
+
+
+def test_stream_emit_inspect_export_in_each_format(tmp_path, adapter_dirs, capsys):
+    """--emit writes every slot also as GGUF and MLX; inspect lists the files; export writes each format."""
+    gguf_base = pytest.importorskip("helpers.gguf_base")
+    base = gguf_base.write_base(tmp_path / "base.gguf")
+    store = tmp_path / "store"
+    emit = ["--emit", "gguf", "--emit", "mlx", "--base", base]
+    result = run_cli("stream", "--store", store, "--budget", "2", "--quiet", *emit, *adapter_dirs[:3])
+    assert result.returncode == 0, result.stderr
+    assert run_main(capsys, "stream", "--store", store, "--quiet", "--base", base, adapter_dirs[3])[0] == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["settings"]["formats"] == ["peft", "gguf", "mlx"]
+    code = ("import sys, kmerge_fast.cli as cli\n"  # inspect a store of formats: still no torch
+            f"assert cli.main(['inspect', '--store', {str(store)!r}]) == 0\n"
+            "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout
+    assert f"formats: peft, gguf (base {base}, f32), mlx" in table
+    for slot in manifest["slots"]:
+        for name in slot["files"]:
+            size = (store / "slots" / slot["dir"] / name).stat().st_size
+            assert f"{size:,}  {slot['dir']}/{name}" in table
+    result = run_cli("export", "--store", store, "--slot", "0", "--format", "gguf", tmp_path / "slot0.gguf")
+    assert result.returncode == 0 and "(gguf)" in result.stdout, result.stderr
+    with kf.OnlineMerger.open(store, readonly=True) as m:
+        want = m.slots[0]
+        for fmt, out in (("mlx", tmp_path / "slot0_mlx"), ("peft", tmp_path / "p")):
+            assert run_main(capsys, "export", "--store", store, "--slot", "0", "--format", fmt, out)[0] == 0
+        for out in (tmp_path / "slot0.gguf", tmp_path / "slot0_mlx", tmp_path / "p"):
+            got = kf.LoRA.load(out)
+            assert all(torch.equal(got.modules[n].B, mod.B) for n, mod in want.modules.items())
+    status, *_ = run_main(capsys, "export", "--store", store, "--slot", "1", "--format", "gguf", "--dtype", "bf16",
+                          tmp_path / "b.gguf")
+    assert status == 0 and kf.LoRA.load(tmp_path / "b.gguf").dtype == torch.bfloat16
+    # settings that differ from the store's are refused, naming the flags
+    for flags, message in ((["--emit", "gguf"], "--emit gguf (the store has --emit gguf --emit mlx)"),
+                           (["--base", tmp_path / "other.gguf"], f"(the store has --base {base})"),
+                           (["--dtype", "f16"], "--dtype f16 (the store has --dtype f32)")):
+        status, _, err = run_main(capsys, "stream", "--store", store, "--quiet", *flags, adapter_dirs[4])
+        assert status == 2 and message in err, err
+    assert json.loads((store / "manifest.json").read_text()) == manifest
+    status, _, err = run_main(capsys, "export", "--store", store, "--slot", "0", "--format", "mlx", "--base", base,
+                              tmp_path / "m2")
+    assert status == 2 and "--base: only --format gguf takes it" in err
+
+
+def test_stream_emit_errors_come_before_the_store(tmp_path, adapter_dirs, capsys):
+    gguf_base = pytest.importorskip("helpers.gguf_base")
+    base = gguf_base.write_base(tmp_path / "base.gguf")
+    store = tmp_path / "store"
+    wide = tmp_path / "wide" / "task_lm"
+    kf.LoRA.from_factors({**{n: (m.A, m.B) for n, m in kf.LoRA.load(adapter_dirs[0]).modules.items()},
+                          "lm_head": (torch.ones(2, 32), torch.ones(8, 2))}).save(wide)
+    for argv, message in ((["--emit", "gguf", adapter_dirs[0]], "--base: the gguf format needs the base model"),
+                          (["--base", base, adapter_dirs[0]], "--base: only --emit gguf uses it"),
+                          (["--emit", "mlx", "--dtype", "f16", adapter_dirs[0]], "--dtype: only --emit gguf uses it"),
+                          (["--emit", "gguf", "--base", tmp_path / "no.gguf", adapter_dirs[0]], "not found"),
+                          (["--emit", "gguf", "--base", base, wide], "llama.cpp cannot place these modules: "
+                                                                     "'lm_head'")):
+        status, _, err = run_main(capsys, "stream", "--store", store, "--budget", "2", "--quiet", *argv)
+        assert status == 2 and message in err, err
+        assert not store.exists()
+    # on an existing store the newcomers are checked against its formats before the first add
+    assert run_main(capsys, "stream", "--store", store, "--budget", "2", "--quiet", "--emit", "gguf", "--base", base,
+                    adapter_dirs[0])[0] == 0
+    before = manifest_bytes(store)
+    comma = tmp_path / "x" / "task,9"
+    kf.LoRA.load(adapter_dirs[1]).save(comma)
+    status, _, err = run_main(capsys, "stream", "--store", store, "--quiet", adapter_dirs[1], comma)
+    assert status == 2 and "holds a comma" in err and manifest_bytes(store) == before

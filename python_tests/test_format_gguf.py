@@ -19,41 +19,8 @@ import kmerge_fast as kf
 
 gguf = pytest.importorskip("gguf")
 from kmerge_fast.formats import gguf as G  # noqa: E402
-
-HIDDEN, N_HEAD, N_KV, FFN, LAYERS = 32, 4, 2, 48, 2
-HEAD_DIM = HIDDEN // N_HEAD
-SHAPES = {  # layer-relative module -> (n_out, n_in)
-    "self_attn.q_proj": (N_HEAD * HEAD_DIM, HIDDEN),
-    "self_attn.k_proj": (N_KV * HEAD_DIM, HIDDEN),
-    "self_attn.v_proj": (N_KV * HEAD_DIM, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, N_HEAD * HEAD_DIM),
-    "mlp.gate_proj": (FFN, HIDDEN),
-    "mlp.up_proj": (FFN, HIDDEN),
-    "mlp.down_proj": (HIDDEN, FFN),
-}
-CONFIG = {"model_type": "llama", "num_attention_heads": N_HEAD, "num_key_value_heads": N_KV,
-          "num_hidden_layers": LAYERS, "hidden_size": HIDDEN}
-
-
-def write_base(path, arch="llama", n_head=N_HEAD, n_kv=N_KV, layers=LAYERS, shapes=SHAPES, general_type="model"):
-    """A tiny base model GGUF with llama.cpp's tensor names (numpy shapes (n_out, n_in))."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_type(general_type)
-    w.add_block_count(layers)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_token_list([f"t{i}" for i in range(16)])
-    w.add_tensor("token_embd.weight", np.zeros((16, HIDDEN), np.float32))
-    for n in range(layers):
-        w.add_tensor(f"blk.{n}.attn_norm.weight", np.ones(HIDDEN, np.float32))
-        for rel, shape in shapes.items():
-            w.add_tensor(G.gguf_tensor_name(f"model.layers.{n}.{rel}"), np.zeros(shape, np.float16))
-    w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+from helpers.gguf_base import (CONFIG, FFN, HIDDEN, LAYERS, N_HEAD, N_KV, SHAPES,  # noqa: E402
+                                write_base)
 
 
 def make_lora(rank=4, scaling=2.0, rels=tuple(SHAPES), layers=range(LAYERS), prefix="base_model.model.", seed=0,
@@ -118,6 +85,17 @@ def test_round_trip_f32_exact(tmp_path, base, prefix):
             assert m.A.dtype == torch.float32
             assert torch.equal(m.A, want[name].A) and torch.equal(m.B, want[name].B), name
             assert m.scaling == 2.0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_file_gets_the_umask_permissions(tmp_path, base, umask):
+    old = os.umask(umask)
+    try:
+        G.save_gguf(make_lora(), tmp_path / "out" / "a.gguf", base=base)
+    finally:
+        os.umask(old)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.gguf"]
+    assert (tmp_path / "out" / "a.gguf").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])

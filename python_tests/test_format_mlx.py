@@ -4,6 +4,7 @@ mlx does not run on Linux: nothing here loads the folder into MLX-LM itself.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -50,6 +51,18 @@ def test_round_trip_exact(tmp_path, prefix, dtype):
     for name, m in want.items():
         assert back[name].A.dtype == dtype
         assert torch.equal(back[name].A, m.A) and torch.equal(back[name].B, m.B) and back[name].scaling == 2.0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        M.save_mlx(make_lora(), tmp_path / "ad")
+    finally:
+        os.umask(old)
+    for name in (M.WEIGHTS_NAME, M.CONFIG_NAME):
+        assert (tmp_path / "ad" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == sorted([M.WEIGHTS_NAME, M.CONFIG_NAME])
 
 
 def test_key_names_transposed_shapes_and_config(tmp_path):

@@ -1,8 +1,14 @@
 // Element types the kernels read and write, and portable conversions between
-// them and float / double (bit manipulation only: no _Float16). The one
-// exception: where the build targets F16C (x86 -march=native), contiguous
-// half runs use its conversion instructions, which give the same bits as the
-// portable code (tested against it) at a fraction of the cost.
+// them and float / double (bit manipulation only: no _Float16). The
+// exceptions use conversion instructions that give the same bits as the
+// portable code (csrc/tests/test_core.cpp checks them against it):
+//   x86 with F16C (-march=native): contiguous half runs (VCVTPH2PS / VCVTPS2PH);
+//   AArch64 (every ARMv8-A core: FCVT, FCVTL, FCVTN and FCVTXN are base
+//   instructions; +fp16 adds half arithmetic, which the kernels do not use):
+//   every half conversion, scalar and contiguous runs, and double -> float
+//   rounded to odd. Same bits (NaNs keep their payload, quieted) under the
+//   FPCR's default modes, round to nearest even and no flush-to-zero, which
+//   nothing here changes.
 //
 // Loading (half/bfloat16 -> float) is exact and written branch-free so the
 // compiler vectorises the packing loops. Storing (float/double -> half or
@@ -18,6 +24,11 @@
 #if defined(__F16C__) && defined(__AVX2__)
 #include <immintrin.h>
 #define KMF_F16C 1
+#define KMF_HALF_HW 1
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FP16_FORMAT_IEEE) && !defined(KMF_PORTABLE_HALF)
+#include <arm_neon.h>
+#define KMF_NEON_HALF 1
+#define KMF_HALF_HW 1
 #endif
 
 namespace kmf {
@@ -66,9 +77,9 @@ inline float bits_f32(uint32_t u) {
 
 // ------------------------------------------------------------------ loading
 /// IEEE binary16 -> float, exact for every input (normals, subnormals, +-0,
-/// +-inf; NaNs stay NaN with their payload, quieted like F16C does). Written
-/// with masks instead of branches so loops over it vectorise.
-inline float half_to_float(uint16_t h) {
+/// +-inf; NaNs stay NaN with their payload, quieted like F16C and FCVT do).
+/// Written with masks instead of branches so loops over it vectorise.
+inline float half_to_float_portable(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa in float position
     const uint32_t e = o & 0x0f800000u;                       // the half's exponent field
@@ -83,13 +94,24 @@ inline float half_to_float(uint16_t h) {
     return bits_f32((sub & sub_mask) | (o & ~sub_mask) | sign);
 }
 
+/// binary16 -> float (FCVT on AArch64, the same bits).
+inline float half_to_float(uint16_t h) {
+#ifdef KMF_NEON_HALF
+    __fp16 x;
+    std::memcpy(&x, &h, 2);
+    return static_cast<float>(x);
+#else
+    return half_to_float_portable(h);
+#endif
+}
+
 /// bfloat16 -> float: the top 16 bits of a float. Exact.
 inline float bf16_to_float(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
 
 // ------------------------------------------------------------------ storing
 /// float -> binary16, round to nearest even; overflow -> inf, NaN -> quiet NaN.
 /// (F. Giesen's float_to_half_fast3_rtne.)
-inline uint16_t float_to_half(float f) {
+inline uint16_t float_to_half_portable(float f) {
     uint32_t x = f32_bits(f);
     const uint32_t sign = (x >> 16) & 0x8000u;
     x &= 0x7fffffffu;
@@ -109,6 +131,18 @@ inline uint16_t float_to_half(float f) {
     return static_cast<uint16_t>(o | sign);
 }
 
+/// float -> binary16 (FCVT on AArch64, the same bits).
+inline uint16_t float_to_half(float f) {
+#ifdef KMF_NEON_HALF
+    const __fp16 x = static_cast<__fp16>(f);
+    uint16_t h;
+    std::memcpy(&h, &x, 2);
+    return h;
+#else
+    return float_to_half_portable(f);
+#endif
+}
+
 /// float -> bfloat16, round to nearest even; NaN stays a (quiet) NaN.
 inline uint16_t float_to_bf16(float f) {
     const uint32_t x = f32_bits(f);
@@ -118,8 +152,9 @@ inline uint16_t float_to_bf16(float f) {
 
 /// double -> float rounded to odd (toward zero, then set the last bit if
 /// inexact). Rounding that float to half or bfloat16 (nearest even) then equals
-/// rounding the double directly: no double-rounding error.
-inline float double_to_float_odd(double d) {
+/// rounding the double directly: no double-rounding error. A finite double
+/// beyond float's range gives the largest float (which rounds on to inf).
+inline float double_to_float_odd_portable(double d) {
     float f = static_cast<float>(d);
     if (static_cast<double>(f) != d && d == d) {
         uint32_t u = f32_bits(f);
@@ -130,6 +165,15 @@ inline float double_to_float_odd(double d) {
         f = bits_f32(u);
     }
     return f;
+}
+
+/// double -> float rounded to odd (FCVTXN on AArch64, the same bits).
+inline float double_to_float_odd(double d) {
+#ifdef KMF_NEON_HALF
+    return vcvtxd_f32_f64(d);
+#else
+    return double_to_float_odd_portable(d);
+#endif
 }
 
 inline uint16_t to_half(float f) { return float_to_half(f); }
@@ -173,9 +217,10 @@ inline void with_src(int code, F&& f) {
     }
 }
 
-// ------------------------------------------------------------ F16C runs
-// Each converts the longest prefix of whole vectors of a contiguous run and
-// returns its length; the caller finishes the rest with the portable code.
+// ------------------------------------------------------------ hardware half runs
+// half_load_hw / half_store_hw (F16C on x86, NEON on AArch64) each convert the
+// longest prefix of whole vectors of a contiguous run and return its length;
+// the caller finishes the rest with the scalar code.
 #ifdef KMF_F16C
 constexpr int kF16CRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
@@ -184,7 +229,7 @@ inline __m256 f16c_load8(const std::uint16_t* s) {
 }
 
 /// dst[t] = float(s[t]) * coef (exact conversion; the product rounds as the portable code's).
-inline std::int64_t f16c_load(float* dst, const std::uint16_t* s, std::int64_t n, float coef) {
+inline std::int64_t half_load_hw(float* dst, const std::uint16_t* s, std::int64_t n, float coef) {
     const __m256 c = _mm256_set1_ps(coef);
     std::int64_t t = 0;
     for (; t + 8 <= n; t += 8) _mm256_storeu_ps(dst + t, _mm256_mul_ps(f16c_load8(s + t), c));
@@ -192,7 +237,7 @@ inline std::int64_t f16c_load(float* dst, const std::uint16_t* s, std::int64_t n
 }
 
 /// dst[t] = double(float(s[t])) * coef.
-inline std::int64_t f16c_load(double* dst, const std::uint16_t* s, std::int64_t n, double coef) {
+inline std::int64_t half_load_hw(double* dst, const std::uint16_t* s, std::int64_t n, double coef) {
     const __m256d c = _mm256_set1_pd(coef);
     std::int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
@@ -204,7 +249,7 @@ inline std::int64_t f16c_load(double* dst, const std::uint16_t* s, std::int64_t 
 }
 
 /// d[t] = half(src[t]), round to nearest even.
-inline std::int64_t f16c_store(std::uint16_t* d, const float* src, std::int64_t n) {
+inline std::int64_t half_store_hw(std::uint16_t* d, const float* src, std::int64_t n) {
     std::int64_t t = 0;
     for (; t + 8 <= n; t += 8)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d + t), _mm256_cvtps_ph(_mm256_loadu_ps(src + t), kF16CRound));
@@ -213,7 +258,7 @@ inline std::int64_t f16c_store(std::uint16_t* d, const float* src, std::int64_t 
 
 /// d[t] = half(src[t]) through double_to_float_odd (vectorised: nearest, then
 /// one step toward zero where that rounded away, then the odd bit where inexact).
-inline std::int64_t f16c_store(std::uint16_t* d, const double* src, std::int64_t n) {
+inline std::int64_t half_store_hw(std::uint16_t* d, const double* src, std::int64_t n) {
     const __m256d sign = _mm256_set1_pd(-0.0);
     const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);  // 64-bit masks -> 32-bit lanes
     auto narrow = [&](__m256d mask) {  // all-ones lanes -> 1, else 0, as 4 x int32
@@ -234,6 +279,48 @@ inline std::int64_t f16c_store(std::uint16_t* d, const double* src, std::int64_t
     }
     return t;
 }
+#elif defined(KMF_NEON_HALF)
+/// dst[t] = float(s[t]) * coef (FCVTL: exact; the product rounds as the portable code's).
+inline std::int64_t half_load_hw(float* dst, const std::uint16_t* s, std::int64_t n, float coef) {
+    std::int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(s + t));
+        vst1q_f32(dst + t, vmulq_n_f32(vcvt_f32_f16(vget_low_f16(h)), coef));
+        vst1q_f32(dst + t + 4, vmulq_n_f32(vcvt_high_f32_f16(h), coef));
+    }
+    return t;
+}
+
+/// dst[t] = double(float(s[t])) * coef.
+inline std::int64_t half_load_hw(double* dst, const std::uint16_t* s, std::int64_t n, double coef) {
+    std::int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float32x4_t f = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + t)));
+        vst1q_f64(dst + t, vmulq_n_f64(vcvt_f64_f32(vget_low_f32(f)), coef));
+        vst1q_f64(dst + t + 2, vmulq_n_f64(vcvt_high_f64_f32(f), coef));
+    }
+    return t;
+}
+
+/// d[t] = half(src[t]) (FCVTN: round to nearest even).
+inline std::int64_t half_store_hw(std::uint16_t* d, const float* src, std::int64_t n) {
+    std::int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const float16x8_t h = vcvt_high_f16_f32(vcvt_f16_f32(vld1q_f32(src + t)), vld1q_f32(src + t + 4));
+        vst1q_u16(d + t, vreinterpretq_u16_f16(h));
+    }
+    return t;
+}
+
+/// d[t] = half(src[t]) through double -> float rounded to odd (FCVTXN), then FCVTN.
+inline std::int64_t half_store_hw(std::uint16_t* d, const double* src, std::int64_t n) {
+    std::int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float32x4_t f = vcvtx_high_f32_f64(vcvtx_f32_f64(vld1q_f64(src + t)), vld1q_f64(src + t + 2));
+        vst1_u16(d + t, vreinterpret_u16_f16(vcvt_f16_f32(f)));
+    }
+    return t;
+}
 #endif
 
 // ------------------------------------------------------------------ runs
@@ -251,9 +338,9 @@ inline void load_runs(T* __restrict dst, std::int64_t ldd, const void* src, std:
             const S* s = reinterpret_cast<const S*>(static_cast<const char*>(src) + i * run_step);
             T* __restrict d = dst + i * ldd;
             std::int64_t t0 = 0;
-#ifdef KMF_F16C
+#ifdef KMF_HALF_HW
             if constexpr (std::is_same_v<Src, SrcF16>)
-                if (stride == 1) t0 = f16c_load(d, s, n, coef);
+                if (stride == 1) t0 = half_load_hw(d, s, n, coef);
 #endif
             if (stride == 1)
                 for (std::int64_t t = t0; t < n; ++t) d[t] = Src::get(s[t], coef);
@@ -285,8 +372,8 @@ inline void store_run(void* dst, int code, std::int64_t n, std::int64_t stride, 
         case kF16: {
             uint16_t* d = static_cast<uint16_t*>(dst);
             std::int64_t t0 = 0;
-#ifdef KMF_F16C
-            if (stride == 1) t0 = f16c_store(d, src, n);
+#ifdef KMF_HALF_HW
+            if (stride == 1) t0 = half_store_hw(d, src, n);
 #endif
             for (std::int64_t t = t0; t < n; ++t) d[t * stride] = to_half(src[t]);
             break;

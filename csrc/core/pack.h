@@ -198,8 +198,8 @@ inline void pack_row_panels(T* __restrict dst, std::int64_t Wrt, const Stack& s,
                 if (k < ahead && cs == 1) prefetch_range(row_ptr + kc * row_step, cnt * es);
                 if (cs == 1) {
                     std::int64_t t0 = 0;
-#ifdef KMF_F16C
-                    if constexpr (std::is_same_v<Src, SrcF16>) t0 = f16c_load(rowbuf, row, cnt, coef);
+#ifdef KMF_HALF_HW
+                    if constexpr (std::is_same_v<Src, SrcF16>) t0 = half_load_hw(rowbuf, row, cnt, coef);
 #endif
                     for (std::int64_t t = t0; t < cnt; ++t) rowbuf[t] = Src::get(row[t], coef);
                     if (aligned) {

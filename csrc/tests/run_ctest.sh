@@ -4,7 +4,13 @@
 #   portable  Release, no -march=native (the generic vector path) -> build/ctest-portable
 #   sanitize  AddressSanitizer + UndefinedBehaviorSanitizer, -march=native, small sizes
 #                                                                  -> build/ctest-sanitize
-# Usage: csrc/tests/run_ctest.sh [plain] [portable] [sanitize]   (default: all three)
+# and, cross-compiled for aarch64 Linux and run under qemu-aarch64 (csrc/tests/cross_aarch64.sh
+# installs the tools and runs them; toolchain files in csrc/tests/toolchains/), -Werror,
+# aarch64-{gcc,clang}-{fp16,v8}                                   -> build/ctest-aarch64-*
+#   gcc: GCC; clang: clang with lld, on the GCC cross libstdc++
+#   fp16: -march=armv8.2-a+fp16 run on qemu -cpu max; v8: -march=armv8-a run on -cpu cortex-a53
+# Usage: csrc/tests/run_ctest.sh [plain] [portable] [sanitize] [aarch64-gcc-fp16] ...
+#        (default: plain portable sanitize)
 # Environment: CMAKE (default: cmake on PATH), CXX (the compiler), CMAKE_BUILD_PARALLEL_LEVEL.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -40,6 +46,16 @@ run() {
   echo "== $name: $((SECONDS - t0)) s"
 }
 
+# cross aarch64-COMPILER-LEVEL: a Release build for aarch64, warnings as errors.
+cross() {
+  local level="${1##*-}" compiler="${1#aarch64-}" march=armv8.2-a+fp16 cpu=max
+  compiler="${compiler%-*}"
+  [ "$level" = v8 ] && march=armv8-a cpu=cortex-a53
+  run "$1" -DCMAKE_BUILD_TYPE=Release -DKMERGE_FAST_NATIVE=OFF -DKMERGE_FAST_SANITIZE=OFF \
+    -DCMAKE_TOOLCHAIN_FILE="$ROOT/csrc/tests/toolchains/aarch64-$compiler.cmake" -DKMF_QEMU_CPU="$cpu" \
+    -DCMAKE_CXX_FLAGS="-march=$march -Werror" -DCMAKE_C_FLAGS="-march=$march -Werror"
+}
+
 mkdir -p "$ROOT/build"
 builds=("$@")
 [ ${#builds[@]} -gt 0 ] || builds=(plain portable sanitize)
@@ -48,6 +64,7 @@ for b in "${builds[@]}"; do
     plain) run plain -DCMAKE_BUILD_TYPE=Release -DKMERGE_FAST_NATIVE=ON -DKMERGE_FAST_SANITIZE=OFF ;;
     portable) run portable -DCMAKE_BUILD_TYPE=Release -DKMERGE_FAST_NATIVE=OFF -DKMERGE_FAST_SANITIZE=OFF ;;
     sanitize) run sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKMERGE_FAST_NATIVE=ON -DKMERGE_FAST_SANITIZE=ON ;;
-    *) echo "run_ctest.sh: unknown build '$b' (plain, portable, sanitize)" >&2; exit 2 ;;
+    aarch64-gcc-fp16 | aarch64-gcc-v8 | aarch64-clang-fp16 | aarch64-clang-v8) cross "$b" ;;
+    *) echo "run_ctest.sh: unknown build '$b' (plain, portable, sanitize, aarch64-{gcc,clang}-{fp16,v8})" >&2; exit 2 ;;
   esac
 done

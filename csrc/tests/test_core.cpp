@@ -356,6 +356,76 @@ std::vector<ld> jacobi(std::vector<ld> a, i64 n, std::vector<ld>* vecs = nullptr
 
 // ------------------------------------------------------------------ tests
 
+template <typename T>
+std::uint64_t bits_of(T x) {
+    std::uint64_t u = 0;
+    std::memcpy(&u, &x, sizeof(T));
+    return u;
+}
+
+/// f(at, len) over [0, n) cut into runs of 1, 2, ..., 37 elements (vector bodies and tails).
+template <typename F>
+void in_runs(std::size_t n, F&& f) {
+    for (std::size_t at = 0, len = 1; at < n; at += len, len = len % 37 + 1) f(at, std::min(len, n - at));
+}
+
+/// The conversion instructions dtype.h uses (AArch64 FCVT / FCVTXN scalars, F16C or NEON
+/// contiguous runs) against its portable bit code: the same bits, NaN payloads included.
+void check_half_hw_is_portable() {
+    g_case = "half loads: hardware = portable";
+    std::vector<std::uint16_t> codes(65536);
+    for (std::uint32_t c = 0; c < 65536; ++c) codes[c] = std::uint16_t(c);
+    std::vector<float> f32(65536);
+    std::vector<double> f64(65536);
+    in_runs(codes.size(), [&](std::size_t at, std::size_t len) {
+        kmf::load_run<float>(f32.data() + at, codes.data() + at, kmf::kF16, i64(len), 1, 1.0f);
+        kmf::load_run<double>(f64.data() + at, codes.data() + at, kmf::kF16, i64(len), 1, 1.0);
+    });
+    for (std::uint32_t c = 0; c < 65536; ++c) {
+        const float want = kmf::half_to_float_portable(std::uint16_t(c));
+        CHECK(bits_of(kmf::half_to_float(std::uint16_t(c))) == bits_of(want), "scalar %04x", c);
+        CHECK(bits_of(f32[c]) == bits_of(want), "float run %04x", c);
+        CHECK(bits_of(f64[c]) == bits_of(static_cast<double>(want)), "double run %04x", c);
+    }
+    // Floats: every 4099th bit pattern (all exponents, NaN payloads), every half midpoint and its neighbours.
+    std::vector<float> fs;
+    for (std::uint64_t u = 0; u < (1ull << 32); u += pick(4099, 65537)) fs.push_back(kmf::bits_f32(std::uint32_t(u)));
+    for (std::uint32_t c = 0; c < 0x7c00; ++c) {
+        const float mid = static_cast<float>((half_value(std::uint16_t(c)) + (c + 1 == 0x7c00 ? 65536.0 : half_value(std::uint16_t(c + 1)))) / 2);
+        for (float y : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, INFINITY)}) {
+            fs.push_back(y);
+            fs.push_back(-y);
+        }
+    }
+    // Doubles: random bit patterns, values near float's range ends and subnormals, half midpoints +- tiny.
+    std::vector<double> ds = {0.0, -0.0, INFINITY, -INFINITY, NAN, -NAN, 0x1.fffffefffffffp127, 0x1.ffffffp127, 0x1p128, 1e300,
+                              -1e-300, 0x1p-149, 0x1p-150, 0x1.0000000000001p-150, 0x1p-151, 0x1.fffffcp-127, 0x1.fffffdp-127};
+    for (int k = 0; k < pick(200000, 20000); ++k) {
+        const std::uint64_t u = g_rng();
+        double d;
+        std::memcpy(&d, &u, 8);
+        ds.push_back(d);
+        const double h = half_value(std::uint16_t(randint(0, 0x7bfe))), e = std::ldexp(1.0, randint(-60, -20));
+        ds.push_back((k % 2 ? -1 : 1) * (h + (h < 0x1p-14 ? 0x1p-25 : h * 0x1p-11) + (k % 3 - 1) * e * h));
+        ds.push_back(std::ldexp(uniform(1.0, 2.0), randint(-160, 130)));
+    }
+    g_case = "half stores: hardware = portable";
+    std::vector<std::uint16_t> got(std::max(fs.size(), ds.size()));
+    in_runs(fs.size(), [&](std::size_t at, std::size_t len) { kmf::store_run<float>(got.data() + at, kmf::kF16, i64(len), 1, fs.data() + at); });
+    for (std::size_t i = 0; i < fs.size(); ++i) {
+        const std::uint16_t want = kmf::float_to_half_portable(fs[i]);
+        CHECK(kmf::float_to_half(fs[i]) == want, "scalar %a -> %04x, want %04x", double(fs[i]), kmf::float_to_half(fs[i]), want);
+        CHECK(got[i] == want, "float run %a -> %04x, want %04x", double(fs[i]), got[i], want);
+    }
+    in_runs(ds.size(), [&](std::size_t at, std::size_t len) { kmf::store_run<double>(got.data() + at, kmf::kF16, i64(len), 1, ds.data() + at); });
+    for (std::size_t i = 0; i < ds.size(); ++i) {
+        const float odd = kmf::double_to_float_odd_portable(ds[i]);
+        CHECK(bits_of(kmf::double_to_float_odd(ds[i])) == bits_of(odd), "double_to_float_odd %a -> %a, want %a", ds[i],
+              double(kmf::double_to_float_odd(ds[i])), double(odd));
+        CHECK(got[i] == kmf::float_to_half_portable(odd), "double run %a -> %04x, want %04x", ds[i], got[i], kmf::float_to_half_portable(odd));
+    }
+}
+
 void test_dtype() {
     // Every half / bfloat16 code decodes exactly (dtype.h's branch-free loader).
     for (std::uint32_t c = 0; c < 65536; ++c) {
@@ -400,6 +470,7 @@ void test_dtype() {
             CHECK(got == round16(dt, x), "%a -> %04x, want %04x", x, got, round16(dt, x));
         }
     }
+    check_half_hw_is_portable();
     g_case = "codes";
     CHECK(kmf::valid_dtype(3) && !kmf::valid_dtype(4) && !kmf::valid_dtype(-1), "valid_dtype");
     CHECK(std::string(kmf::dtype_name(kmf::kBF16)) == "bfloat16", "dtype_name");

@@ -573,7 +573,7 @@ def save_gguf(lora, path: str | os.PathLike, base, dtype: str = "f32", task_name
 
     Args:
         lora: a :class:`kmerge_fast.LoRA`; module names with or without peft's prefix.
-        path: the ``.gguf`` file to create.
+        path: the ``.gguf`` file to create (its folder is created if missing).
         base: the base model: a base GGUF path (verified tensor by tensor), or a
             transformers config (object, dict, config.json or its folder).
         dtype: ``"f32"``, ``"f16"`` or ``"bf16"`` for both factors.
@@ -648,6 +648,7 @@ def save_gguf(lora, path: str | os.PathLike, base, dtype: str = "f32", task_name
         writer.write_tensors_to_file()
         writer.close()
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
 
 
