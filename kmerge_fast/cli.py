@@ -488,7 +488,8 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     merge_kwargs = {"density": args.density} if args.density is not None else {}
     if args.method == "d2c":
         result = d2c.cluster(adapters, args.budget, counted, merge=args.merge, init=args.init, seed=args.seed,
-                             max_iters=args.max_iters, merge_kwargs=merge_kwargs, progress=not args.quiet)
+                             max_iters=args.max_iters, merge_kwargs=merge_kwargs, progress=not args.quiet,
+                             refine=args.refine)
     else:
         baseline = d2c.kmeans if args.method == "kmeans" else d2c.random_clusters
         result = baseline(adapters, args.budget, seed=args.seed, merge=args.merge, merge_kwargs=merge_kwargs,
@@ -500,7 +501,8 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     report = {"method": args.method, "budget": args.budget, "merge": args.merge, "assignment": result.assignment,
               "clusters": result.clusters, "total_loss": result.total_loss,
               "history": [{"assignment": h.assignment, "total_loss": h.total_loss, "seconds": h.seconds,
-                           "merges": h.merges, "scored": h.scored} for h in result.history]}
+                           "merges": h.merges, "scored": h.scored, "kind": h.kind, "moves": h.moves}
+                          for h in result.history]}
     (out / "assignment.json").write_text(json.dumps(report, indent=1))
     for i, members in enumerate(result.clusters):
         print(f"cluster_{i}: {', '.join(members)}")
@@ -606,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--init", default="kmeans", choices=("kmeans", "random"), help="d2c's start (default kmeans)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--max-iters", type=int, default=20)
+    cluster.add_argument("--refine", type=int, default=3,
+                         help="d2c: sweeps of single-task moves after the alternation (0: off; default 3)")
     cluster.add_argument("--batch-size", type=int, default=16)
     cluster.add_argument("--score", action="store_true", help="also score the kmeans / random result (needs --base)")
     cluster.add_argument("--out", required=True, help="folder for cluster_<i>/ adapters and assignment.json")
@@ -630,7 +634,8 @@ def _threshold(text: str | None):
 _ARGUMENT_FLAGS = {"budget": "--budget", "strategy": "--strategy", "similarity": "--similarity",
                    "metric": "--similarity", "threshold": "--threshold", "mode": "--mode", "seed": "--seed",
                    "density": "--density", "oracle": "--groups", "loras": "--calibrate", "slot": "--slot",
-                   "merge": "--merge", "init": "--init", "max_iters": "--max-iters", "overwrite": "--force",
+                   "merge": "--merge", "init": "--init", "max_iters": "--max-iters", "refine": "--refine",
+                   "overwrite": "--force",
                    "formats": "--emit", "base": "--base", "gguf_dtype": "--dtype", "format": "--format"}
 # ... and keyword arguments inside a message -> flags:
 _KEYWORD_FLAGS = [

@@ -14,11 +14,22 @@ definition**, a K-Means-like alternation on task losses:
 4. Reassign each task to its lowest-loss cluster (ties keep the current
    one). A cluster left empty takes the task worst served by its own
    cluster among clusters that keep at least one member.
-5. Repeat 2-4 until an assignment repeats or ``max_iters``; return the best
-   assignment seen by total loss, its K merged adapters and the history.
+5. Repeat 2-4 until an assignment repeats or ``max_iters``; keep the best
+   assignment seen by total loss.
+6. Refine it by moves (``refine`` sweeps at most, 0: off): for each task in
+   turn, the move to another cluster that lowers the total loss most, where
+   the loss of both affected clusters is measured *with* the move (the task's
+   old cluster re-merged without it, the new one with it). Step 4 scores a
+   task only under merges that exclude it (every cluster but its own), so on
+   real adapters it almost never leaves the initial clustering; a move
+   evaluates the merge the task would actually get. A sweep without a move
+   ends the search. Return the final assignment (its total loss is never
+   above step 5's best), its K merged adapters and the history.
 
 Merges are cached by member set and scores by (member set, task), so only
-clusters whose members changed are re-merged and re-scored.
+clusters whose members changed are re-merged and re-scored. A refinement
+sweep costs up to N (K - 1) merges of a cluster plus one task, each scored on
+its members only.
 
 The default merge is ``svd`` because peft's factor-wise ``linear`` merge of
 unrelated adapters adds cross terms B_i A_j that blur the scores.
@@ -45,13 +56,19 @@ Scorer = Callable[[LoRA, list], Sequence[float]]
 
 @dataclass
 class Iteration:
-    """One round: the assignment scored, its total loss, and what it cost."""
+    """One round: the assignment scored, its total loss, and what it cost.
+
+    ``kind`` is ``"reassign"`` (steps 2-4 of the module docstring) or
+    ``"refine"`` (one sweep of step 6, which made ``moves`` moves).
+    """
 
     assignment: dict
     total_loss: float
     seconds: float
     merges: int          # clusters merged this round (cache misses)
     scored: int          # (task, cluster) pairs scored this round (cache misses)
+    kind: str = "reassign"
+    moves: int = 0
 
 
 @dataclass
@@ -226,7 +243,7 @@ def _score(scorer: Scorer, merged: LoRA, tasks: list[str]) -> list[float]:
 # ---------------------------------------------------------------- D2C
 def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: str = "svd", init="kmeans",
             seed: int = 0, max_iters: int = 20, merge_kwargs: dict | None = None,
-            progress: bool = False) -> Result:
+            progress: bool = False, refine: int = 3) -> Result:
     """Cluster ``adapters`` (task -> LoRA) into ``budget`` merged adapters by task loss (module docstring).
 
     Args:
@@ -239,6 +256,8 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
         seed: for the initialisation.
         max_iters: rounds of merge / score / reassign at most.
         progress: show a progress bar over rounds and scoring calls.
+        refine: sweeps of the move search (step 6) at most; 0 turns it off
+            (the alternation of steps 2-5 alone).
     """
     tasks = _check(adapters, budget)
     _check_merge(merge)
@@ -247,6 +266,8 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
     _check_scorer_tasks(scorer, tasks)
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters: must be an int >= 1, got {max_iters!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine: must be an int >= 0 (sweeps; 0 = off), got {refine!r}")
     merge_kwargs = dict(merge_kwargs or {})
     assignment = _initial(adapters, tasks, budget, init, seed)
 
@@ -255,7 +276,7 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
     history: list[Iteration] = []
     seen: set[tuple] = set()
     best: tuple[float, dict] | None = None
-    bar = _progress(progress, max_iters)
+    bar = _progress(progress, max_iters + refine)
     try:
         for _ in range(max_iters):
             start = time.perf_counter()
@@ -284,12 +305,81 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
             if tuple(new[t] for t in tasks) in seen:
                 break
             assignment = new
+        total, assignment = best
+        if refine:
+            total, assignment = _refine(assignment, tasks, budget, refine, adapters, merge, merge_kwargs,
+                                        scorer, merges, scores, history, bar)
     finally:
         if bar is not None:
             bar.close()
-    total, assignment = best
     groups = _clusters(assignment, budget)
     return Result(assignment, [merges[frozenset(g)] for g in groups], history, total)
+
+
+def _refine(assignment, tasks, budget, sweeps, adapters, merge, merge_kwargs, scorer, merges, scores,
+            history, bar) -> tuple[float, dict]:
+    """Step 6 of the module docstring: best-improving single-task moves, ``sweeps`` sweeps at most.
+
+    ``merges`` and ``scores`` are :func:`cluster`'s caches (member set -> merged
+    adapter; (member set, task) -> loss); ``history`` gets one ``refine``
+    :class:`Iteration` per sweep. Returns (total loss, assignment).
+    """
+    counts = {"merges": 0, "scored": 0}
+
+    def group_loss(members: list[str]) -> float:
+        """Sum over ``members`` of their losses under the merge of exactly ``members``."""
+        key = frozenset(members)
+        if key not in merges:
+            merges[key] = _merged([t for t in tasks if t in key], adapters, merge, merge_kwargs)
+            counts["merges"] += 1
+        todo = [t for t in tasks if t in key and (key, t) not in scores]
+        if todo:
+            for t, v in zip(todo, _score(scorer, merges[key], todo)):
+                scores[key, t] = v
+            counts["scored"] += len(todo)
+        return sum(scores[key, t] for t in key)
+
+    def total_of(assignment: dict) -> float:
+        """The total in task order, summed as the alternation sums it (so equal assignments give equal totals)."""
+        groups = _clusters(assignment, budget)
+        for g in groups:
+            group_loss(g)
+        keys = {t: frozenset(groups[assignment[t]]) for t in tasks}
+        return float(sum(scores[keys[t], t] for t in tasks))
+
+    assignment = dict(assignment)
+    total = total_of(assignment)
+    for _ in range(sweeps):
+        start = time.perf_counter()
+        counts.update(merges=0, scored=0)
+        moves = 0
+        for t in tasks:
+            groups = _clusters(assignment, budget)
+            own = assignment[t]
+            if len(groups[own]) == 1:  # moving it would leave a cluster empty
+                continue
+            # change of the total when t leaves `own`, then when it joins c
+            leave = group_loss([u for u in groups[own] if u != t]) - group_loss(groups[own])
+            best_delta, best_c = 0.0, None
+            for c in range(budget):
+                if c == own:
+                    continue
+                delta = leave + group_loss(groups[c] + [t]) - group_loss(groups[c])
+                # a move must gain more than rounding noise, so sweeps cannot cycle
+                if delta < best_delta and -delta > 1e-9 * max(1.0, abs(total)):
+                    best_delta, best_c = delta, c
+            if best_c is not None:
+                assignment[t] = best_c
+                moves += 1
+        total = total_of(assignment)
+        history.append(Iteration(dict(assignment), total, time.perf_counter() - start, counts["merges"],
+                                 counts["scored"], kind="refine", moves=moves))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(total_loss=f"{total:.4f}", moves=moves)
+        if moves == 0:
+            break
+    return total, assignment
 
 
 def _check_scorer_tasks(scorer, tasks: list[str]) -> None:

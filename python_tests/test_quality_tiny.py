@@ -71,6 +71,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
     from bench.quality.__main__ import main
     main(["report", "--out", str(tmp_path)])
     assert "| kmerge-exact" in (tmp_path / "quality.md").read_text()
+    # `d2c` re-runs only the clustering part: the online rows stay, the arm records the re-run
+    main(["d2c", "--tiny", "--out", str(tmp_path), "--adapters", str(tmp_path / "adapters"), "--d2c-seeds", "2"])
+    again = json.loads((tmp_path / "quality.json").read_text())["arms"]["independent"]
+    assert again["summary"] == saved["summary"] and again["config"]["d2c_seeds"] == 2
+    assert "d2c_run" in again and {"d2c", "kmeans", "random"} <= set(again["d2c"]["s"])
+    assert "re-run" in (tmp_path / "quality.md").read_text()
     # the adapters are cached with a manifest under the output folder (4 streamed + 2 held out)
     manifests = list((tmp_path / "adapters").glob("*/manifest.json"))
     assert len(manifests) == 1 and len(json.loads(manifests[0].read_text())["train"]) == 6

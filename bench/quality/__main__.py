@@ -8,6 +8,8 @@
   orders, D2C vs K-Means vs random, the decoding cross-check; puts the arm into
   ``bench/results/quality.json`` (``--out``) and renders quality.md / quality.png. Scores are cached by
   adapter content (``<adapters>/scores.json``): an interrupted eval resumes where it stopped.
+- ``d2c``: re-run only D2C vs K-Means vs random and replace that part of the arm in quality.json (the
+  online rows stay as the last ``eval`` wrote them; the arm's ``d2c_run`` says when the D2C part ran).
 - ``report``: re-render quality.md and quality.png from quality.json.
 - ``all``: train + eval.
 
@@ -30,7 +32,7 @@ import torch
 
 from . import model as base
 from .evaluate import STRATEGIES
-from .pipeline import Config, data, eval_stage, load_model, tiny_config, train_stage
+from .pipeline import Config, d2c_stage, data, eval_stage, load_model, tiny_config, train_stage
 from .report import write_report
 from .tasks import LANGS, TYPES
 from .train import INITS
@@ -117,6 +119,9 @@ def _run(cfg: Config, command: str, out_dir: Path, root: Path | None, log=print)
         log(f"eval ({cfg.recipe.init} A): rows {cfg.strategies}, K {cfg.budgets}, {cfg.orders} orders"
             + (" + adversarial" if cfg.adversarial else ""))
         results = eval_stage(cfg, model, tok, name, train, val, test, out_dir, root, log)
+    if command == "d2c":
+        log(f"d2c ({cfg.recipe.init} A): K {cfg.d2c_budgets}, {cfg.d2c_seeds} seeds")
+        results = d2c_stage(cfg, model, tok, train, test, out_dir, root, log)
     log(f"done in {time.perf_counter() - start:.1f}s")
     if cfg.tiny and command == "all":
         check_tiny(results)
@@ -139,7 +144,7 @@ def check_tiny(r: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["prepare", "train", "eval", "all", "report"])
+    p.add_argument("command", choices=["prepare", "train", "eval", "all", "d2c", "report"])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny config-built model, temp output (CI)")
     size.add_argument("--full", action="store_true", help="5 task types x 8 languages (40 adapters; for a GPU)")

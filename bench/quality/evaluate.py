@@ -180,10 +180,12 @@ def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str
                         result = d2c.random_clusters(adapters, k, seed=seed)
                     fit_s = time.perf_counter() - t0
                     scores = _slot_scores(scorer, result.adapters, result.clusters)
-                    runs.append({"order": seed, "members": result.clusters, "scores": scores, "fit_seconds": fit_s})
+                    moves = sum(h.moves for h in result.history)
+                    runs.append({"order": seed, "members": result.clusters, "scores": scores, "fit_seconds": fit_s,
+                                 "refine_moves": moves})
                     log(f"  {name:7s} K={k} seed {seed}: exact "
                         f"{np.mean([np.mean(v['exact']) for v in scores.values()]):.3f} fit {fit_s:.1f}s "
-                        f"clusters={result.clusters}")
+                        f"moves {moves} clusters={result.clusters}")
                 out["cells"].setdefault(name, {})[str(k)] = runs
     finally:
         loss.close()

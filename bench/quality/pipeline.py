@@ -303,6 +303,43 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
     return results
 
 
+def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | None = None, log=print) -> dict:
+    """Re-run only D2C vs K-Means vs random and replace that part of the arm in ``out_dir/quality.json``.
+
+    For a change of the clustering alone: the arm's online rows, singles and base stay as the last
+    ``eval`` wrote them; the arm records when and with which code its D2C part ran (``d2c_run``).
+    """
+    import datetime as dt
+
+    path = Path(out_dir) / "quality.json"
+    arms = json.loads(path.read_text()).get("arms", {}) if path.exists() else {}
+    arm = arms.get(cfg.recipe.init)
+    if arm is None or arm.get("tasks") != cfg.tasks:
+        raise SystemExit(f"{path}: no {cfg.recipe.init} arm with these tasks: run `eval` (same flags) first")
+    budgets_d2c = [k for k in cfg.d2c_budgets if k <= len(cfg.tasks)]
+    if not budgets_d2c:
+        raise SystemExit("d2c: no --d2c-budgets within the number of tasks")
+    folder = adapters_dir(cfg, root)
+    adapters = {t: kf.LoRA.load(folder / t) for t in cfg.tasks}
+    start = time.perf_counter()
+    scorer = Scorer(model, tok, {t: test[t] for t in cfg.tasks}, cfg.batch_size)
+    scorer.persist(folder / "scores.json")
+    try:
+        single = _exact({t: scorer.score(adapters[t], [t])[t] for t in cfg.tasks}, cfg.tasks)
+        examples = {t: train[t][:cfg.d2c_examples] for t in cfg.tasks}
+        d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, log=log)
+    finally:
+        scorer.close()
+    arm["d2c"] = _summarize_d2c(d2c, cfg.tasks, single, cfg.bootstrap)
+    for name in ("d2c_budgets", "d2c_seeds", "d2c_examples"):
+        arm["config"][name] = getattr(cfg, name)
+    arm["d2c_run"] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                      "seconds": time.perf_counter() - start, "machine": machine()}
+    write_report(arm, out_dir)
+    log(f"wrote the D2C part of {path} (arm {cfg.recipe.init}), quality.md, quality.png")
+    return arm
+
+
 def _summarize_d2c(d2c: dict, tasks, single, boot) -> dict:
     out = {"examples_per_task": d2c["examples_per_task"], "s": {}, "clusters": {}, "fit_seconds": {}}
     for name, by_k in d2c["cells"].items():

@@ -95,8 +95,11 @@ def _arm_markdown(r: dict) -> list[str]:
     if r.get("d2c"):
         d = r["d2c"]
         ks = sorted({k for v in d["s"].values() for k in v}, key=int)
+        when = (f"; this part re-run {r['d2c_run']['date']} in {r['d2c_run']['seconds'] / 60:.0f} min"
+                if r.get("d2c_run") else "")
+        seeds = r["config"].get("d2c_seeds")
         lines += ["", f"### Offline clustering ({d['examples_per_task']} train examples per task for D2C's loss; "
-                  "clusters merged with `svd`; interval over test examples and seeds)", "",
+                  f"clusters merged with `svd`; {seeds} seeds; interval over test examples and seeds{when})", "",
                   "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for m, row in d["s"].items():
             lines.append(f"| {m} | " + " | ".join(_ci(row.get(k)) for k in ks) + " |")
