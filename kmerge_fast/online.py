@@ -37,6 +37,13 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
 - ``exact``: c_n = 1/n, the true running average; each step is an ``svd``
   merge of (slot, newcomer) with weights (1 - 1/n, 1/n), truncated back to
   the slot's rank by the SVD kernel.
+- ``iso``: ``exact``'s running average, served with a flat spectrum: per
+  module, the rank-r average U S V^T is stored as sigma U V^T with
+  sigma = sqrt(mean S^2) (same Frobenius norm; isotropic merging, after
+  Marczak et al., 2025). The slot keeps S (``extra.spectrum``), so each step
+  continues the exact average and flattens anew. Equalising the directions
+  keeps the weaker tasks of a shared slot from being drowned by the
+  dominant ones (see README, "Quality").
 - ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
   as in ``exact``. For members with orthogonal updates of equal norm the slot
   keeps a member's norm, where the average shrinks each task's update to 1/n.
@@ -108,7 +115,7 @@ class OnlineMerger:
         similarity: ``"cos"`` (default, published), ``"l2"``, ``"l1"`` or ``"linf"``.
         threshold: K-Merge++'s similarity threshold (``kmerge++`` only): a number, or
             ``"auto"`` (default) for :func:`width_threshold` of each newcomer.
-        mode: ``"faithful"``, ``"exact"``, ``"rms"`` or ``"sum"`` for the running-average
+        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"rms"`` or ``"sum"`` for the running-average
             strategies (module docstring); default :data:`DEFAULT_MODE`.
         store: a folder to keep the state in (created; must not hold a store
             yet - use :meth:`open` to resume one). None: in memory only.

@@ -546,7 +546,7 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
             stored[task] = i
         if not _is_int(slot["rank"]) or slot["rank"] < 1:
             fail(f + ".rank", f"expected an int >= 1, got {_show(slot['rank'])}")
-        _validate_extra(slot["extra"], f + ".extra", strategy, fail)
+        _validate_extra(slot["extra"], f + ".extra", strategy, settings["mode"], len(tasks), slot["rank"], fail)
 
     obsolete = manifest["obsolete"]
     if not isinstance(obsolete, list):
@@ -624,13 +624,24 @@ def _validate_formats(settings: dict, fail, exact_keys) -> tuple[str, ...]:
     return tuple(formats)
 
 
-def _validate_extra(extra: object, f: str, strategy: str, fail) -> None:
-    """A slot's strategy state: ``group`` (the oracle's, always and only there), ``opcm`` (OPCM's, per module)."""
+def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: int, rank: int, fail) -> None:
+    """A slot's strategy state: ``group`` (the oracle's, always and only there), ``opcm`` (OPCM's, per module),
+    ``spectrum`` (mode ``iso``'s, per module: ``rank`` singular values; in every slot of two tasks or more)."""
     if not isinstance(extra, dict):
         fail(f, f"expected an object, got {_show(extra)}")
     for key in extra:
-        if key not in ("group", "opcm"):
+        if key not in ("group", "opcm", "spectrum"):
             fail(f"{f}.{key}", "unknown field")
+    if ("spectrum" in extra) != (mode == "iso" and n_tasks > 1):
+        fail(f + ".spectrum", "held by the slots of two tasks or more in mode 'iso', always and only")
+    if "spectrum" in extra:
+        spectrum = extra["spectrum"]
+        if not isinstance(spectrum, dict) or not spectrum:
+            fail(f + ".spectrum", f"expected a non-empty object (module -> singular values), got {_show(spectrum)}")
+        for name, values in spectrum.items():
+            if not isinstance(values, list) or len(values) != rank or \
+                    not all(_is_finite(v) and v >= 0 for v in values):
+                fail(f"{f}.spectrum[{name!r}]", f"expected {rank} finite numbers >= 0, got {_show(values)}")
     if ("group" in extra) != (strategy == "oracle"):
         fail(f + ".group", "held by the slots of the 'oracle' strategy, always and only")
     group = extra.get("group")

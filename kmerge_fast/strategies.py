@@ -5,7 +5,7 @@ slot of a newcomer (a free one, or a slot to merge into), its **combiner**
 merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
-``opcm``: the OPCM combiner's). The store persists the strategy's name and
+``opcm``: the OPCM combiner's; ``spectrum``: the iso combiner's). The store persists the strategy's name and
 the mode; the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
@@ -17,15 +17,16 @@ Routers (:data:`ROUTERS`):
   newcomer's group, else the most similar.
 
 Combiners (:data:`COMBINERS`): the running averages named by the modes
-(``faithful``; ``exact``, ``rms``, ``sum``), peft's baselines (``linear``,
+(``faithful``; ``exact``, ``iso``, ``rms``, ``sum``), peft's baselines (``linear``,
 ``ties``, ``dare_linear``, ``dare_ties``) and ``opcm``. A row whose combiner
 is None takes the running average of the merger's mode.
 
 A new strategy is one class (a :class:`Router` or :class:`Combiner`
 subclass with a ``name``), registered once with :func:`add_strategy`. The
 store's manifest check (``store._validate_extra``) knows the built-in state
-fields by strategy name (``group``: ``oracle``; ``opcm``: ``opcm``): a new
-part that keeps per-slot state needs its field added there.
+fields by strategy name or mode (``group``: ``oracle``; ``opcm``: ``opcm``;
+``spectrum``: mode ``iso``): a new part that keeps per-slot state needs its
+field added there.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ from typing import Callable
 
 import torch
 
-from .lora import LoRA
+from .lora import LoRA, LoRAModule
 from .merge import merge
 from .opcm import opcm_step
 
 #: The running-average modes; each names a combiner.
-MODES = ("faithful", "exact", "rms", "sum")
+MODES = ("faithful", "exact", "iso", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
 DEFAULT_MODE = "exact"
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
@@ -72,7 +73,8 @@ def threshold_for(threshold: float | str, lora: LoRA) -> float:
 def slot_scale(mode: str, n: int) -> float:
     """c_n: a slot of n tasks holds c_n * sum_i dW_i (``faithful`` aims at the average, as ``exact``).
 
-    1/n for ``exact`` and ``faithful``, 1/sqrt(n) for ``rms``, 1 for ``sum``.
+    1/n for ``exact``, ``iso`` (before its spectrum is flattened) and
+    ``faithful``, 1/sqrt(n) for ``rms``, 1 for ``sum``.
     """
     if mode == "rms":
         return 1.0 / math.sqrt(n)
@@ -364,6 +366,79 @@ class Exact(Combiner):
     def combine(self, slot, current, lora, n, task, seed):
         rank = max(current.ranks.values())
         return merge([current, lora], running_weights(self.name, n), method="svd", rank=rank), {}
+
+
+def _columns_to(lora: LoRA, norms_for: Callable[[str, torch.Tensor], torch.Tensor]) -> LoRA:
+    """``lora`` with each nonzero column j of every module's B rescaled to the norm
+    ``norms_for(module, norms)[j]`` (norms: the float64 column norms); zero columns stay zero."""
+    modules = {}
+    for name, m in lora.modules.items():
+        B = m.B.detach().to(torch.float64)
+        norms = B.norm(dim=0)
+        live = norms > 0
+        factor = torch.where(live, norms_for(name, norms) / torch.where(live, norms, 1.0), 0.0)
+        modules[name] = LoRAModule(m.A, (B * factor).to(m.B.dtype), m.scaling)
+    return LoRA(modules, lora.config)
+
+
+def isotropic(lora: LoRA) -> tuple[LoRA, dict[str, list[float]]]:
+    """Flatten each module's spectrum: (the isotropic adapter, the singular values it replaced).
+
+    For a module with orthonormal rows of A (as :func:`kmerge_fast.merge`'s ``svd``
+    method returns: dW = s B A = s U S V^T with B = U S), every nonzero column
+    j of B is rescaled from its norm S_j to sigma = sqrt(mean_j S_j^2) (mean over
+    the nonzero columns), so dW becomes sigma s U V^T: the same Frobenius norm,
+    every direction of the merge equally strong (isotropic merging, after
+    Marczak et al., 2025, "No Task Left Behind"). Shapes, dtypes, scalings and
+    config are kept; the norms are computed in float64.
+
+    Returns the adapter and {module: [S_1, ..., S_r]} (the float64 column norms
+    of B before the flattening), which :func:`anisotropic` needs to undo it.
+    """
+    spectrum = {}
+
+    def flat(name: str, norms: torch.Tensor) -> torch.Tensor:
+        spectrum[name] = norms.tolist()
+        live = norms[norms > 0]
+        return torch.full_like(norms, float(live.square().mean().sqrt()) if live.numel() else 0.0)
+
+    return _columns_to(lora, flat), spectrum
+
+
+def anisotropic(lora: LoRA, spectrum: dict[str, list[float]]) -> LoRA:
+    """Undo :func:`isotropic`: each nonzero column j of B rescaled to the norm ``spectrum[module][j]``.
+
+    Raises ValueError when ``spectrum`` does not list exactly the adapter's
+    modules with one value per rank (a slot's stored state that does not fit it).
+    """
+    if sorted(spectrum) != sorted(lora.modules):
+        raise ValueError(f"spectrum: holds modules {sorted(spectrum)[:3]}, the slot {sorted(lora.modules)[:3]}")
+
+    def stored(name: str, norms: torch.Tensor) -> torch.Tensor:
+        target = torch.tensor(spectrum[name], dtype=torch.float64)
+        if target.shape != norms.shape:
+            raise ValueError(f"spectrum: module {name!r} holds {target.numel()} values for rank {norms.numel()}")
+        return target
+
+    return _columns_to(lora, stored)
+
+
+@register
+class Iso(Combiner):
+    """``exact``'s running average, served with a flat spectrum (:func:`isotropic`). State: ``spectrum``,
+    the average's singular values per module, so each step continues the exact average
+    (:func:`anisotropic`), never a flattened one."""
+
+    name = "iso"
+    keys = ("spectrum",)
+
+    def combine(self, slot, current, lora, n, task, seed):
+        spectrum = self.states[slot].get("spectrum")
+        average = current if spectrum is None else anisotropic(current, spectrum)  # None: one adapter so far
+        rank = max(current.ranks.values())
+        merged = merge([average, lora], running_weights(self.name, n), method="svd", rank=rank)
+        served, spectrum = isotropic(merged)
+        return served, {"spectrum": spectrum}
 
 
 @register

@@ -163,6 +163,69 @@ def test_scaled_modes_keep_the_best_rank_r_approximation(mode):
         assert float((m.delta(torch.float64) - truth).norm()) <= best * (1 + 1e-4) + 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_iso_mode_serves_exact_mode_with_a_flat_spectrum(dtype):
+    """Every iso slot is exact mode's slot (same stream, same slots) with all singular values set to their
+    root mean square: float64 SVD truth of each served dW."""
+    adapters = family_adapters(9, families=3, rank=3, dtype=dtype)
+    # the by-type router sends every newcomer to its family's slot, whatever the slots hold
+    kw = dict(strategy="oracle", oracle=lambda task: int(task[1:]) % 3)
+    iso, exact = kf.OnlineMerger(3, mode="iso", **kw), kf.OnlineMerger(3, mode="exact", **kw)
+    for k, lora in enumerate(adapters):
+        iso.add(lora, f"t{k}"), exact.add(lora, f"t{k}")
+    assert iso.members == exact.members
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for served, ref in zip(iso.slots, exact.slots):
+        for name, m in served.modules.items():
+            s_ref = torch.linalg.svdvals(ref.modules[name].delta(torch.float64))[:m.rank]
+            s = torch.linalg.svdvals(m.delta(torch.float64))
+            flat = s_ref.square().mean().sqrt()
+            torch.testing.assert_close(s[:m.rank], flat.expand(m.rank), rtol=tol, atol=0)
+            assert float(s[m.rank:].abs().sum()) <= tol * float(flat) * m.rank
+            # the same subspaces: dW_iso = flat * U V^T of exact's dW
+            U, _, Vh = torch.linalg.svd(ref.modules[name].delta(torch.float64), full_matrices=False)
+            want = flat * U[:, :m.rank] @ Vh[:m.rank]
+            assert float((m.delta(torch.float64) - want).norm() / want.norm()) < 5 * tol
+            assert m.A.dtype == dtype and m.B.dtype == dtype
+
+
+def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path):
+    """The spectrum kept in the manifest lets a reopened store continue exactly as the merger in memory."""
+    adapters = family_adapters(8, families=2, rank=3)
+    memory = kf.OnlineMerger(2, mode="iso")
+    with kf.OnlineMerger(2, mode="iso", store=tmp_path / "s") as stored:
+        for k, lora in enumerate(adapters[:5]):
+            memory.add(lora, f"t{k}"), stored.add(lora, f"t{k}")
+    with kf.OnlineMerger.open(tmp_path / "s") as stored:
+        assert stored.mode == "iso"
+        for k, lora in enumerate(adapters[5:], 5):
+            memory.add(lora, f"t{k}"), stored.add(lora, f"t{k}")
+        assert stored.members == memory.members
+        for a, b in zip(stored.slots, memory.slots):
+            for name in a.modules:
+                assert torch.equal(a.modules[name].A, b.modules[name].A)
+                assert torch.equal(a.modules[name].B, b.modules[name].B)
+
+
+def test_isotropic_and_anisotropic_are_inverse():
+    from kmerge_fast.strategies import anisotropic, isotropic
+
+    a, b = family_adapters(2, families=2, rank=4, dtype=torch.float64)
+    merged = kf.merge([a, b], [0.5, 0.5], method="svd", rank=4)
+    flat, spectrum = isotropic(merged)
+    for name, m in flat.modules.items():
+        norms = m.B.norm(dim=0)
+        torch.testing.assert_close(norms, norms.mean().expand_as(norms), rtol=1e-12, atol=0)
+        assert float(m.delta().norm()) == pytest.approx(float(merged.modules[name].delta().norm()), rel=1e-12)
+    back = anisotropic(flat, spectrum)
+    for name, m in back.modules.items():
+        torch.testing.assert_close(m.B, merged.modules[name].B, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="spectrum: module .* holds 3 values for rank 4"):
+        anisotropic(flat, {n: v[:3] for n, v in spectrum.items()})
+    with pytest.raises(ValueError, match="spectrum: holds modules"):
+        anisotropic(flat, dict(list(spectrum.items())[:1]))
+
+
 def test_running_weights_give_the_scaled_sum():
     """Composing the per-step weights from n = 2 to 6 gives c_n = n^-1, n^-1/2, 1 on every member."""
     for mode, power in (("exact", 1.0), ("faithful", 1.0), ("rms", 0.5), ("sum", 0.0)):

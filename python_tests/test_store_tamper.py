@@ -42,6 +42,7 @@ def stores(tmp_path_factory):
     _make(base / "kmerge", n=3)
     _make(base / "opcm", n=3, strategy="opcm")
     _make(base / "oracle", n=3, strategy="oracle", oracle=lambda t: int(t[1:]) % 2)
+    _make(base / "iso", n=3, mode="iso")
     return base
 
 
@@ -210,6 +211,16 @@ def test_manifest_that_is_not_one(stores, tmp_path, text, message):
     _refused_everywhere(root, message)
 
 
+def _merged_extra(manifest: dict) -> dict:
+    """The ``extra`` of the first slot holding two tasks or more."""
+    return next(slot["extra"] for slot in manifest["slots"] if len(slot["tasks"]) > 1)
+
+
+def _first_values(manifest: dict) -> list:
+    """The iso spectrum of the first module of the first merged slot."""
+    return next(iter(_merged_extra(manifest)["spectrum"].values()))
+
+
 def _opcm_module(manifest: dict) -> dict:
     """The OPCM state of the first module of the first merged slot."""
     state = next(slot["extra"]["opcm"] for slot in manifest["slots"] if "opcm" in slot["extra"])
@@ -223,6 +234,12 @@ def _opcm_module(manifest: dict) -> dict:
      r"slots\[\d\]\.extra\.opcm\[.*\]\.count: expected an int >= 1"),
     ("opcm", lambda m: _opcm_module(m).pop("norm_sum"),
      r"slots\[\d\]\.extra\.opcm\[.*\]: expected an object of"),
+    ("iso", lambda m: _merged_extra(m).pop("spectrum"), r"slots\[\d\]\.extra\.spectrum: held by the slots of two"),
+    ("iso", lambda m: _merged_extra(m).update(spectrum=[]), r"slots\[\d\]\.extra\.spectrum: expected a non-empty"),
+    ("iso", lambda m: _first_values(m).append(1.0), r"slots\[\d\]\.extra\.spectrum\[.*\]: expected 4 finite"),
+    ("iso", lambda m: _first_values(m).__setitem__(0, -1.0), r"extra\.spectrum\[.*\]: expected 4 finite numbers >= 0"),
+    ("kmerge", lambda m: m["slots"][0]["extra"].update(spectrum={"x": [1.0]}),
+     r"slots\[0\]\.extra\.spectrum: held by the slots of two tasks or more in mode 'iso'"),
     ("oracle", lambda m: m["slots"][0]["extra"].pop("group"), r"slots\[0\]\.extra\.group: held by"),
     ("oracle", lambda m: m["slots"][0]["extra"].update(group=[1]), r"slots\[0\]\.extra\.group: expected a JSON scalar"),
 ])

@@ -28,6 +28,7 @@ from .tasks import Example, split
 ONLINE = {
     "kmerge": {"strategy": "kmerge", "mode": "faithful"},
     "kmerge-exact": {"strategy": "kmerge", "mode": "exact"},
+    "kmerge-iso": {"strategy": "kmerge", "mode": "iso"},
     "kmerge-rms": {"strategy": "kmerge", "mode": "rms"},
     "kmerge-sum": {"strategy": "kmerge", "mode": "sum"},
     "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
@@ -47,8 +48,8 @@ GROUPS_FROM = "kmerge-exact"
 TA_LAMBDA = 0.5
 STRATEGIES = tuple(ONLINE) + GROUPED
 #: candidate default modes and the peers each must beat (paired differences in the report)
-CANDIDATES = ("kmerge-exact", "kmerge-rms")
-PEERS = ("ties", "opcm", "task_arithmetic", "kmerge")
+CANDIDATES = ("kmerge-iso", "kmerge-exact", "kmerge-rms")
+PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact")
 
 
 def arrival_orders(tasks: list[str], n: int, seed: int = 0, adversarial: bool = False) -> list[list[str]]:

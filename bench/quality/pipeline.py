@@ -266,7 +266,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
     finally:
         scorer.close()
     summary = summarize(online["cells"], tasks, single, cfg.orders, cfg.bootstrap,
-                        [(c, [p for p in PEERS if p != c]) for c in CANDIDATES])
+                        [(c, [p for p in PEERS if p != c]) for c in CANDIDATES if c in online["cells"]])
     results = {
         "model": model_name,
         "arm": cfg.recipe.init,
@@ -298,9 +298,21 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         "threads": torch.get_num_threads(),
         "machine": machine(),
     }
+    if d2c is None:  # no D2C budgets this time: keep the arm's D2C part from an earlier eval or `d2c` run
+        earlier = _stored_arm(out_dir, cfg.recipe.init)
+        if earlier and earlier.get("d2c") and earlier.get("tasks") == tasks:
+            results["d2c"], results["d2c_run"] = earlier["d2c"], earlier.get("d2c_run")
+            for name in ("d2c_budgets", "d2c_seeds", "d2c_examples"):
+                results["config"][name] = earlier["config"][name]
     write_report(results, out_dir)
     log(f"wrote {out_dir}/quality.json (arm {cfg.recipe.init}), quality.md, quality.png")
     return results
+
+
+def _stored_arm(out_dir: Path, arm: str) -> dict | None:
+    """Arm ``arm`` of ``out_dir/quality.json`` as it is on disk now (None if absent)."""
+    path = Path(out_dir) / "quality.json"
+    return json.loads(path.read_text()).get("arms", {}).get(arm) if path.exists() else None
 
 
 def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | None = None, log=print) -> dict:
@@ -312,8 +324,7 @@ def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | 
     import datetime as dt
 
     path = Path(out_dir) / "quality.json"
-    arms = json.loads(path.read_text()).get("arms", {}) if path.exists() else {}
-    arm = arms.get(cfg.recipe.init)
+    arm = _stored_arm(out_dir, cfg.recipe.init)
     if arm is None or arm.get("tasks") != cfg.tasks:
         raise SystemExit(f"{path}: no {cfg.recipe.init} arm with these tasks: run `eval` (same flags) first")
     budgets_d2c = [k for k in cfg.d2c_budgets if k <= len(cfg.tasks)]
@@ -330,6 +341,7 @@ def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | 
         d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, log=log)
     finally:
         scorer.close()
+    arm = _stored_arm(out_dir, cfg.recipe.init) or arm  # as it is now: an eval may have rewritten it meanwhile
     arm["d2c"] = _summarize_d2c(d2c, cfg.tasks, single, cfg.bootstrap)
     for name in ("d2c_budgets", "d2c_seeds", "d2c_examples"):
         arm["config"][name] = getattr(cfg, name)
