@@ -33,6 +33,7 @@ ONLINE = {
     "kmerge-sum": {"strategy": "kmerge", "mode": "sum"},
     "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
     "kmerge++-exact": {"strategy": "kmerge++", "mode": "exact"},
+    "kmerge++-iso": {"strategy": "kmerge++", "mode": "iso"},
     "linear": {"strategy": "linear"},
     "ties": {"strategy": "ties"},
     "dare_linear": {"strategy": "dare_linear"},
@@ -41,6 +42,7 @@ ONLINE = {
     "random": {"strategy": "random", "mode": "faithful"},
     "oracle": {"strategy": "oracle", "mode": "faithful"},
     "oracle-exact": {"strategy": "oracle", "mode": "exact"},
+    "oracle-iso": {"strategy": "oracle", "mode": "iso"},
 }
 #: rows merging the groups of GROUPS_FROM in one shot
 GROUPED = ("task_arithmetic", "avg_unbounded")
