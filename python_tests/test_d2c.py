@@ -58,7 +58,7 @@ def test_recovers_planted_groups_from_random_starts(seed):
     assert len(result.adapters) == 3 and all(isinstance(a, kf.LoRA) for a in result.adapters)
 
 
-@pytest.mark.parametrize("method,kw", [("svd", {}), ("cat", {}), ("ties", {"density": 0.7}),
+@pytest.mark.parametrize("method,kw", [("svd", {}), ("cat", {}), ("linear", {}), ("ties", {"density": 0.7}),
                                        ("ties_svd", {"density": 0.7}), ("magnitude_prune_svd", {"density": 0.7}),
                                        ("dare_linear_svd", {"density": 0.7, "generator": None})])
 def test_recovers_planted_groups_from_kmeans_with_every_merge(method, kw):
@@ -73,8 +73,8 @@ def test_follows_its_loss_where_linear_merges_overshoot():
     (the cross terms B_i A_j add up), so under the distance loss the planted groups are a poor clustering:
     the alternation stays at K-Means' planted start, the move search leaves it for a lower loss."""
     adapters, truth = planted()
-    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans", refine=0)
-    ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans")
+    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans")
+    ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans", refine=3)
     assert same_partition(plain.assignment, truth)
     assert ours.total_loss < 0.5 * plain.total_loss
 
@@ -82,7 +82,7 @@ def test_follows_its_loss_where_linear_merges_overshoot():
 def test_best_state_and_history():
     adapters, truth = planted(groups=3, per_group=4, noise=0.6, seed=5)
     scorer = DistanceScorer(adapters)
-    result = d2c.cluster(adapters, 3, scorer, init="random", seed=11, max_iters=10)
+    result = d2c.cluster(adapters, 3, scorer, init="random", seed=11, max_iters=10, refine=3)
     totals = [h.total_loss for h in result.history]
     assert result.total_loss == min(totals)
     assert result.history[0].merges == 3  # every cluster merged once at the start
@@ -116,9 +116,9 @@ def test_refine_moves_tasks_the_alternation_cannot():
                                                       torch.randn(s[0], 3, generator=g))
                                                   for n, s in SHAPES.items()})
                 for i, scale in enumerate([0.2, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])}
-    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0, refine=0)
+    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0)
     assert len(plain.history) < 20  # the alternation stopped at a repeat, not at max_iters
-    ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0)
+    ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0, refine=3)
     assert ours.total_loss < 0.95 * plain.total_loss
     assert sum(h.moves for h in ours.history) >= 1
     assert ours.total_loss == pytest.approx(_total(adapters, ours.assignment, 3), rel=1e-6)
@@ -127,7 +127,7 @@ def test_refine_moves_tasks_the_alternation_cannot():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_refine_ends_at_a_local_optimum_never_worse(seed):
     adapters, _ = planted(groups=3, per_group=3, noise=1.2, seed=seed)
-    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=seed, refine=0)
+    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=seed)
     ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=seed, refine=50)
     assert ours.total_loss <= plain.total_loss + 1e-9
     assert ours.history[-1].kind == "refine" and ours.history[-1].moves == 0
