@@ -46,7 +46,7 @@ from .opcm import opcm_step
 #: The running-average modes; each names a combiner.
 MODES = ("faithful", "exact", "iso", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
-DEFAULT_MODE = "exact"
+DEFAULT_MODE = "iso"
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -352,7 +352,7 @@ class Faithful(Combiner):
             self.warned_aligned = True
             warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
                           f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "
-                          "nearly the sum of the updates, not their average (mode='exact' or 'rms' does not)",
+                          "nearly the sum of the updates, not their average (mode='iso', 'exact' or 'rms' does not)",
                           stacklevel=3)
         return merge([current, lora], running_weights(self.name, n), method="linear"), {}
 

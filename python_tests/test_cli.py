@@ -129,7 +129,7 @@ def store2(tmp_path, adapter_dirs):
 @pytest.mark.parametrize("flags,message", [
     (["--budget", "3"], "--budget 3 (the store has --budget 2)"),
     (["--strategy", "ties"], "--strategy ties (the store has --strategy kmerge)"),
-    (["--mode", "rms"], "--mode rms (the store has --mode exact)"),
+    (["--mode", "rms"], f"--mode rms (the store has --mode {kf.online.DEFAULT_MODE})"),
     (["--similarity", "l2"], "--similarity l2 (the store has --similarity cos)"),
     (["--threshold", "0.5"], "--threshold 0.5 (the store has no --threshold)"),
     (["--seed", "3"], "--seed 3 (the store has no --seed)"),
@@ -146,7 +146,7 @@ def test_stream_refuses_settings_that_differ_from_the_store(store2, adapter_dirs
 
 def test_stream_accepts_settings_equal_to_the_store(store2, adapter_dirs, capsys):
     assert main(["stream", "--store", str(store2), "--quiet", "--budget", "2", "--strategy", "kmerge",
-                 "--mode", "exact", "--similarity", "cos", "--density", "0.5", adapter_dirs[3]]) == 0
+                 "--mode", kf.online.DEFAULT_MODE, "--similarity", "cos", "--density", "0.5", adapter_dirs[3]]) == 0
     assert "task3: merge" in capsys.readouterr().out
 
 

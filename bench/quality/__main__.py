@@ -32,7 +32,7 @@ import torch
 
 from . import model as base
 from .evaluate import STRATEGIES
-from .pipeline import Config, d2c_stage, data, eval_stage, load_model, tiny_config, train_stage
+from .pipeline import DEADLINE_REDUCTION, Config, d2c_stage, data, eval_stage, load_model, tiny_config, train_stage
 from .report import write_report
 from .tasks import LANGS, TYPES
 from .train import INITS
@@ -95,7 +95,7 @@ def build_config(args) -> Config:
         if cfg.secondary and cfg.secondary_orders is not None:
             r.append(f"rows {', '.join(cfg.secondary)} on {cfg.secondary_orders} random order(s) only")
         if cfg.deadline is not None:
-            r.append("online cells started before a deadline only (each cell's order count is in quality.json)")
+            r.append(f"{DEADLINE_REDUCTION} (each cell's order count is in quality.json)")
         r += args.note or []
         cfg.reductions = r
     return cfg

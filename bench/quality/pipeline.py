@@ -227,6 +227,10 @@ def summarize(cells: dict, tasks: list[str], single: np.ndarray, n_random: int, 
     return {"cells": out, "differences": diffs}
 
 
+#: the reduction line of a run given a deadline (``build_config``); dropped when no cell was cut
+DEADLINE_REDUCTION = "online cells started before a deadline only"
+
+
 def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_dir: Path,
                root: Path | None = None, log=print) -> dict:
     """Score the base, every single adapter, every row at every K and order, and D2C; write the report."""
@@ -265,6 +269,8 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         check = crosscheck(cfg, model, tok, scorer, adapters, test, online["cells"], budgets, log)
     finally:
         scorer.close()
+    if not online["skipped"]:  # a deadline that cut nothing is no reduction
+        cfg.reductions = [x for x in cfg.reductions if not x.startswith(DEADLINE_REDUCTION)]
     summary = summarize(online["cells"], tasks, single, cfg.orders, cfg.bootstrap,
                         [(c, [p for p in PEERS if p != c]) for c in CANDIDATES if c in online["cells"]])
     results = {

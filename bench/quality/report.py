@@ -53,7 +53,10 @@ def _arm_markdown(r: dict) -> list[str]:
     n_orders = max((c["orders"] for row in cells.values() for c in row.values()), default=0)
     tr = r.get("train", {})
     steps = [v["steps"] for t, v in tr.items() if t in r["tasks"]]
-    lines = [f"## Arm: {r['arm']} ({ARM_TEXT.get(r['arm'], '')})", "",
+    lines = [f"## Arm: {r['arm']} ({ARM_TEXT.get(r['arm'], '')})", ""]
+    if cfg.get("reductions"):
+        lines += ["Reductions against the default configuration:", ""] + [f"- {x}" for x in cfg["reductions"]] + [""]
+    lines += [
              f"{r['n_adapters']} adapters ({len(cfg['types'])} task types x {len(cfg['langs'])} languages: "
              f"{', '.join(cfg['types'])} / {', '.join(cfg['langs'])}); LoRA r={rec['rank']} alpha={rec['alpha']} on "
              f"{'/'.join(t.split('_')[0] for t in rec['targets'])}, batch {rec['batch_size']}, lr {rec['lr']}, "
@@ -138,9 +141,6 @@ def markdown(arms: dict) -> str:
     if m:
         lines += [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch {m['torch']}; "
                   f"kmerge_fast @ {m['commit']}.", ""]
-    if first["config"].get("reductions"):
-        lines += ["Reductions against the default configuration:", ""]
-        lines += [f"- {x}" for x in first["config"]["reductions"]] + [""]
     for arm in _arm_order(arms):
         lines += _arm_markdown(arms[arm]) + [""]
     return "\n".join(lines)
