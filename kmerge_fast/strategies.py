@@ -373,11 +373,13 @@ def _columns_to(lora: LoRA, norms_for: Callable[[str, torch.Tensor], torch.Tenso
     ``norms_for(module, norms)[j]`` (norms: the float64 column norms); zero columns stay zero."""
     modules = {}
     for name, m in lora.modules.items():
-        B = m.B.detach().to(torch.float64)
-        norms = B.norm(dim=0)
+        B = m.B.detach()
+        norms = torch.linalg.vector_norm(B, dim=0, dtype=torch.float64)  # accumulated in float64, no copy of B
         live = norms > 0
         factor = torch.where(live, norms_for(name, norms) / torch.where(live, norms, 1.0), 0.0)
-        modules[name] = LoRAModule(m.A, (B * factor).to(m.B.dtype), m.scaling)
+        # one rounding to B's dtype: the product in float32 (float64 for float64 factors) is exact enough
+        work = torch.float64 if B.dtype == torch.float64 else torch.float32
+        modules[name] = LoRAModule(m.A, (B.to(work) * factor.to(work)).to(B.dtype), m.scaling)
     return LoRA(modules, lora.config)
 
 
@@ -390,7 +392,7 @@ def isotropic(lora: LoRA) -> tuple[LoRA, dict[str, list[float]]]:
     the nonzero columns), so dW becomes sigma s U V^T: the same Frobenius norm,
     every direction of the merge equally strong (isotropic merging, after
     Marczak et al., 2025, "No Task Left Behind"). Shapes, dtypes, scalings and
-    config are kept; the norms are computed in float64.
+    config are kept; the norms are accumulated in float64.
 
     Returns the adapter and {module: [S_1, ..., S_r]} (the float64 column norms
     of B before the flattening), which :func:`anisotropic` needs to undo it.
