@@ -59,7 +59,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, one_thread):
             assert c["orders"] == 2 and lo <= s <= hi and "s_adversarial" in c
     # K = 1 puts every task in one slot, whatever the row
     assert all(row["1"]["slots"] == [1, 1, 1] for row in cells.values())
-    assert {"d2c", "kmeans", "random"} <= set(saved["d2c"]["s"])
+    # D2C with its move sweeps, and the clustering it had before them (from the same fit)
+    assert {"d2c", "d2c-alternation", "kmeans", "random"} <= set(saved["d2c"]["s"])
+    assert saved["config"]["d2c_refine"] == 3
     # the adapters record their training, held-out score and how far A moved
     assert all(t["steps"] > 0 and t["a_moved"] > 0 and t["held_out"] is not None for t in saved["train"].values())
     # teacher-forced exact match equals greedy decoding's on every decoded example

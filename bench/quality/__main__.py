@@ -64,7 +64,7 @@ def build_config(args) -> Config:
     for name in ("budgets", "d2c_budgets"):
         if getattr(args, name) is not None:
             setattr(cfg, name, _ints(getattr(args, name)))
-    for name in ("n_test", "orders", "d2c_seeds", "crosscheck", "bootstrap", "secondary_orders"):
+    for name in ("n_test", "orders", "d2c_seeds", "d2c_refine", "crosscheck", "bootstrap", "secondary_orders"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_steps is not None:
@@ -165,6 +165,7 @@ def main(argv=None) -> None:
     p.add_argument("--secondary-orders", type=int, help="orders for the --secondary rows (default all)")
     p.add_argument("--d2c-budgets", help="comma-separated K for D2C / K-Means / random (empty: skip)")
     p.add_argument("--d2c-seeds", type=int, help="seeds per D2C / K-Means / random cell")
+    p.add_argument("--d2c-refine", type=int, help="D2C's move sweeps (default 3; 0: the alternation alone)")
     p.add_argument("--crosscheck", type=int, help="test examples per task decoded greedily (0: off)")
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates")
     p.add_argument("--deadline", help="eval: UTC HH:MM after which no new online (row, K) cell starts; "

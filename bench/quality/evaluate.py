@@ -160,8 +160,11 @@ def run_online(scorer, adapters: dict[str, kf.LoRA], budgets: list[int], orders:
 
 
 def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str, list[Example]],
-            budgets: list[int], seeds: int, log=print) -> dict:
-    """D2C (LossScorer on ``examples``) vs K-Means vs random, at each budget and seed."""
+            budgets: list[int], seeds: int, refine: int = 0, log=print) -> dict:
+    """D2C (LossScorer on ``examples``, ``refine`` move sweeps) vs K-Means vs random, at each budget and seed.
+
+    With ``refine`` > 0 the row ``d2c-alternation`` holds the clustering D2C had before its moves (the best
+    assignment of its reassignment rounds, from its history), so both come from one fit."""
     from kmerge_fast import d2c
 
     from .train import encode
@@ -176,7 +179,7 @@ def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str
                 for seed in range(seeds):
                     t0 = time.perf_counter()
                     if name == "d2c":
-                        result = d2c.cluster(adapters, k, loss, seed=seed)
+                        result = d2c.cluster(adapters, k, loss, seed=seed, refine=refine)
                     elif name == "kmeans":
                         result = d2c.kmeans(adapters, k, seed=seed)
                     else:
@@ -186,6 +189,13 @@ def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str
                     moves = sum(h.moves for h in result.history)
                     runs.append({"order": seed, "members": result.clusters, "scores": scores, "fit_seconds": fit_s,
                                  "refine_moves": moves})
+                    if name == "d2c" and refine:
+                        rounds = [h for h in result.history if h.kind == "reassign"]
+                        start = min(rounds, key=lambda h: h.total_loss).assignment
+                        before = d2c._baseline(adapters, start, k, "svd", {}, None)
+                        out["cells"].setdefault("d2c-alternation", {}).setdefault(str(k), []).append(
+                            {"order": seed, "members": before.clusters, "fit_seconds": fit_s, "refine_moves": 0,
+                             "scores": _slot_scores(scorer, before.adapters, before.clusters)})
                     log(f"  {name:7s} K={k} seed {seed}: exact "
                         f"{np.mean([np.mean(v['exact']) for v in scores.values()]):.3f} fit {fit_s:.1f}s "
                         f"moves {moves} clusters={result.clusters}")

@@ -42,6 +42,7 @@ class Config:
     d2c_budgets: list = field(default_factory=lambda: [3, 5, 8])
     d2c_examples: int = 10
     d2c_seeds: int = 3
+    d2c_refine: int = 3             # D2C's move sweeps (kmerge_fast.d2c.cluster(refine=...))
     crosscheck: int = 8      # test examples per task decoded greedily for the F1 cross-check (0: off)
     bootstrap: int = 1000
     batch_size: int = 64
@@ -265,7 +266,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         budgets_d2c = [k for k in cfg.d2c_budgets if k <= len(tasks)]
         if budgets_d2c:
             examples = {t: train[t][:cfg.d2c_examples] for t in tasks}
-            d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, log=log)
+            d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, cfg.d2c_refine, log=log)
         check = crosscheck(cfg, model, tok, scorer, adapters, test, online["cells"], budgets, log)
     finally:
         scorer.close()
@@ -308,8 +309,8 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         earlier = _stored_arm(out_dir, cfg.recipe.init)
         if earlier and earlier.get("d2c") and earlier.get("tasks") == tasks:
             results["d2c"], results["d2c_run"] = earlier["d2c"], earlier.get("d2c_run")
-            for name in ("d2c_budgets", "d2c_seeds", "d2c_examples"):
-                results["config"][name] = earlier["config"][name]
+            for name in ("d2c_budgets", "d2c_seeds", "d2c_examples", "d2c_refine"):
+                results["config"][name] = earlier["config"].get(name)
     write_report(results, out_dir)
     log(f"wrote {out_dir}/quality.json (arm {cfg.recipe.init}), quality.md, quality.png")
     return results
@@ -344,12 +345,12 @@ def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | 
     try:
         single = _exact({t: scorer.score(adapters[t], [t])[t] for t in cfg.tasks}, cfg.tasks)
         examples = {t: train[t][:cfg.d2c_examples] for t in cfg.tasks}
-        d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, log=log)
+        d2c = run_d2c(scorer, model, tok, adapters, examples, budgets_d2c, cfg.d2c_seeds, cfg.d2c_refine, log=log)
     finally:
         scorer.close()
     arm = _stored_arm(out_dir, cfg.recipe.init) or arm  # as it is now: an eval may have rewritten it meanwhile
     arm["d2c"] = _summarize_d2c(d2c, cfg.tasks, single, cfg.bootstrap)
-    for name in ("d2c_budgets", "d2c_seeds", "d2c_examples"):
+    for name in ("d2c_budgets", "d2c_seeds", "d2c_examples", "d2c_refine"):
         arm["config"][name] = getattr(cfg, name)
     arm["d2c_run"] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       "seconds": time.perf_counter() - start, "machine": machine()}
