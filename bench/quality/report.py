@@ -101,6 +101,9 @@ def _arm_markdown(r: dict) -> list[str]:
         when = (f"; this part re-run {r['d2c_run']['date']} in {r['d2c_run']['seconds'] / 60:.0f} min"
                 if r.get("d2c_run") else "")
         seeds = r["config"].get("d2c_seeds")
+        refine = r["config"].get("d2c_refine")
+        when = (f"; D2C with up to {refine} move sweeps (`d2c-alternation`: the same fit before them)"
+                if refine else "") + when
         lines += ["", f"### Offline clustering ({d['examples_per_task']} train examples per task for D2C's loss; "
                   f"clusters merged with `svd`; {seeds} seeds; interval over test examples and seeds{when})", "",
                   "| method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
