@@ -228,6 +228,8 @@ def summarize(cells: dict, tasks: list[str], single: np.ndarray, n_random: int, 
     return {"cells": out, "differences": diffs}
 
 
+#: the Config fields of the D2C part of an arm (kept or replaced together with it)
+D2C_SETTINGS = ("d2c_budgets", "d2c_seeds", "d2c_examples", "d2c_refine")
 #: the reduction line of a run given a deadline (``build_config``); dropped when no cell was cut
 DEADLINE_REDUCTION = "online cells started before a deadline only"
 
@@ -309,7 +311,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         earlier = _stored_arm(out_dir, cfg.recipe.init)
         if earlier and earlier.get("d2c") and earlier.get("tasks") == tasks:
             results["d2c"], results["d2c_run"] = earlier["d2c"], earlier.get("d2c_run")
-            for name in ("d2c_budgets", "d2c_seeds", "d2c_examples", "d2c_refine"):
+            for name in D2C_SETTINGS:
                 results["config"][name] = earlier["config"].get(name)
     write_report(results, out_dir)
     log(f"wrote {out_dir}/quality.json (arm {cfg.recipe.init}), quality.md, quality.png")
@@ -350,7 +352,7 @@ def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | 
         scorer.close()
     arm = _stored_arm(out_dir, cfg.recipe.init) or arm  # as it is now: an eval may have rewritten it meanwhile
     arm["d2c"] = _summarize_d2c(d2c, cfg.tasks, single, cfg.bootstrap)
-    for name in ("d2c_budgets", "d2c_seeds", "d2c_examples", "d2c_refine"):
+    for name in D2C_SETTINGS:
         arm["config"][name] = getattr(cfg, name)
     arm["d2c_run"] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       "seconds": time.perf_counter() - start, "machine": machine()}
