@@ -185,6 +185,14 @@ def _fast_dot(dtype: torch.dtype):
     return tl.float32
 
 
+def _precise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The element type that kernels with float64 tl.dot operands read: float32 (an exact copy) for
+    fp16 / bf16 factors. Triton 3.6 cannot compile a float64 dot whose operands were loaded as 16-bit
+    values (its NVIDIA lowering asserts "fp64 don't support largeK MMA"); the interpreter can, but both
+    take this one path."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _common_dtype(tensors) -> torch.dtype:
     """The one element type of a launch: the tensors' dtype, float32 if they mix
     supported dtypes (exact for fp16 / bf16)."""
@@ -318,6 +326,8 @@ def _inner_products(batch: InnerBatch, precise: bool = False) -> list[torch.Tens
     if not batch:
         return []
     dtype = _common_dtype(t for xs, ys in batch for f in (*xs, *ys) for t in (f.A, f.B))
+    if precise:
+        dtype = _precise_dtype(dtype)
     device = _device_of(xs for xs, _ in batch)
     items, shapes, base, alive, descs = [], [], 0, [], {}  # alive: converted copies, until the kernels ran
 
@@ -385,7 +395,10 @@ def _diff_stats(batch: DiffBatch) -> torch.Tensor:
         _launch(_kernels.diff_stats_kernel, (len(group), split), device, _table([g[1] for g in group], device),
                 _table([g[2] for g in group], device, torch.float32), sums, peaks, SPLIT=split,
                 DT=_tl_dtype(dtype), BM=bm, BN=bn, BR=_bucket(max(g[3] for g in group), hi=32),
-                DOT_DT=_fast_dot(dtype), num_warps=8)
+                DOT_DT=_fast_dot(dtype), num_warps=8,
+                # no fused multiply-add: c_x t_x - c_y t_y as fma(c_x, t_x, -c_y t_y) leaves the rounding
+                # error of c_y t_y where identical updates must cancel exactly
+                enable_fp_fusion=False)
         index = torch.tensor([g[0] for g in group], device=device)
         total[index] = sums.sum(1)
         peak[index] = peaks.amax(1).double()
@@ -438,7 +451,7 @@ def _truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     if rank == 0:
         return [(torch.empty(0, fs[0].A.shape[1], dtype=dtype, device=fs[0].A.device),
                  torch.empty(fs[0].B.shape[0], 0, dtype=dtype, device=fs[0].A.device)) for fs in batch]
-    in_dtype = _common_dtype(t for factors in batch for f in factors for t in (f.A, f.B))
+    in_dtype = _precise_dtype(_common_dtype(t for factors in batch for f in factors for t in (f.A, f.B)))
     device = _device_of(batch)
     batch = [[_conv(f, in_dtype) for f in factors] for factors in batch]
 

@@ -81,7 +81,8 @@ def _xty_tile(x, sxk, sxr, rx, i0, y, syk, syr, ry, j0, K,
         mk = kk < K - k0
         xt = tl.load(xp, mask=mi & mk[None, :], other=0.0)
         yv = tl.load(yp, mask=mk[:, None] & mj, other=0.0)
-        acc = tl.dot(xt.to(DOT_DT), yv.to(DOT_DT), acc, input_precision="ieee")
+        # out_dtype: compiled tl.dot types its result float32 unless told (the interpreter does not check)
+        acc = tl.dot(xt.to(DOT_DT), yv.to(DOT_DT), acc, input_precision="ieee", out_dtype=ACC_DT)
         xp += BK * sxk
         yp += BK * syk
     return acc
@@ -289,7 +290,7 @@ def apply_kernel(itab, btab, bftab, DT: tl.constexpr, OUT_DT: tl.constexpr, LAYO
                 mc = cc < r - c0
                 xt = tl.load(xp, mask=mk[:, None] & mc[None, :], other=0.0)
                 tt = tl.load(tp, mask=mc[:, None] & mn[None, :], other=0.0)
-                part = tl.dot(xt.to(tl.float64), tt, part, input_precision="ieee")
+                part = tl.dot(xt.to(tl.float64), tt, part, input_precision="ieee", out_dtype=tl.float64)
                 xp += BR * s1
                 tp += BR * rank
             acc += coef * part
