@@ -37,8 +37,8 @@ def test_zero_adapter_is_zero_not_nan(backend):
     assert sims[0, 0] == 0 and sims[0, 1] == 0 and sims[1, 1] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_no_shared_module_and_empty_lists(backend):
-    cases.no_shared_module_and_empty_lists(backend)
+def test_no_shared_module_and_empty_lists(backend, monkeypatch):
+    cases.no_shared_module_and_empty_lists(backend, monkeypatch)
 
 
 def test_diff_stats_propagate_nan_and_inf(backend):

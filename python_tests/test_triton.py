@@ -115,13 +115,13 @@ def test_similarity_different_ranks_and_negative_scaling(triton_backend, dtype):
     similarity_cases.different_ranks_and_negative_scaling(triton_backend, dtype)
 
 
-def test_similarity_zero_empty_and_cache(triton_backend):
+def test_similarity_zero_empty_and_cache(triton_backend, monkeypatch):
     zero = kf.LoRA.from_factors({"q": (on_device(torch.zeros(2, 6)), on_device(torch.zeros(8, 2)))})
     other = random_lora({"q": (8, 6)}, 2)
     sims = kf.similarity_matrix([zero, other], metric="cos")
     assert not sims.isnan().any()
     assert sims[0, 0] == 0 and sims[0, 1] == 0 and sims[1, 1] == pytest.approx(1.0, abs=1e-6)
-    similarity_cases.no_shared_module_and_empty_lists(triton_backend)
+    similarity_cases.no_shared_module_and_empty_lists(triton_backend, monkeypatch)
     similarity_cases.norm_cache_invalidated_by_inplace_change(triton_backend)
 
 
@@ -322,6 +322,26 @@ def test_mixed_dtypes_and_float64_fall_back(triton_backend):
     assert float(got) == pytest.approx(float((dense(f32) * dense(f64)).sum()), rel=1e-12)
     with kf.use_backend("triton"), pytest.raises(kf.BackendError, match="cannot run torch.float64"):
         ops.select(DEVICE, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float64_dots_read_float32_copies_of_half_factors(triton_backend, dtype, monkeypatch):
+    """Compiled Triton 3.6 cannot lower a float64 tl.dot of values loaded as 16-bit ("fp64 don't
+    support largeK MMA"): precise Grams and the truncation read float32 copies; fast Grams keep half."""
+    seen = []
+    run_pairs = TRITON._run_pairs
+    monkeypatch.setattr(TRITON, "_run_pairs", lambda items, dt, *a, **k: (seen.append((dt, k["precise"])),
+                                                                       run_pairs(items, dt, *a, **k)))
+    gen = torch.Generator().manual_seed(8)
+    x, y = factor(40, 24, 3, dtype, "row", gen), factor(40, 24, 2, dtype, "col", gen, coef=0.5)
+    truth = float((dense(x) * dense(y)).sum())
+    with kf.use_backend("triton"):
+        for precise in (False, True):
+            got = float(ops.inner_products([([x], [y])], precise=precise)[0])
+            assert got == pytest.approx(truth, rel=1e-5)
+        (a, b), = ops.truncate([[x, y]], 4, dtype)
+    assert seen == [(dtype, False), (torch.float32, True), (torch.float32, True)]
+    assert a.dtype == b.dtype == dtype
 
 
 def test_truncate_matches_reference_on_many_modules_of_two_stacked_ranks(triton_backend):
