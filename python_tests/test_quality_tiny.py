@@ -195,3 +195,24 @@ def test_teacher_forced_scoring_equals_greedy_and_ignores_the_shared_prefix(one_
     finally:
         scorer.close()
     assert outcomes == {0, 1}, "the check needs right and wrong answers"
+
+
+def test_score_cache_keeps_entries_saved_by_another_run(tmp_path):
+    """Two runs on one adapter folder (an eval beside a ``d2c``): each save keeps the other's entries."""
+    from bench.quality.scoring import Scorer
+
+    def scorer(entries):
+        s = object.__new__(Scorer)  # the cache alone: no model needed
+        s.cache, s.cache_path, s._unsaved = {}, None, 0
+        s.persist(tmp_path / "scores.json")
+        s.cache.update(entries)
+        s._unsaved = len(entries)
+        return s
+
+    first = scorer({("a1", "t1"): {"exact": [1.0]}})
+    second = scorer({("a2", "t1"): {"exact": [0.0]}})   # loaded before the first one saved
+    first.save()
+    second.save()
+    on_disk = json.loads((tmp_path / "scores.json").read_text())
+    assert on_disk == {"a1|t1": {"exact": [1.0]}, "a2|t1": {"exact": [0.0]}}
+    assert ("a1", "t1") in second.cache and not list(tmp_path.glob("*.tmp"))

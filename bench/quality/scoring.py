@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -91,9 +92,19 @@ class Scorer:
                 self.cache[tuple(k.split("|", 1))] = v
 
     def save(self) -> None:
+        """Write the cache, keeping entries another run (an eval beside a ``d2c``) saved meanwhile."""
         if self.cache_path is not None and self._unsaved:
-            tmp = self.cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({f"{a}|{b}": v for (a, b), v in self.cache.items()}))
+            entries = {f"{a}|{b}": v for (a, b), v in self.cache.items()}
+            try:
+                on_disk = json.loads(self.cache_path.read_text())
+            except (OSError, ValueError):
+                on_disk = {}
+            for k, v in on_disk.items():
+                if k not in entries:
+                    entries[k] = v
+                    self.cache[tuple(k.split("|", 1))] = v
+            tmp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")  # one per process
+            tmp.write_text(json.dumps(entries))
             tmp.replace(self.cache_path)
             self._unsaved = 0
 
