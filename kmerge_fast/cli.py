@@ -608,8 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--init", default="kmeans", choices=("kmeans", "random"), help="d2c's start (default kmeans)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--max-iters", type=int, default=20)
-    cluster.add_argument("--refine", type=int, default=0,
-                         help="d2c: sweeps of single-task moves after the alternation (default 0: off)")
+    cluster.add_argument("--refine", type=int, default=3,
+                         help="d2c: sweeps of single-task moves after the alternation (default 3; 0: off)")
     cluster.add_argument("--batch-size", type=int, default=16)
     cluster.add_argument("--score", action="store_true", help="also score the kmeans / random result (needs --base)")
     cluster.add_argument("--out", required=True, help="folder for cluster_<i>/ adapters and assignment.json")

@@ -16,7 +16,7 @@ definition**, a K-Means-like alternation on task losses:
    cluster among clusters that keep at least one member.
 5. Repeat 2-4 until an assignment repeats or ``max_iters``; keep the best
    assignment seen by total loss.
-6. Optionally refine it by moves (``refine`` sweeps at most; default 0, off): for each task in
+6. Refine it by moves (``refine`` sweeps at most; default 3, 0 turns it off): for each task in
    turn, the move to another cluster that lowers the total loss most, where
    the loss of both affected clusters is measured *with* the move (the task's
    old cluster re-merged without it, the new one with it). Step 4 scores a
@@ -248,7 +248,7 @@ def _score(scorer: Scorer, merged: LoRA, tasks: list[str]) -> list[float]:
 # ---------------------------------------------------------------- D2C
 def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: str = "svd", init="kmeans",
             seed: int = 0, max_iters: int = 20, merge_kwargs: dict | None = None,
-            progress: bool = False, refine: int = 0) -> Result:
+            progress: bool = False, refine: int = 3) -> Result:
     """Cluster ``adapters`` (task -> LoRA) into ``budget`` merged adapters by task loss (module docstring).
 
     Args:
@@ -261,7 +261,7 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
         seed: for the initialisation.
         max_iters: rounds of merge / score / reassign at most.
         progress: show a progress bar over rounds and scoring calls.
-        refine: sweeps of the move search (step 6) at most; 0 (default) turns
+        refine: sweeps of the move search (step 6) at most (default 3); 0 turns
             it off (the alternation of steps 2-5 alone).
     """
     tasks = _check(adapters, budget)

@@ -64,7 +64,11 @@ def test_recovers_planted_groups_from_random_starts(seed):
 def test_recovers_planted_groups_from_kmeans_with_every_merge(method, kw):
     adapters, truth = planted()
     kw = {k: v for k, v in kw.items() if v is not None}
-    result = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge=method, init="kmeans", merge_kwargs=kw)
+    # linear merges overshoot (sums of cross terms), so the moves rightly leave the planted groups there
+    # (test_follows_its_loss_where_linear_merges_overshoot): the alternation alone for that one
+    refine = 0 if method == "linear" else 3
+    result = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge=method, init="kmeans", merge_kwargs=kw,
+                         refine=refine)
     assert same_partition(result.assignment, truth), (method, result.clusters)
 
 
@@ -73,8 +77,8 @@ def test_follows_its_loss_where_linear_merges_overshoot():
     (the cross terms B_i A_j add up), so under the distance loss the planted groups are a poor clustering:
     the alternation stays at K-Means' planted start, the move search leaves it for a lower loss."""
     adapters, truth = planted()
-    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans")
-    ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans", refine=3)
+    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans", refine=0)
+    ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), merge="linear", init="kmeans")  # refine=3
     assert same_partition(plain.assignment, truth)
     assert ours.total_loss < 0.5 * plain.total_loss
 
@@ -116,7 +120,7 @@ def test_refine_moves_tasks_the_alternation_cannot():
                                                       torch.randn(s[0], 3, generator=g))
                                                   for n, s in SHAPES.items()})
                 for i, scale in enumerate([0.2, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])}
-    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0)
+    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0, refine=0)
     assert len(plain.history) < 20  # the alternation stopped at a repeat, not at max_iters
     ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=0, refine=3)
     assert ours.total_loss < 0.95 * plain.total_loss
@@ -127,7 +131,7 @@ def test_refine_moves_tasks_the_alternation_cannot():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_refine_ends_at_a_local_optimum_never_worse(seed):
     adapters, _ = planted(groups=3, per_group=3, noise=1.2, seed=seed)
-    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=seed)
+    plain = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=seed, refine=0)
     ours = d2c.cluster(adapters, 3, DistanceScorer(adapters), init="random", seed=seed, refine=50)
     assert ours.total_loss <= plain.total_loss + 1e-9
     assert ours.history[-1].kind == "refine" and ours.history[-1].moves == 0
