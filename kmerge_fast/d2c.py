@@ -28,8 +28,8 @@ definition**, a K-Means-like alternation on task losses:
 
    On bench/quality (SmolLM2, 20 adapters, 10 examples per task, 2 seeds)
    ``refine=3`` beats K-Means at K = 5 and 8 (S +0.06 [0.02, 0.10] and
-   +0.14 [0.08, 0.21]); single runs at K = 3 were mixed (one of three seeds
-   scored 0.280 against K-Means' 0.312), so it stays off by default.
+   +0.14 [0.08, 0.21]) and equals it at K = 3 (no move was found), hence
+   the default.
 
 Merges are cached by member set and scores by (member set, task), so only
 clusters whose members changed are re-merged and re-scored. A refinement
