@@ -222,7 +222,8 @@ _MACHINE: dict | None = None
 
 
 def machine_info() -> dict:
-    """CPU, cores, threads, versions, backends, commit, the measured fp32 / fp64 matmul peak and FMA ceiling."""
+    """CPU, cores, threads, versions, backends, the GPU (if any), commit, the measured fp32 / fp64 matmul peak
+    and FMA ceiling (of the CPU)."""
     global _MACHINE
     if _MACHINE is None:
         _MACHINE = {
@@ -234,6 +235,7 @@ def machine_info() -> dict:
             "torch": torch.__version__,
             "kmerge_fast": kf.__version__,
             "backends": kf.backends(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "commit": git_commit(),
             "peak_fp32_gflops": round(matmul_peak(torch.float32), 1),
             "peak_fp64_gflops": round(matmul_peak(torch.float64), 1),
@@ -248,7 +250,7 @@ def machine_info() -> dict:
 def machine_header(m: dict) -> str:
     return (f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch threads {m['torch_threads']}; "
             f"python {m['python']}, torch {m['torch']}, kmerge_fast {m['kmerge_fast']} @ {m['commit']}; "
-            f"backends {m['backends']}.\n"
+            f"backends {m['backends']}" + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + ".\n"
             f"Measured peak (2048^3 torch.matmul, all threads): fp32 {m['peak_fp32_gflops']} GFLOP/s, "
             f"fp64 {m['peak_fp64_gflops']} GFLOP/s; multiply-add ceiling (_C.fma_peak, all cores): "
             f"fp32 {m.get('fma_peak_fp32_gflops')} GFLOP/s, fp64 {m.get('fma_peak_fp64_gflops')} GFLOP/s; "

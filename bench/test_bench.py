@@ -81,3 +81,10 @@ def test_bench_ops_smoke():
         assert r["modules"] == 2 and r["time ms"] > 0 and r["rate"] > 0, r
         if r["rel. diff"] is not None:
             assert r["rel. diff"] < 1e-2, r
+
+
+def test_machine_header_names_the_gpu_only_when_there_is_one():
+    m = {"cpu": "cpu", "isa": "avx2", "cores": 2, "torch_threads": 2, "python": "3.11", "torch": "2.13",
+         "kmerge_fast": "0.1", "commit": "abc", "backends": ["cpp"], "peak_fp32_gflops": 1.0, "peak_fp64_gflops": 0.5}
+    assert "GPU" not in h.machine_header(m)
+    assert "backends ['cpp']; GPU NVIDIA H200.\n" in h.machine_header({**m, "gpu": "NVIDIA H200"})
