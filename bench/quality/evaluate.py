@@ -160,7 +160,7 @@ def run_online(scorer, adapters: dict[str, kf.LoRA], budgets: list[int], orders:
 
 
 def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str, list[Example]],
-            budgets: list[int], seeds: int, refine: int = 0, log=print) -> dict:
+            budgets: list[int], seeds: int, refine: int, log=print) -> dict:
     """D2C (LossScorer on ``examples``, ``refine`` move sweeps) vs K-Means vs random, at each budget and seed.
 
     With ``refine`` > 0 the row ``d2c-alternation`` holds the clustering D2C had before its moves (the best

@@ -56,6 +56,12 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+def _cache_key(entry: str) -> tuple[str, str]:
+    """(adapter fingerprint, task) of a ``"<adapter>|<task>"`` key of the JSON cache."""
+    a, b = entry.split("|", 1)
+    return a, b
+
+
 class Scorer:
     """``score(lora | None, tasks) -> {task: {"exact": [0/1 per example], "ll": [nats per token]}}``.
 
@@ -89,7 +95,7 @@ class Scorer:
         self.cache_path = Path(path)
         if self.cache_path.exists():
             for k, v in json.loads(self.cache_path.read_text()).items():
-                self.cache[tuple(k.split("|", 1))] = v
+                self.cache[_cache_key(k)] = v
 
     def save(self) -> None:
         """Write the cache, keeping entries another run (an eval beside a ``d2c``) saved meanwhile."""
@@ -102,7 +108,7 @@ class Scorer:
             for k, v in on_disk.items():
                 if k not in entries:
                     entries[k] = v
-                    self.cache[tuple(k.split("|", 1))] = v
+                    self.cache[_cache_key(k)] = v
             tmp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")  # one per process
             tmp.write_text(json.dumps(entries))
             tmp.replace(self.cache_path)
