@@ -15,8 +15,10 @@ adapter on the GPU. Rows, all on the same GPU:
 - SVD merge of k = 2 and k = 8 adapters (weights 1/k) into rank 32:
   ``peft dense SVD`` (``bench_merge.peft_dense_svd_merge``: dense dW per module,
   full ``torch.linalg.svd``; timed once after a one-module warm-up, with
-  ``torch.cuda.synchronize``), ``kf reference`` (torch QR + SVD per module) and
-  ``kf triton`` (float64 Grams, batched eigh, one rebuild launch);
+  ``torch.cuda.synchronize``), ``kf reference`` (torch QR + SVD per module),
+  ``kf triton`` (float64 Grams on the GPU, their R x R algebra on the host's
+  cores in C++, one rebuild launch) and ``kf triton, algebra on GPU`` (the
+  same with ``HOST_ALGEBRA = False``: batched torch.linalg on the GPU);
 - cosine similarity of 1 newcomer vs 8 stored adapters: ``dense float32``
   (``bench_similarity.dense_similarity``), ``kf reference`` and ``kf triton``,
   cold (every norm recomputed) and warm (the stored adapters' norms cached).
@@ -148,12 +150,22 @@ def merge_rows(k: int, dtype: torch.dtype, quick: bool, device, peaks: dict, che
     def merge():
         return kf.merge(loras, weights, method="svd", rank=RANK)
 
+    def merge_algebra_on_gpu():
+        from kmerge_fast.ops.backend import triton as triton_backend
+
+        triton_backend.HOST_ALGEBRA = False
+        try:
+            return merge()
+        finally:
+            triton_backend.HOST_ALGEBRA = True
+
     timed = {b: run_backend(b, merge) for b in ("reference", "triton")}
+    timed["triton, algebra on GPU"] = run_backend("triton", merge_algebra_on_gpu)
     flops = cpp_merge_flops(shapes, k * RANK, RANK)
     nbytes = 2 * factor_bytes(shapes, k * RANK, dtype) + factor_bytes(shapes, RANK, dtype)
     t_tr = timed["triton"][0] if isinstance(timed["triton"][0], float) else None
     rows = [[case, dt, dense_label, dense_ms, 1.0, None, None, None, None, None]]
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "triton, algebra on GPU"):
         ms, merged = timed[backend]
         if not isinstance(ms, float):
             rows.append([case, dt, f"kf {backend}", ms, "n/a", None, None, None, None, None])

@@ -505,6 +505,37 @@ py::list max_abs(py::handle mats, int threads) {
     return to_list(run_mats(mats, threads, "max_abs mat", [&](const auto& p) { return kmf::max_abs(p, threads); }));
 }
 
+py::list gram_svd(std::uintptr_t gb_ptr, std::uintptr_t ga_ptr, std::uintptr_t tb_ptr, std::uintptr_t ta_ptr,
+                   std::int64_t n, std::int64_t big_r, std::int64_t rank, int threads) {
+    check_threads(threads);
+    if (n < 0) fail("n: must be >= 0, got " + std::to_string(n));
+    if (big_r < 0 || big_r > (std::int64_t(1) << 16)) fail("big_r: must be in [0, 65536], got " + std::to_string(big_r));
+    if (rank < 1) fail("rank: must be >= 1, got " + std::to_string(rank));
+    std::vector<kmf::GramSvdTask> tasks(static_cast<std::size_t>(n));
+    std::vector<double> sigma2(static_cast<std::size_t>(n * rank));
+    if (n > 0 && big_r > 0) {
+        const double* gb = f64_buffer(gb_ptr, "gb_ptr");
+        const double* ga = f64_buffer(ga_ptr, "ga_ptr");
+        double* tb = f64_buffer(tb_ptr, "tb_ptr");
+        double* ta = f64_buffer(ta_ptr, "ta_ptr");
+        for (std::int64_t i = 0; i < n; ++i) {
+            kmf::GramSvdTask& t = tasks[static_cast<std::size_t>(i)];
+            t.gb = gb + i * big_r * big_r, t.ga = ga + i * big_r * big_r, t.big_r = big_r;
+            t.t_b = tb + i * big_r * rank, t.t_a = ta + i * big_r * rank;
+            t.sigma2 = sigma2.data() + i * rank;
+        }
+    } else {
+        for (kmf::GramSvdTask& t : tasks) t.sigma2 = sigma2.data();  // R = 0: nothing to read or write
+    }
+    {
+        py::gil_scoped_release release;
+        if (big_r > 0) kmf::gram_svd(tasks, rank, threads);
+    }
+    std::vector<int> routes;
+    for (const kmf::GramSvdTask& t : tasks) routes.push_back(big_r > 0 ? t.route : kmf::kRouteCholesky);
+    return to_list(routes);
+}
+
 int sym_eig(std::uintptr_t a_ptr, std::int64_t n, std::int64_t k, std::uintptr_t w_ptr, std::uintptr_t v_ptr) {
     if (n < 0 || n > (std::int64_t(1) << 16)) fail("n: must be in [0, 65536], got " + std::to_string(n));
     if (k < 0 || k > n) fail("k: must be in [0, n], got " + std::to_string(k));
@@ -603,6 +634,14 @@ PYBIND11_MODULE(_C, m) {
           "(Cholesky route, else eigen route), rebuilt in float64 and rounded to the outputs' dtypes.\n"
           "Returns per task the route: 0 Cholesky, 1 eigen (Ga numerically singular or ill conditioned),\n"
           "2 failed (non-finite Grams or an eigenproblem that did not converge: outputs left unwritten).");
+    m.def("gram_svd", &gram_svd, py::arg("gb_ptr"), py::arg("ga_ptr"), py::arg("tb_ptr"), py::arg("ta_ptr"),
+          py::arg("n"), py::arg("big_r"), py::arg("rank"), py::arg("threads") = 0,
+          "gram_svd(gb_ptr, ga_ptr, tb_ptr, ta_ptr, n, big_r, rank, threads=0) -> list[int]\n\n"
+          "The R x R algebra of truncate alone, for Grams formed elsewhere: gb, ga are n contiguous float64\n"
+          "R x R matrices (Gb = B^T B, Ga = A A^T, symmetric, row-major); writes the transforms T_B, T_A\n"
+          "(n contiguous float64 R x rank, row-major) so that B' = B T_B = U_r S_r and A'^T = A^T T_A = V_r.\n"
+          "One module per thread. Returns per module the route: 0 Cholesky, 1 eigen, 2 failed (non-finite\n"
+          "Grams or an eigenproblem that did not converge: that module's T_B, T_A are unspecified).");
     m.def("sym_eig", &sym_eig, py::arg("a_ptr"), py::arg("n"), py::arg("k"), py::arg("w_ptr"), py::arg("v_ptr"),
           "sym_eig(a_ptr, n, k, w_ptr, v_ptr) -> int\n\n"
           "The k largest eigenvalues (descending, into w: k float64) and unit eigenvectors (into v: n x k\n"

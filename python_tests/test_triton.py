@@ -84,6 +84,23 @@ def triton_backend():
         yield "triton"
 
 
+@pytest.fixture(params=["host", "device"])
+def algebra(request, monkeypatch):
+    """Where truncation's R x R algebra runs (``HOST_ALGEBRA``): the C++ core on the host's threads (the default
+    where it is built), or torch.linalg on the Grams' device; checks that the chosen one ran."""
+    from kmerge_fast.ops.backend import cpp
+
+    if request.param == "host" and cpp.unavailable_reason():
+        pytest.skip(cpp.unavailable_reason())
+    monkeypatch.setattr(TRITON, "HOST_ALGEBRA", request.param == "host")
+    calls = []
+    for module, name in ((cpp, "core_transforms_on_host"), (TRITON, "core_transforms")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    yield request.param
+    assert set(calls) == {"core_transforms_on_host" if request.param == "host" else "core_transforms"}, calls
+
+
 # ---------------------------------------------------- the other backends' cases
 def _similarity_cases():
     """Every (dtype, shapes, rank, metric); the interpreter runs the subset that still
@@ -155,7 +172,7 @@ def test_svd_is_optimal(triton_backend, dtype, shapes, rank, k, target):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-def test_rank_deficient_one_and_truncate(triton_backend, dtype):
+def test_rank_deficient_one_and_truncate(triton_backend, dtype, algebra):
     merge_cases.rank_deficient_stacks(triton_backend, dtype)
     merge_cases.merge_one_with_weight_one_returns_it(triton_backend, dtype)
     merge_cases.truncate(triton_backend, dtype)
@@ -344,7 +361,7 @@ def test_float64_dots_read_float32_copies_of_half_factors(triton_backend, dtype,
     assert a.dtype == b.dtype == dtype
 
 
-def test_truncate_matches_reference_on_many_modules_of_two_stacked_ranks(triton_backend):
+def test_truncate_matches_reference_on_many_modules_of_two_stacked_ranks(triton_backend, algebra):
     shapes = {f"layers.{i}.{p}": (24 + 3 * i, 16 + i) for i in range(6) for p in ("q", "v")}
     loras = [random_lora(shapes, 3, seed=s) for s in range(3)] + [random_lora({"layers.0.q": (24, 16)}, 1, seed=9)]
     weights = [0.5, -1.0, 0.25, 2.0]

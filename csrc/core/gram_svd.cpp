@@ -203,4 +203,10 @@ void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk) {
     }
 }
 
+void gram_svd(std::vector<GramSvdTask>& tasks, std::int64_t rank, int threads) {
+    const std::int64_t n = static_cast<std::int64_t>(tasks.size());
+    std::vector<GramSvdWork> work(static_cast<std::size_t>(num_workers(threads, n)));
+    parallel_for(n, threads, [&](std::int64_t i, int w) { gram_svd_one(tasks[static_cast<std::size_t>(i)], rank, work[static_cast<std::size_t>(w)]); });
+}
+
 }  // namespace kmf

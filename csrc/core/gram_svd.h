@@ -62,4 +62,10 @@ struct GramSvdWork {
 /// One module, on the calling thread; sets t.route.
 void gram_svd_one(GramSvdTask& t, std::int64_t rank, GramSvdWork& wk);
 
+/// Many modules, one per worker (`threads` 0: all hardware threads); sets
+/// every task's route. For Grams formed elsewhere (the GPU's): the host's
+/// cores solve many small eigenproblems at once, where a GPU solver runs them
+/// one after another.
+void gram_svd(std::vector<GramSvdTask>& tasks, std::int64_t rank, int threads);
+
 }  // namespace kmf

@@ -221,6 +221,27 @@ def _truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     return out
 
 
+def core_transforms_on_host(g_b: torch.Tensor, g_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ops.numerics.gram_svd.core_transforms` in C++ on the host's threads, one module per thread.
+
+    g_b, g_a: (batch, R, R) float64 Grams Gb = B^T B, Ga = A A^T on any device
+    (copied to the CPU); returns (T_B, T_A), each (batch, R, rank) float64 on
+    the CPU, zero beyond the stacked rank. For Grams formed on a GPU: its
+    batched eigensolver runs the small matrices one after another, the
+    host's cores take one each. Modules the C++ algebra cannot settle take the
+    torch algebra, as in :func:`truncate`.
+    """
+    g_b = g_b.detach().to("cpu", torch.float64).contiguous()
+    g_a = g_a.detach().to("cpu", torch.float64).contiguous()
+    n, big_r = g_b.shape[0], g_b.shape[-1]
+    t_b, t_a = torch.zeros(n, big_r, rank, dtype=torch.float64), torch.zeros(n, big_r, rank, dtype=torch.float64)
+    routes = _C.gram_svd(g_b.data_ptr(), g_a.data_ptr(), t_b.data_ptr(), t_a.data_ptr(), n, big_r, rank, 0)
+    failed = torch.tensor([route == ROUTE_FAILED for route in routes], dtype=torch.bool)
+    if bool(failed.any()):
+        t_b[failed], t_a[failed] = core_transforms(g_b[failed], g_a[failed], rank)
+    return t_b, t_a
+
+
 def _truncate_with_torch_algebra(factors: list[Factor], rank: int, new_a: torch.Tensor, new_b: torch.Tensor) -> None:
     """``truncate`` of one module with the R x R algebra of ``ops/numerics/gram_svd.py`` (torch.linalg),
     into new_a / new_b."""

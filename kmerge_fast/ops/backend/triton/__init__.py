@@ -30,8 +30,10 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
   batches compute each pair once.
 - ``truncate``: float64 Grams Gb = B^T B, Ga = A A^T of the stacks (block
   pairs i <= j, mirrored), the R x R core algebra of the C++ backend
-  (``ops/numerics/gram_svd.py``: batched Cholesky and ``torch.linalg.eigh`` in float64
-  on the device, grouped by stacked rank), then one launch rebuilds every B' =
+  (grouped by stacked rank; on the host's cores with the C++ core of the cpp
+  backend when it is built, else ``ops/numerics/gram_svd.py``'s batched
+  Cholesky and ``torch.linalg.eigh`` in float64 on the device: ``HOST_ALGEBRA``),
+  then one launch rebuilds every B' =
   [c_i B_i] T_B and A'^T = [A_i^T] T_A (float64 accumulation, one rounding
   to the output dtype).
 - ``stack``: one copy launch for every block of every module.
@@ -445,6 +447,27 @@ def truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     return scaling.truncate(batch, rank, dtype, _truncate, max_abs)
 
 
+#: Where ``truncate`` solves its R x R algebra: True (default) on the host's cores with the C++ core when it
+#: is built, else (or False) with torch.linalg on the Grams' device.
+HOST_ALGEBRA = True
+
+
+def _core_transforms(g_b: torch.Tensor, g_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_B, T_A) from the float64 Grams (batch, R, R), on the host or on the Grams' device (``HOST_ALGEBRA``).
+
+    Why the host: torch.linalg.eigh on CUDA solves a batch of small matrices
+    one after another (cuSOLVER); it took 336 of the ~425 ms of a merge of 8
+    (64 modules, R = 256) on an H200, where the host's C++ core takes one
+    module per core. The Grams cross PCIe once (2 x 64 x 512 KiB for that
+    merge), the transforms once back (R x r each).
+    """
+    from .. import cpp
+
+    if HOST_ALGEBRA and cpp.unavailable_reason() is None:
+        return cpp.core_transforms_on_host(g_b, g_a, rank)
+    return core_transforms(g_b, g_a, rank)
+
+
 def _truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
     if not batch:
         return []
@@ -482,11 +505,11 @@ def _truncate(batch: FactorBatch, rank: int, dtype: torch.dtype) -> list[Pair]:
                 items.append(_pair_item(descs[i], descs[j], tail, float(x.coef) * float(y.coef)))
     _run_pairs(items, in_dtype, device, None, store=True, precise=True)
 
-    # 2. The R x R algebra in float64 on the device, batched over modules of equal R.
+    # 2. The R x R algebra in float64, batched over modules of equal R (see ``_core_transforms``).
     transforms = {}
     for big_r, idx in by_rank.items():
-        t_b, t_a = core_transforms(*grams[big_r], rank)
-        transforms[big_r] = (t_b.contiguous(), t_a.contiguous())
+        t_b, t_a = _core_transforms(*grams[big_r], rank)
+        transforms[big_r] = (t_b.to(device).contiguous(), t_a.to(device).contiguous())
 
     # 3. Rebuild: B' = [c_i B_i] T_B and A'^T = [A_i^T] T_A, one launch per layout class.
     groups = defaultdict(lambda: ([], [], []))  # (layout, aligned) -> (items, blocks, block coefs)
