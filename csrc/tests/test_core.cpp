@@ -946,10 +946,65 @@ struct Test {
     const char* name;
     void (*fn)();
 };
+/// kmf::gram_svd (many modules, one per worker) against gram_svd_one on one thread, bit for bit, with
+/// every route in the batch: random stacks (Cholesky), half of A zero (eigen), a non-finite Gram (failed).
+void test_gram_svd_batch() {
+    const i64 big_r = g_small ? 6 : 12, rank = 4, n_side = 2 * big_r + 3;
+    const int n = pick(9, 6);
+    std::vector<std::vector<double>> gb(n), ga(n);
+    for (int m = 0; m < n; ++m) {
+        std::vector<double> b(std::size_t(n_side * big_r)), a(std::size_t(big_r * n_side));
+        for (double& v : b) v = uniform();
+        for (double& v : a) v = uniform();
+        if (m % 3 == 1)  // the second half of A is zero: Ga singular (a zero pivot), the eigen route
+            std::fill(a.begin() + big_r / 2 * n_side, a.end(), 0.0);
+        gb[m].assign(std::size_t(big_r * big_r), 0.0), ga[m].assign(std::size_t(big_r * big_r), 0.0);
+        for (i64 i = 0; i < big_r; ++i)
+            for (i64 j = 0; j < big_r; ++j)
+                for (i64 k = 0; k < n_side; ++k) {
+                    gb[m][std::size_t(i * big_r + j)] += b[std::size_t(k * big_r + i)] * b[std::size_t(k * big_r + j)];
+                    ga[m][std::size_t(i * big_r + j)] += a[std::size_t(i * n_side + k)] * a[std::size_t(j * n_side + k)];
+                }
+        if (m % 3 == 2) gb[m][1] = std::numeric_limits<double>::quiet_NaN();
+    }
+    auto solve = [&](bool batched, std::vector<int>& routes) {
+        std::vector<double> out(std::size_t(n * 2 * big_r * rank + n * rank), -7.0);
+        std::vector<kmf::GramSvdTask> tasks(static_cast<std::size_t>(n));
+        for (int m = 0; m < n; ++m) {
+            kmf::GramSvdTask& t = tasks[std::size_t(m)];
+            t.gb = gb[m].data(), t.ga = ga[m].data(), t.big_r = big_r;
+            t.t_b = out.data() + m * 2 * big_r * rank, t.t_a = t.t_b + big_r * rank;
+            t.sigma2 = out.data() + n * 2 * big_r * rank + m * rank;
+        }
+        if (batched) {
+            kmf::gram_svd(tasks, rank, 3);
+        } else {
+            kmf::GramSvdWork wk;
+            for (kmf::GramSvdTask& t : tasks) kmf::gram_svd_one(t, rank, wk);
+        }
+        for (const kmf::GramSvdTask& t : tasks) routes.push_back(t.route);
+        return out;
+    };
+    std::vector<int> seq_routes, par_routes;
+    const std::vector<double> seq = solve(false, seq_routes), par = solve(true, par_routes);
+    for (int m = 0; m < n; ++m) {
+        g_case = fmt("gram_svd batch module %d", m);
+        const int want = m % 3 == 0 ? kmf::kRouteCholesky : m % 3 == 1 ? kmf::kRouteEigen : kmf::kRouteFailed;
+        CHECK(seq_routes[std::size_t(m)] == want && par_routes[std::size_t(m)] == want, "routes %d / %d, want %d",
+              seq_routes[std::size_t(m)], par_routes[std::size_t(m)], want);
+        if (want == kmf::kRouteFailed) continue;  // its transforms are unspecified
+        const i64 base = m * 2 * big_r * rank;
+        for (i64 i = 0; i < 2 * big_r * rank; ++i)
+            CHECK(std::memcmp(&seq[std::size_t(base + i)], &par[std::size_t(base + i)], sizeof(double)) == 0,
+                  "transform entry %lld: %a vs %a", (long long)i, seq[std::size_t(base + i)], par[std::size_t(base + i)]);
+    }
+}
+
 constexpr Test kTests[] = {
     {"dtype", test_dtype},         {"copy", test_copy},           {"finite", test_finite},       {"weighted_sum", test_weighted_sum},
     {"gram", test_gram},           {"apply", test_apply},         {"dense_stats", test_dense_stats}, {"dense_merge", test_dense_merge},
     {"abs_kth", test_abs_kth},     {"sym_eig", test_sym_eig},     {"truncate", test_truncate},
+    {"gram_svd", test_gram_svd_batch},
 };
 
 }  // namespace
