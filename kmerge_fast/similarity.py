@@ -104,7 +104,7 @@ def similarity_matrix(xs: Sequence[LoRA], ys: Sequence[LoRA] | None = None, metr
         x0, y0 = table_x[name][0][1], table_y[name][0][1]
         if x0.shape != y0.shape:
             raise ValueError(f"module {name!r}: xs update {x0.shape} weights but ys {y0.shape} ones")
-    if not names:  # nothing shared: no batch to run, so no device or backend to pick
+    if not names:  # nothing shared: nothing to compute
         per_module = []
     elif metric in ("cos", "l2"):
         per_module = _gram_similarities(table_x, table_y, names, metric, symmetric)

@@ -74,3 +74,24 @@ def test_import_survives_missing_extension():
 def test_ci_tests_the_compiled_core():
     """In CI a missing extension would silently reduce the suite to the reference."""
     assert "cpp" in kf.backends(), ops.unavailable_reasons()
+
+
+def test_empty_batches_need_no_backend_whatever_is_forced(monkeypatch):
+    """An empty batch has no device for the rules to judge: every op returns its empty result even where the
+    forced backend refuses the CPU (as a forced triton does on a CUDA machine), and a real batch still fails."""
+    from kmerge_fast.ops.numerics.elementwise import SUM
+
+    module = ops._load("cpp")
+    if isinstance(module, str):
+        module = ops._load("reference")
+    monkeypatch.setattr(module, "unsupported_reason", lambda device, dtype: f"refuses {device}")
+    with kf.use_backend(module.NAME):
+        assert ops.inner_products([]) == [] and ops.inner_products([], precise=True) == []
+        assert ops.diff_stats([]).shape == (0, 2)
+        assert ops.stack([], torch.float16) == [] and ops.truncate([], 4, torch.bfloat16) == []
+        assert ops.abs_kth([]) == [] and ops.weighted_sum([], torch.float32) == []
+        assert ops.dense_combine([], SUM) == [] and ops.max_abs([]) == []
+        assert ops.backend_name([]) == "reference"
+        x = ops.Factor(torch.randn(2, 5), torch.randn(4, 2), 1.0)
+        with pytest.raises(kf.BackendError, match=f"'{module.NAME}' was forced but cannot run"):
+            ops.inner_products([([x], [x])])

@@ -16,7 +16,9 @@ ops here (``ops.truncate(batch, rank, dtype)``, ``ops.inner_products(...)``,
    forced only) runs.
 3. Fallback: a batch the selected backend cannot run whole (another dtype
    among its tensors, or an output dtype it does not produce: Triton with
-   float64) runs on the reference backend, whatever was forced.
+   float64) runs on the reference backend, whatever was forced; so does an
+   empty batch (no tensor, so no device to judge; the op returns its empty
+   result).
 
 ``all_finite`` is validation, not a merge op: it runs the C++ bit test on
 the CPU tensors that backend takes whatever is forced, torch on the rest.
@@ -111,7 +113,7 @@ def select(device: torch.device, dtype: torch.dtype) -> Backend:
 
 
 def _backend(tensors: Iterable[torch.Tensor], out_dtype: torch.dtype | None = None) -> Backend:
-    """The backend for a batch holding ``tensors`` (and producing ``out_dtype``): rules 1-3."""
+    """The backend for a batch holding ``tensors`` (and producing ``out_dtype``): rules 1-3 (3: empty batches too)."""
     device, dtypes = None, {}
     for t in tensors:
         if device is None:
@@ -119,10 +121,13 @@ def _backend(tensors: Iterable[torch.Tensor], out_dtype: torch.dtype | None = No
         elif t.device != device:
             raise ValueError(f"factors live on different devices ({device} and {t.device})")
         dtypes.setdefault(t.dtype, None)
+    if device is None:
+        # An empty batch computes nothing, so it has no device for the rules to judge (a forced GPU backend
+        # would refuse the CPU default): the reference returns the op's empty result, whatever is forced.
+        return _load("reference")
     if out_dtype is not None:
         dtypes.setdefault(out_dtype, None)
-    dtypes = list(dtypes) or [torch.float32]
-    device = device or torch.device("cpu")
+    dtypes = list(dtypes)
     module = select(device, dtypes[0])
     if any(module.unsupported_reason(device, dtype) for dtype in dtypes[1:]):
         return _load("reference")
