@@ -447,3 +447,30 @@ def test_magnitude_k_on_gpu(triton_backend):
     tau = TRITON.abs_kth([(f, k)])[0]
     kept = TRITON.dense_combine([([f], [1.0], [Keep(MAGNITUDE, tau=tau)])], SUM)[0] != 0
     assert int(kept.sum()) >= k
+
+
+# ------------------------------------------------------------------- max_abs
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_max_abs_matches_torch_exactly(dtype):
+    """The scaling pre-pass's max |t| (max_abs_kernel): bit-equal to torch's, NaN where a tensor holds NaN
+    (compiled maxima drop NaN operands: the kernel tracks it on its own), inf kept, 0.0 for empty tensors;
+    strided views, awkward and multi-tile shapes; 1-D and other devices' tensors go to torch."""
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape):
+        return on_device((torch.randn(*shape, generator=g) * 3).to(dtype))
+
+    nan, inf = t(7, 9), t(40, 3)
+    nan[5, 2] = float("nan")
+    inf[39, 0] = -float("inf")
+    big = t(300, 70)
+    tensors = [t(1, 1), t(3, 300), t(257, 5), t(64, 32).T, big[::3, 1::2], nan, inf, t(0, 5),
+               on_device(torch.zeros(16, 16, dtype=dtype)), t(11), t(5, 6)]
+    tensors[-1][4, 5] = 1e4 if dtype != torch.float16 else 6e4  # the peak in the last tile
+    got = TRITON.max_abs(tensors)
+    want = [float(x.abs().amax()) if x.numel() else 0.0 for x in tensors]
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (math.isnan(a) and math.isnan(b)) or a == b, (i, a, b)
+    assert math.isnan(got[5]) and got[6] == math.inf and got[7] == 0.0
+    assert TRITON.max_abs([]) == []

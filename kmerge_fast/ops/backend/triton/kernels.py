@@ -323,6 +323,34 @@ def copy_kernel(itab, ftab, DT: tl.constexpr, OUT_DT: tl.constexpr, BM: tl.const
                  _cast_out(x.to(tl.float32) * coef, OUT_DT), mask=m)
 
 
+@triton.jit
+def max_abs_kernel(itab, out_ptr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """max |x| of one 2-D matrix per program, in float32 (exact: abs and max do not round); NaN
+    when the matrix holds NaN (tracked on its own: a compiled maximum drops NaN operands).
+
+    Row: 0 address, 1 rows, 2 cols, 3 / 4 strides. Grid: (items,).
+    """
+    pid = tl.program_id(0)
+    row = itab + pid.to(tl.int64) * 5
+    src = tl.load(row + 0).to(tl.pointer_type(DT))
+    rows = tl.load(row + 1)
+    cols = tl.load(row + 2)
+    s0 = tl.load(row + 3)
+    s1 = tl.load(row + 4)
+    n_tn = (cols + BN - 1) // BN
+    n_tiles = (rows + BM - 1) // BM * n_tn
+    peak = tl.full((BM, BN), 0, tl.float32)
+    nan = tl.full((BM, BN), 0, tl.int32)
+    for t in range(0, n_tiles):
+        ri = (t // n_tn) * BM + tl.arange(0, BM)
+        ci = (t % n_tn) * BN + tl.arange(0, BN)
+        m = (ri[:, None] < rows) & (ci[None, :] < cols)
+        x = tl.load(src + ri[:, None] * s0 + ci[None, :] * s1, mask=m, other=0.0).to(tl.float32)
+        peak = tl.maximum(peak, tl.abs(x))
+        nan = tl.maximum(nan, (x != x).to(tl.int32))
+    tl.store(out_ptr + pid, tl.where(tl.max(nan) > 0, float("nan"), tl.max(peak)))
+
+
 # ------------------------------------------------------------------- dense
 @triton.jit
 def _kept_term(tab, ftab, t, rows, cols, mr, mc, n_in,
