@@ -37,6 +37,8 @@ of an int64 table of addresses, sizes and strides, see ``kernels.py``):
   [c_i B_i] T_B and A'^T = [A_i^T] T_A (float64 accumulation, one rounding
   to the output dtype).
 - ``stack``: one copy launch for every block of every module.
+- ``max_abs`` (every op's scaling pre-pass): one program per 2-D factor, one
+  launch per dtype and tile shape; NaN tracked apart from the maximum.
 - ``diff_stats``: tiles of dW_x - dW_y are formed in registers (each term on
   its own, so identical updates cancel exactly), reduced to partial sums and
   maxima per (pair, split); dW is never written to memory.
