@@ -511,28 +511,25 @@ py::list gram_svd(std::uintptr_t gb_ptr, std::uintptr_t ga_ptr, std::uintptr_t t
     if (n < 0) fail("n: must be >= 0, got " + std::to_string(n));
     if (big_r < 0 || big_r > (std::int64_t(1) << 16)) fail("big_r: must be in [0, 65536], got " + std::to_string(big_r));
     if (rank < 1) fail("rank: must be >= 1, got " + std::to_string(rank));
+    if (n == 0 || big_r == 0) return to_list(std::vector<int>(static_cast<std::size_t>(n), kmf::kRouteCholesky));
     std::vector<kmf::GramSvdTask> tasks(static_cast<std::size_t>(n));
     std::vector<double> sigma2(static_cast<std::size_t>(n * rank));
-    if (n > 0 && big_r > 0) {
-        const double* gb = f64_buffer(gb_ptr, "gb_ptr");
-        const double* ga = f64_buffer(ga_ptr, "ga_ptr");
-        double* tb = f64_buffer(tb_ptr, "tb_ptr");
-        double* ta = f64_buffer(ta_ptr, "ta_ptr");
-        for (std::int64_t i = 0; i < n; ++i) {
-            kmf::GramSvdTask& t = tasks[static_cast<std::size_t>(i)];
-            t.gb = gb + i * big_r * big_r, t.ga = ga + i * big_r * big_r, t.big_r = big_r;
-            t.t_b = tb + i * big_r * rank, t.t_a = ta + i * big_r * rank;
-            t.sigma2 = sigma2.data() + i * rank;
-        }
-    } else {
-        for (kmf::GramSvdTask& t : tasks) t.sigma2 = sigma2.data();  // R = 0: nothing to read or write
+    const double* gb = f64_buffer(gb_ptr, "gb_ptr");
+    const double* ga = f64_buffer(ga_ptr, "ga_ptr");
+    double* tb = f64_buffer(tb_ptr, "tb_ptr");
+    double* ta = f64_buffer(ta_ptr, "ta_ptr");
+    for (std::int64_t i = 0; i < n; ++i) {
+        kmf::GramSvdTask& t = tasks[static_cast<std::size_t>(i)];
+        t.gb = gb + i * big_r * big_r, t.ga = ga + i * big_r * big_r, t.big_r = big_r;
+        t.t_b = tb + i * big_r * rank, t.t_a = ta + i * big_r * rank;
+        t.sigma2 = sigma2.data() + i * rank;
     }
     {
         py::gil_scoped_release release;
-        if (big_r > 0) kmf::gram_svd(tasks, rank, threads);
+        kmf::gram_svd(tasks, rank, threads);
     }
     std::vector<int> routes;
-    for (const kmf::GramSvdTask& t : tasks) routes.push_back(big_r > 0 ? t.route : kmf::kRouteCholesky);
+    for (const kmf::GramSvdTask& t : tasks) routes.push_back(t.route);
     return to_list(routes);
 }
 
