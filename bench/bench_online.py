@@ -188,7 +188,7 @@ def run_in_memory(folders: list[Path], tasks: list[str], budget: int, mode: str)
         steps.append((seconds, slot, merger.history[-1].action, list(merger.history[-1].similarities)))
     errs, best = [], []
     for slot, tasks_in in zip(merger.slots, merger.members):
-        if len(tasks_in) < 2 or mode == "iso":  # iso serves a flattened spectrum on purpose: no average to match
+        if len(tasks_in) < 2 or mode in ("iso", "isonorm"):  # a flattened spectrum on purpose: no average to match
             continue
         num = den = tail = 0.0
         c = kf.online.slot_scale(mode, len(tasks_in))     # the slot's target is c_n * sum_i dW_i
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
         _, pub_peak, _ = h.peak_call(lambda: box.update(pub=run_published(folders, tasks, k, tmp / "published")))
         print(f"[bench_online] published done: {step_stats(box['pub'])['total']:.1f} s", flush=True)
         modes = {}
-        for mode in ("faithful", "exact", "iso", "rms"):
+        for mode in ("faithful", "exact", "iso", "isonorm", "rms"):
             modes[mode] = run_in_memory(folders, tasks, k, mode)
             print(f"[bench_online] in-memory {mode} done: {step_stats(modes[mode])['total']:.1f} s", flush=True)
 

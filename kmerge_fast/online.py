@@ -44,6 +44,12 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
   continues the exact average and flattens anew. Equalising the directions
   keeps the weaker tasks of a shared slot from being drowned by the
   dominant ones (see README, "Quality").
+- ``isonorm``: ``iso``'s flat running average, served per module at the
+  members' mean norm, ||dW_slot||_F = (1/n) sum_i ||dW_i||_F (the size of
+  one task's update, as OPCM's rescaling keeps it), where ``iso`` serves the
+  average's norm, which shrinks as the members disagree (1/sqrt(n) of a task's
+  for n orthogonal updates of one size). The slot keeps S and that mean
+  (``extra.norms``).
 - ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
   as in ``exact``. For members with orthogonal updates of equal norm the slot
   keeps a member's norm, where the average shrinks each task's update to 1/n.
@@ -115,8 +121,8 @@ class OnlineMerger:
         similarity: ``"cos"`` (default, published), ``"l2"``, ``"l1"`` or ``"linf"``.
         threshold: K-Merge++'s similarity threshold (``kmerge++`` only): a number, or
             ``"auto"`` (default) for :func:`width_threshold` of each newcomer.
-        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"rms"`` or ``"sum"`` for the running-average
-            strategies (module docstring); default :data:`DEFAULT_MODE`.
+        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"isonorm"``, ``"rms"`` or ``"sum"`` for the
+            running-average strategies (module docstring); default :data:`DEFAULT_MODE`.
         store: a folder to keep the state in (created; must not hold a store
             yet - use :meth:`open` to resume one). None: in memory only.
         seed: seeds ``random``'s slot choice and DARE's masks (per step, so a

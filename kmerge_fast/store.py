@@ -626,14 +626,18 @@ def _validate_formats(settings: dict, fail, exact_keys) -> tuple[str, ...]:
 
 def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: int, rank: int, fail) -> None:
     """A slot's strategy state: ``group`` (the oracle's, always and only there), ``opcm`` (OPCM's, per module),
-    ``spectrum`` (mode ``iso``'s, per module: ``rank`` singular values; in every slot of two tasks or more)."""
+    ``spectrum`` (modes ``iso`` and ``isonorm``, per module: ``rank`` singular values) and ``norms`` (mode
+    ``isonorm``, per module: the members' mean norm); the last two in every slot of two tasks or more."""
     if not isinstance(extra, dict):
         fail(f, f"expected an object, got {_show(extra)}")
     for key in extra:
-        if key not in ("group", "opcm", "spectrum"):
+        if key not in ("group", "opcm", "spectrum", "norms"):
             fail(f"{f}.{key}", "unknown field")
-    if ("spectrum" in extra) != (mode == "iso" and n_tasks > 1):
-        fail(f + ".spectrum", "held by the slots of two tasks or more in mode 'iso', always and only")
+    merged = n_tasks > 1
+    if ("spectrum" in extra) != (mode in ("iso", "isonorm") and merged):
+        fail(f + ".spectrum", "held by the slots of two tasks or more in modes 'iso' and 'isonorm', always and only")
+    if ("norms" in extra) != (mode == "isonorm" and merged):
+        fail(f + ".norms", "held by the slots of two tasks or more in mode 'isonorm', always and only")
     if "spectrum" in extra:
         spectrum = extra["spectrum"]
         if not isinstance(spectrum, dict) or not spectrum:
@@ -642,6 +646,13 @@ def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: in
             if not isinstance(values, list) or len(values) != rank or \
                     not all(_is_finite(v) and v >= 0 for v in values):
                 fail(f"{f}.spectrum[{name!r}]", f"expected {rank} finite numbers >= 0, got {_show(values)}")
+    if "norms" in extra:
+        norms = extra["norms"]
+        if not isinstance(norms, dict) or sorted(norms) != sorted(extra["spectrum"]):
+            fail(f + ".norms", f"expected an object with the modules of .spectrum, got {_show(norms)}")
+        for name, value in norms.items():
+            if not _is_finite(value) or value < 0:
+                fail(f"{f}.norms[{name!r}]", f"expected a finite number >= 0, got {_show(value)}")
     if ("group" in extra) != (strategy == "oracle"):
         fail(f + ".group", "held by the slots of the 'oracle' strategy, always and only")
     group = extra.get("group")

@@ -5,7 +5,7 @@ slot of a newcomer (a free one, or a slot to merge into), its **combiner**
 merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
-``opcm``: the OPCM combiner's; ``spectrum``: the iso combiner's). The store persists the strategy's name and
+``opcm``: the OPCM combiner's; ``spectrum``: the iso and isonorm combiners'; ``norms``: isonorm's). The store persists the strategy's name and
 the mode; the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
@@ -17,7 +17,7 @@ Routers (:data:`ROUTERS`):
   newcomer's group, else the most similar.
 
 Combiners (:data:`COMBINERS`): the running averages named by the modes
-(``faithful``; ``exact``, ``iso``, ``rms``, ``sum``), peft's baselines (``linear``,
+(``faithful``; ``exact``, ``iso``, ``isonorm``, ``rms``, ``sum``), peft's baselines (``linear``,
 ``ties``, ``dare_linear``, ``dare_ties``) and ``opcm``. A row whose combiner
 is None takes the running average of the merger's mode.
 
@@ -25,7 +25,7 @@ A new strategy is one class (a :class:`Router` or :class:`Combiner`
 subclass with a ``name``), registered once with :func:`add_strategy`. The
 store's manifest check (``store._validate_extra``) knows the built-in state
 fields by strategy name or mode (``group``: ``oracle``; ``opcm``: ``opcm``;
-``spectrum``: mode ``iso``): a new part that keeps per-slot state needs its
+``spectrum``: modes ``iso`` and ``isonorm``; ``norms``: ``isonorm``): a new part that keeps per-slot state needs its
 field added there.
 """
 
@@ -42,9 +42,10 @@ import torch
 from .lora import LoRA, LoRAModule
 from .merge import merge
 from .opcm import opcm_step
+from .ops import Factor, inner_products
 
 #: The running-average modes; each names a combiner.
-MODES = ("faithful", "exact", "iso", "rms", "sum")
+MODES = ("faithful", "exact", "iso", "isonorm", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
 DEFAULT_MODE = "iso"
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
@@ -73,7 +74,7 @@ def threshold_for(threshold: float | str, lora: LoRA) -> float:
 def slot_scale(mode: str, n: int) -> float:
     """c_n: a slot of n tasks holds c_n * sum_i dW_i (``faithful`` aims at the average, as ``exact``).
 
-    1/n for ``exact``, ``iso`` (before its spectrum is flattened) and
+    1/n for ``exact``, ``iso`` and ``isonorm`` (before the spectrum is flattened) and
     ``faithful``, 1/sqrt(n) for ``rms``, 1 for ``sum``.
     """
     if mode == "rms":
@@ -383,26 +384,35 @@ def _columns_to(lora: LoRA, norms_for: Callable[[str, torch.Tensor], torch.Tenso
     return LoRA(modules, lora.config)
 
 
-def isotropic(lora: LoRA) -> tuple[LoRA, dict[str, list[float]]]:
+def isotropic(lora: LoRA, norms: dict[str, float] | None = None) -> tuple[LoRA, dict[str, list[float]]]:
     """Flatten each module's spectrum: (the isotropic adapter, the singular values it replaced).
 
     For a module with orthonormal rows of A (as :func:`kmerge_fast.merge`'s ``svd``
     method returns: dW = s B A = s U S V^T with B = U S), every nonzero column
-    j of B is rescaled from its norm S_j to sigma = sqrt(mean_j S_j^2) (mean over
-    the nonzero columns), so dW becomes sigma s U V^T: the same Frobenius norm,
-    every direction of the merge equally strong (isotropic merging, after
-    Marczak et al., 2025, "No Task Left Behind"). Shapes, dtypes, scalings and
-    config are kept; the norms are accumulated in float64.
+    j of B is rescaled from its norm S_j to one value sigma, so dW becomes
+    sigma s U V^T: every direction of the merge equally strong (isotropic
+    merging, after Marczak et al., 2025, "No Task Left Behind"). By default
+    sigma = sqrt(mean_j S_j^2) (mean over the nonzero columns): the same
+    Frobenius norm. With ``norms`` (module -> a Frobenius norm N, mode
+    ``isonorm``) sigma = N / (sqrt(r') |s|), r' the nonzero columns: the
+    module is served at norm N. Shapes, dtypes, scalings and config are kept;
+    the norms are accumulated in float64.
 
     Returns the adapter and {module: [S_1, ..., S_r]} (the float64 column norms
     of B before the flattening), which :func:`anisotropic` needs to undo it.
     """
     spectrum = {}
 
-    def flat(name: str, norms: torch.Tensor) -> torch.Tensor:
-        spectrum[name] = norms.tolist()
-        live = norms[norms > 0]
-        return torch.full_like(norms, float(live.square().mean().sqrt()) if live.numel() else 0.0)
+    def flat(name: str, columns: torch.Tensor) -> torch.Tensor:
+        spectrum[name] = columns.tolist()
+        live = columns[columns > 0]
+        if not live.numel():
+            sigma = 0.0
+        elif norms is None:
+            sigma = float(live.square().mean().sqrt())
+        else:
+            sigma = norms[name] / (math.sqrt(live.numel()) * abs(lora.modules[name].scaling))
+        return torch.full_like(columns, sigma)
 
     return _columns_to(lora, flat), spectrum
 
@@ -425,6 +435,13 @@ def anisotropic(lora: LoRA, spectrum: dict[str, list[float]]) -> LoRA:
     return _columns_to(lora, stored)
 
 
+def module_norms(lora: LoRA) -> dict[str, float]:
+    """{module: ||s B A||_F}, in float64 from each module's r x r Grams (one batched kernel call)."""
+    grams = inner_products([([Factor(m.A, m.B, m.scaling)], [Factor(m.A, m.B, m.scaling)])
+                            for m in lora.modules.values()], precise=True)
+    return {name: math.sqrt(max(float(g.sum()), 0.0)) for name, g in zip(lora.modules, grams)}
+
+
 @register
 class Iso(Combiner):
     """``exact``'s running average, served with a flat spectrum (:func:`isotropic`). State: ``spectrum``,
@@ -434,13 +451,35 @@ class Iso(Combiner):
     name = "iso"
     keys = ("spectrum",)
 
-    def combine(self, slot, current, lora, n, task, seed):
+    def average(self, slot: int, current: LoRA, lora: LoRA, n: int) -> LoRA:
+        """The exact running average of the slot's n tasks, truncated to the slot's rank."""
         spectrum = self.states[slot].get("spectrum")
         average = current if spectrum is None else anisotropic(current, spectrum)  # None: one adapter so far
         rank = max(current.ranks.values())
-        merged = merge([average, lora], running_weights(self.name, n), method="svd", rank=rank)
-        served, spectrum = isotropic(merged)
+        return merge([average, lora], running_weights(self.name, n), method="svd", rank=rank)
+
+    def combine(self, slot, current, lora, n, task, seed):
+        served, spectrum = isotropic(self.average(slot, current, lora, n))
         return served, {"spectrum": spectrum}
+
+
+@register
+class IsoNorm(Iso):
+    """``iso``'s flat running average, served per module at the norm of the members' mean update:
+    ||dW_slot||_F = (1/n) sum_i ||dW_i||_F, the size of one task's update (OPCM's rescaling keeps its merge
+    at that size too), where ``iso`` serves the average's norm, which shrinks as the members disagree
+    (to 1/sqrt(n) of it for n orthogonal updates of one size). State: ``spectrum`` (as ``iso``) and
+    ``norms``, that mean per module."""
+
+    name = "isonorm"
+    keys = ("spectrum", "norms")
+
+    def combine(self, slot, current, lora, n, task, seed):
+        before = self.states[slot].get("norms") or module_norms(current)   # None: one adapter so far, its own
+        new = module_norms(lora)
+        norms = {name: before[name] + (new[name] - before[name]) / n for name in new}
+        served, spectrum = isotropic(self.average(slot, current, lora, n), norms)
+        return served, {"spectrum": spectrum, "norms": norms}
 
 
 @register

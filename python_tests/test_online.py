@@ -189,15 +189,40 @@ def test_iso_mode_serves_exact_mode_with_a_flat_spectrum(dtype):
             assert m.A.dtype == dtype and m.B.dtype == dtype
 
 
-def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_isonorm_mode_serves_iso_at_the_members_mean_norm(dtype):
+    """Every isonorm slot is iso's slot (same stream, same slots, same flat subspaces) rescaled per module
+    to the mean over its members of ||dW_i||_F: float64 dense truth of the members and of each served dW."""
+    adapters = family_adapters(9, families=3, rank=3, dtype=dtype)
+    kw = dict(strategy="oracle", oracle=lambda task: int(task[1:]) % 3)
+    norm, iso = kf.OnlineMerger(3, mode="isonorm", **kw), kf.OnlineMerger(3, mode="iso", **kw)
+    for k, lora in enumerate(adapters):
+        norm.add(lora, f"t{k}"), iso.add(lora, f"t{k}")
+    assert norm.members == iso.members and all(len(m) == 3 for m in norm.members)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for served, ref, tasks in zip(norm.slots, iso.slots, norm.members):
+        for name, m in served.modules.items():
+            members = [adapters[int(t[1:])].modules[name].delta(torch.float64) for t in tasks]
+            mean_norm = sum(float(d.norm()) for d in members) / len(members)
+            d_iso = ref.modules[name].delta(torch.float64)
+            assert float(m.delta(torch.float64).norm()) == pytest.approx(mean_norm, rel=tol)
+            # the members disagree, so the average (and iso) is smaller than a member: the rescaling matters
+            assert float(d_iso.norm()) < 0.9 * mean_norm
+            want = d_iso * (mean_norm / float(d_iso.norm()))
+            assert float((m.delta(torch.float64) - want).norm() / want.norm()) < 5 * tol
+            assert m.A.dtype == dtype and m.B.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", ["iso", "isonorm"])
+def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path, mode):
     """The spectrum kept in the manifest lets a reopened store continue exactly as the merger in memory."""
     adapters = family_adapters(8, families=2, rank=3)
-    memory = kf.OnlineMerger(2, mode="iso")
-    with kf.OnlineMerger(2, mode="iso", store=tmp_path / "s") as stored:
+    memory = kf.OnlineMerger(2, mode=mode)
+    with kf.OnlineMerger(2, mode=mode, store=tmp_path / "s") as stored:
         for k, lora in enumerate(adapters[:5]):
             memory.add(lora, f"t{k}"), stored.add(lora, f"t{k}")
     with kf.OnlineMerger.open(tmp_path / "s") as stored:
-        assert stored.mode == "iso"
+        assert stored.mode == mode
         for k, lora in enumerate(adapters[5:], 5):
             memory.add(lora, f"t{k}"), stored.add(lora, f"t{k}")
         assert stored.members == memory.members

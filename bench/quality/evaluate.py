@@ -29,6 +29,7 @@ ONLINE = {
     "kmerge": {"strategy": "kmerge", "mode": "faithful"},
     "kmerge-exact": {"strategy": "kmerge", "mode": "exact"},
     "kmerge-iso": {"strategy": "kmerge", "mode": "iso"},
+    "kmerge-isonorm": {"strategy": "kmerge", "mode": "isonorm"},
     "kmerge-rms": {"strategy": "kmerge", "mode": "rms"},
     "kmerge-sum": {"strategy": "kmerge", "mode": "sum"},
     "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
@@ -50,8 +51,8 @@ GROUPS_FROM = "kmerge-exact"
 TA_LAMBDA = 0.5
 STRATEGIES = tuple(ONLINE) + GROUPED
 #: candidate default modes and the peers each must beat (paired differences in the report)
-CANDIDATES = ("kmerge-iso", "kmerge-exact", "kmerge-rms")
-PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact")
+CANDIDATES = ("kmerge-iso", "kmerge-isonorm", "kmerge-exact", "kmerge-rms")
+PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact", "kmerge-iso")
 
 
 def arrival_orders(tasks: list[str], n: int, seed: int = 0, adversarial: bool = False) -> list[list[str]]:
