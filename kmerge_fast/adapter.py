@@ -69,15 +69,18 @@ class LoRAModule:
     def _norm_key(self, arithmetic: str) -> tuple:
         return (arithmetic, self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version, self.scaling)
 
-    def cached_sq_norm(self, arithmetic: str) -> float | None:
+    def cached_sq_norm(self, arithmetic: str | None) -> float | None:
         """The cached ``||dW||_F^2`` if ``arithmetic`` computed it and the factors did not change since.
 
         ``arithmetic`` names how it was computed (similarity uses
         ``"<backend>/<precise|fast>"``). Keyed that way because l2 distances
         subtract the norms from inner products: both must come from the same
         arithmetic, or an adapter's distance to itself is rounding noise
-        magnified by a square root.
+        magnified by a square root. ``None``: whichever arithmetic computed it
+        (for a use that needs no such agreement).
         """
+        if self._norm_cache is not None and arithmetic is None:
+            arithmetic = self._norm_cache[0][0]
         if self._norm_cache is not None and self._norm_cache[0] == self._norm_key(arithmetic):
             return self._norm_cache[1]
         return None

@@ -5,8 +5,9 @@ slot of a newcomer (a free one, or a slot to merge into), its **combiner**
 merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
-``opcm``: the OPCM combiner's; ``spectrum``: the iso and isonorm combiners'; ``norms``: isonorm's). The store persists the strategy's name and
-the mode; the pair follows from them (:meth:`Strategy.pair`).
+``opcm``: the OPCM combiner's; ``spectrum``: the iso and isonorm combiners';
+``norms``: isonorm's). The store persists the strategy's name and the mode;
+the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
 
@@ -47,7 +48,7 @@ from .ops import Factor, inner_products
 #: The running-average modes; each names a combiner.
 MODES = ("faithful", "exact", "iso", "isonorm", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
-DEFAULT_MODE = "iso"
+DEFAULT_MODE = "isonorm"
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -353,7 +354,8 @@ class Faithful(Combiner):
             self.warned_aligned = True
             warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
                           f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "
-                          "nearly the sum of the updates, not their average (mode='iso', 'exact' or 'rms' does not)",
+                          "nearly the sum of the updates, not their average (modes 'isonorm', 'iso', 'exact' and "
+                          "'rms' do not)",
                           stacklevel=3)
         return merge([current, lora], running_weights(self.name, n), method="linear"), {}
 
@@ -436,10 +438,15 @@ def anisotropic(lora: LoRA, spectrum: dict[str, list[float]]) -> LoRA:
 
 
 def module_norms(lora: LoRA) -> dict[str, float]:
-    """{module: ||s B A||_F}, in float64 from each module's r x r Grams (one batched kernel call)."""
-    grams = inner_products([([Factor(m.A, m.B, m.scaling)], [Factor(m.A, m.B, m.scaling)])
-                            for m in lora.modules.values()], precise=True)
-    return {name: math.sqrt(max(float(g.sum()), 0.0)) for name, g in zip(lora.modules, grams)}
+    """{module: ||s B A||_F}: the squared norm the similarity step cached (the merger routes the newcomer
+    by cosine or l2 first), else from each module's r x r Grams (one batched kernel call for the rest)."""
+    sq = {name: m.cached_sq_norm(None) for name, m in lora.modules.items()}
+    missing = [name for name, v in sq.items() if v is None]
+    if missing:
+        factors = [Factor(m.A, m.B, m.scaling) for m in (lora.modules[name] for name in missing)]
+        grams = inner_products([([f], [f]) for f in factors], precise=True)
+        sq.update({name: float(g.sum()) for name, g in zip(missing, grams)})
+    return {name: math.sqrt(max(v, 0.0)) for name, v in sq.items()}
 
 
 @register
