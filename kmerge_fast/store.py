@@ -635,7 +635,8 @@ def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: in
             fail(f"{f}.{key}", "unknown field")
     merged = n_tasks > 1
     if ("spectrum" in extra) != (mode in ("iso", "isonorm") and merged):
-        fail(f + ".spectrum", "held by the slots of two tasks or more in modes 'iso' and 'isonorm', always and only")
+        fail(f + ".spectrum",
+             "held by the slots of two tasks or more in modes 'iso' and 'isonorm', always and only")
     if ("norms" in extra) != (mode == "isonorm" and merged):
         fail(f + ".norms", "held by the slots of two tasks or more in mode 'isonorm', always and only")
     if "spectrum" in extra:

@@ -26,8 +26,8 @@ A new strategy is one class (a :class:`Router` or :class:`Combiner`
 subclass with a ``name``), registered once with :func:`add_strategy`. The
 store's manifest check (``store._validate_extra``) knows the built-in state
 fields by strategy name or mode (``group``: ``oracle``; ``opcm``: ``opcm``;
-``spectrum``: modes ``iso`` and ``isonorm``; ``norms``: ``isonorm``): a new part that keeps per-slot state needs its
-field added there.
+``spectrum``: modes ``iso`` and ``isonorm``; ``norms``: ``isonorm``): a new
+part that keeps per-slot state needs its field added there.
 """
 
 from __future__ import annotations
