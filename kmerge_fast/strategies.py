@@ -43,7 +43,7 @@ import torch
 from .lora import LoRA, LoRAModule
 from .merge import merge
 from .opcm import opcm_step
-from .ops import Factor, inner_products
+from .similarity import cache_norms
 
 #: The running-average modes; each names a combiner.
 MODES = ("faithful", "exact", "iso", "isonorm", "rms", "sum")
@@ -438,15 +438,10 @@ def anisotropic(lora: LoRA, spectrum: dict[str, list[float]]) -> LoRA:
 
 
 def module_norms(lora: LoRA) -> dict[str, float]:
-    """{module: ||s B A||_F}: the squared norm the similarity step cached (the merger routes the newcomer
-    by cosine or l2 first), else from each module's r x r Grams (one batched kernel call for the rest)."""
-    sq = {name: m.cached_sq_norm(None) for name, m in lora.modules.items()}
-    missing = [name for name, v in sq.items() if v is None]
-    if missing:
-        factors = [Factor(m.A, m.B, m.scaling) for m in (lora.modules[name] for name in missing)]
-        grams = inner_products([([f], [f]) for f in factors], precise=True)
-        sq.update({name: float(g.sum()) for name, g in zip(missing, grams)})
-    return {name: math.sqrt(max(v, 0.0)) for name, v in sq.items()}
+    """{module: ||s B A||_F}, from the squared norms the similarity step caches (:func:`cache_norms`: the
+    merger routed the newcomer by cosine or l2 first, so usually nothing is left to compute)."""
+    cache_norms([lora], "cos")
+    return {name: math.sqrt(max(m.cached_sq_norm(None), 0.0)) for name, m in lora.modules.items()}
 
 
 @register
