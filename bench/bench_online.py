@@ -33,11 +33,11 @@ Paths (rows), each over the whole stream, timed per step with
   ``kf.LoRA.save`` of the slot into a folder (a new slot is saved too).
 - ``kmerge_fast (store, default mode=...)``: the same in the package's default
   mode (``kf.online.DEFAULT_MODE``), when that is not ``faithful``.
-- ``kmerge_fast in-memory, mode=faithful / exact / iso / rms``: ``kf.OnlineMerger(K)``
+- ``kmerge_fast in-memory, mode=faithful / exact / iso / isonorm / rms``: ``kf.OnlineMerger(K)``
   without a store; the load is not timed, only ``add``. They measure how far
   each slot is from its target c_n sum_i dW_i (the running average for
-  faithful and exact, ``kf.online.slot_scale``; none for iso, which serves
-  the average with a flattened spectrum on purpose):
+  faithful and exact, ``kf.online.slot_scale``; none for iso and isonorm, which
+  serve the average with a flattened spectrum on purpose):
   per slot, sqrt(sum_m ||dW_slot,m - c_n sum_i dW_i,m||_F^2 / sum_m ||c_n sum_i dW_i,m||_F^2)
   in float64 over **layer 0's 4 modules only** (dense products: a subset keeps
   it fast). ``best rank-r`` is the same ratio for the best rank-32
