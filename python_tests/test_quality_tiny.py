@@ -117,6 +117,21 @@ def test_deadline_keeps_every_cell_on_the_first_order(monkeypatch):
     assert len(out["skipped"]) == 3 * cells - 6 and all("order" in s for s in out["skipped"])
 
 
+def test_deadline_is_the_next_such_utc_time():
+    """--deadline HH:MM: today's when still ahead, tomorrow's once passed (a run started before midnight)."""
+    import datetime as dt
+
+    from bench.quality.__main__ import deadline_timestamp
+
+    evening = dt.datetime(2026, 12, 4, 23, 40, tzinfo=dt.timezone.utc).timestamp()
+    assert deadline_timestamp("23:55", evening) == evening + 15 * 60
+    assert deadline_timestamp("01:15", evening) == evening + 95 * 60
+    assert deadline_timestamp("23:40", evening) == evening + 24 * 3600   # now is not ahead
+    for bad in ("1:2:3", "25:00", "noon", ""):
+        with pytest.raises(SystemExit, match="--deadline"):
+            deadline_timestamp(bad, evening)
+
+
 def test_adversarial_order_groups_task_types():
     from bench.quality.evaluate import adversarial_order, arrival_orders
 

@@ -54,6 +54,23 @@ def full_config() -> Config:
     return Config(langs=list(LANGS), calib_langs=[])
 
 
+def deadline_timestamp(hhmm: str, now: float | None = None) -> float:
+    """The ``time.time()`` of the next UTC ``HH:MM`` after ``now`` (default: the clock): today's, or
+    tomorrow's when today's has passed (a run started at 23:40 with ``--deadline 01:15``)."""
+    import datetime as dt
+
+    try:
+        hh, mm = (int(x) for x in hhmm.split(":"))
+        at = dt.time(hh, mm)
+    except ValueError:
+        raise SystemExit(f"--deadline: expected a UTC time HH:MM, got {hhmm!r}") from None
+    start = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc)
+    when = dt.datetime.combine(start.date(), at, dt.timezone.utc)
+    if when <= start:
+        when += dt.timedelta(days=1)
+    return when.timestamp()
+
+
 def build_config(args) -> Config:
     cfg = tiny_config() if args.tiny else full_config() if args.full else Config()
     default = Config()
@@ -70,11 +87,7 @@ def build_config(args) -> Config:
     if args.max_steps is not None:
         cfg.recipe.max_steps = args.max_steps
     if args.deadline:
-        import datetime as dt
-
-        hh, mm = map(int, args.deadline.split(":"))
-        now = dt.datetime.now(dt.timezone.utc)
-        cfg.deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+        cfg.deadline = deadline_timestamp(args.deadline)
     unknown = [t for t in cfg.types if t not in TYPES] + [x for x in cfg.langs + cfg.calib_langs if x not in LANGS] + \
         [s for s in cfg.strategies + cfg.secondary if s not in STRATEGIES]
     if unknown:
