@@ -132,6 +132,18 @@ def test_deadline_is_the_next_such_utc_time():
             deadline_timestamp(bad, evening)
 
 
+def test_comparisons_pair_candidates_with_peers_and_routers_with_their_mode():
+    from bench.quality.evaluate import comparisons
+
+    pairs = dict(comparisons(["kmerge", "kmerge-iso", "kmerge-isonorm", "ties", "opcm", "oracle-isonorm",
+                              "kmerge++-isonorm", "kmerge++", "oracle-exact", "random"]))
+    assert pairs["kmerge-isonorm"] == ["ties", "opcm", "kmerge", "kmerge-iso"]   # only the peers that ran
+    assert pairs["kmerge-iso"] == ["ties", "opcm", "kmerge"]                      # never against itself
+    assert pairs["oracle-isonorm"] == ["kmerge-isonorm"] and pairs["kmerge++-isonorm"] == ["kmerge-isonorm"]
+    assert pairs["kmerge++"] == ["kmerge"]
+    assert "oracle-exact" not in pairs and "random" not in pairs   # kmerge-exact did not run; not a router
+
+
 def test_adversarial_order_groups_task_types():
     from bench.quality.evaluate import adversarial_order, arrival_orders
 

@@ -35,6 +35,7 @@ ONLINE = {
     "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
     "kmerge++-exact": {"strategy": "kmerge++", "mode": "exact"},
     "kmerge++-iso": {"strategy": "kmerge++", "mode": "iso"},
+    "kmerge++-isonorm": {"strategy": "kmerge++", "mode": "isonorm"},
     "linear": {"strategy": "linear"},
     "ties": {"strategy": "ties"},
     "dare_linear": {"strategy": "dare_linear"},
@@ -44,6 +45,7 @@ ONLINE = {
     "oracle": {"strategy": "oracle", "mode": "faithful"},
     "oracle-exact": {"strategy": "oracle", "mode": "exact"},
     "oracle-iso": {"strategy": "oracle", "mode": "iso"},
+    "oracle-isonorm": {"strategy": "oracle", "mode": "isonorm"},
 }
 #: rows merging the groups of GROUPS_FROM in one shot
 GROUPED = ("task_arithmetic", "avg_unbounded")
@@ -53,6 +55,22 @@ STRATEGIES = tuple(ONLINE) + GROUPED
 #: candidate default modes and the peers each must beat (paired differences in the report)
 CANDIDATES = ("kmerge-iso", "kmerge-isonorm", "kmerge-exact", "kmerge-rms")
 PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact", "kmerge-iso")
+#: routing variants, each compared with K-Merge's similarity routing in the same merge mode
+ROUTERS = ("kmerge++", "oracle")
+
+
+def comparisons(labels) -> list[tuple[str, list[str]]]:
+    """The (row, [peers]) pairs whose paired differences the report gives, among the rows ``labels`` ran:
+    each candidate default against :data:`PEERS`, and each ``kmerge++`` / ``oracle`` row against the
+    ``kmerge`` row of its mode (``oracle-iso`` against ``kmerge-iso``)."""
+    labels = set(labels)
+    pairs = [(c, [p for p in PEERS if p != c and p in labels]) for c in CANDIDATES if c in labels]
+    for label in sorted(labels):
+        router, _, mode = label.partition("-")
+        same_mode = "kmerge" + (f"-{mode}" if mode else "")
+        if router in ROUTERS and same_mode in labels:
+            pairs.append((label, [same_mode]))
+    return pairs
 
 
 def arrival_orders(tasks: list[str], n: int, seed: int = 0, adversarial: bool = False) -> list[list[str]]:

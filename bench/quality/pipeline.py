@@ -17,7 +17,7 @@ import kmerge_fast as kf
 
 from . import model as base
 from . import stats
-from .evaluate import CANDIDATES, ONLINE, PEERS, STRATEGIES, arrival_orders, run_d2c, run_online
+from .evaluate import ONLINE, STRATEGIES, arrival_orders, comparisons, run_d2c, run_online
 from .scoring import Scorer, generation_f1, mean
 from .report import write_report
 from .tasks import TYPES, dataset, split, task_name
@@ -274,8 +274,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         scorer.close()
     if not online["skipped"]:  # a deadline that cut nothing is no reduction
         cfg.reductions = [x for x in cfg.reductions if not x.startswith(DEADLINE_REDUCTION)]
-    summary = summarize(online["cells"], tasks, single, cfg.orders, cfg.bootstrap,
-                        [(c, [p for p in PEERS if p != c]) for c in CANDIDATES if c in online["cells"]])
+    summary = summarize(online["cells"], tasks, single, cfg.orders, cfg.bootstrap, comparisons(online["cells"]))
     results = {
         "model": model_name,
         "arm": cfg.recipe.init,
