@@ -87,11 +87,11 @@ def _arm_markdown(r: dict) -> list[str]:
             lines.append(f"| {peer} | " + " | ".join(_ci(row.get(k)) for k in budgets) + " |")
     pp = {label: row for label, row in cells.items() if label.startswith("kmerge++")}
     if pp:
-        thr = r["kmerge++_threshold"]
-        thr_text = thr if isinstance(thr, str) else f"{thr:.4f}"
-        lines += ["", f"K-Merge++ threshold {thr_text} (median pairwise cosine of the held-out adapters "
-                  f"{', '.join(r.get('calib_tasks') or []) or '-'}; the width rule r / n_in gives "
-                  f"{r['threshold_rule']:.4f}). Slots in use after the stream (mean over orders):", "",
+        thr, rule = r["kmerge++_threshold"], r["threshold_rule"]
+        source = (f"the width rule r / n_in, {rule:.4f} (no held-out adapters)" if isinstance(thr, str) else
+                  f"{thr:.4f}, the median pairwise cosine of the held-out adapters "
+                  f"{', '.join(r.get('calib_tasks') or [])}; the width rule r / n_in gives {rule:.4f}")
+        lines += ["", f"K-Merge++ threshold: {source}. Slots in use after the stream (mean over orders):", "",
                   "| row | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
         for label, row in pp.items():
             lines.append(f"| {label} | " + " | ".join(
