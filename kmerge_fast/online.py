@@ -50,6 +50,12 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
   average's norm, which shrinks as the members disagree (1/sqrt(n) of a task's
   for n orthogonal updates of one size). The slot keeps S and that mean
   (``extra.norms``).
+- ``isogeo``: ``iso``'s flat running average, served per module at the
+  geometric mean of iso's norm and isonorm's,
+  ||dW_slot||_F = sqrt(||avg||_F (1/n) sum_i ||dW_i||_F): a member's norm
+  when the members agree, m n^(-1/4) for n orthogonal updates of norm m
+  (iso: m n^(-1/2); isonorm: m, which overshoots when one slot holds many
+  tasks). Same state as ``isonorm``.
 - ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
   as in ``exact``. For members with orthogonal updates of equal norm the slot
   keeps a member's norm, where the average shrinks each task's update to 1/n.
@@ -121,7 +127,7 @@ class OnlineMerger:
         similarity: ``"cos"`` (default, published), ``"l2"``, ``"l1"`` or ``"linf"``.
         threshold: K-Merge++'s similarity threshold (``kmerge++`` only): a number, or
             ``"auto"`` (default) for :func:`width_threshold` of each newcomer.
-        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"isonorm"``, ``"rms"`` or ``"sum"`` for the
+        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"isonorm"``, ``"isogeo"``, ``"rms"`` or ``"sum"`` for the
             running-average strategies (module docstring); default :data:`DEFAULT_MODE`.
         store: a folder to keep the state in (created; must not hold a store
             yet - use :meth:`open` to resume one). None: in memory only.

@@ -5,8 +5,8 @@ slot of a newcomer (a free one, or a slot to merge into), its **combiner**
 merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
-``opcm``: the OPCM combiner's; ``spectrum``: the iso and isonorm combiners';
-``norms``: isonorm's). The store persists the strategy's name and the mode;
+``opcm``: the OPCM combiner's; ``spectrum``: the iso, isonorm and isogeo
+combiners'; ``norms``: isonorm's and isogeo's). The store persists the strategy's name and the mode;
 the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
@@ -18,7 +18,7 @@ Routers (:data:`ROUTERS`):
   newcomer's group, else the most similar.
 
 Combiners (:data:`COMBINERS`): the running averages named by the modes
-(``faithful``; ``exact``, ``iso``, ``isonorm``, ``rms``, ``sum``), peft's baselines (``linear``,
+(``faithful``; ``exact``, ``iso``, ``isonorm``, ``isogeo``, ``rms``, ``sum``), peft's baselines (``linear``,
 ``ties``, ``dare_linear``, ``dare_ties``) and ``opcm``. A row whose combiner
 is None takes the running average of the merger's mode.
 
@@ -26,7 +26,8 @@ A new strategy is one class (a :class:`Router` or :class:`Combiner`
 subclass with a ``name``), registered once with :func:`add_strategy`. The
 store's manifest check (``store._validate_extra``) knows the built-in state
 fields by strategy name or mode (``group``: ``oracle``; ``opcm``: ``opcm``;
-``spectrum``: modes ``iso`` and ``isonorm``; ``norms``: ``isonorm``): a new
+``spectrum``: modes ``iso``, ``isonorm`` and ``isogeo``; ``norms``: ``isonorm``
+and ``isogeo``): a new
 part that keeps per-slot state needs its field added there.
 """
 
@@ -46,9 +47,9 @@ from .opcm import opcm_step
 from .similarity import cache_norms
 
 #: The running-average modes; each names a combiner.
-MODES = ("faithful", "exact", "iso", "isonorm", "rms", "sum")
+MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
-DEFAULT_MODE = "isonorm"
+DEFAULT_MODE = "isogeo"
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -386,7 +387,8 @@ def _columns_to(lora: LoRA, norms_for: Callable[[str, torch.Tensor], torch.Tenso
     return LoRA(modules, lora.config)
 
 
-def isotropic(lora: LoRA, norms: dict[str, float] | None = None) -> tuple[LoRA, dict[str, list[float]]]:
+def isotropic(lora: LoRA, norms: dict[str, float] | Callable[[str, float], float] | None = None
+              ) -> tuple[LoRA, dict[str, list[float]]]:
     """Flatten each module's spectrum: (the isotropic adapter, the singular values it replaced).
 
     For a module with orthonormal rows of A (as :func:`kmerge_fast.merge`'s ``svd``
@@ -396,7 +398,8 @@ def isotropic(lora: LoRA, norms: dict[str, float] | None = None) -> tuple[LoRA, 
     merging, after Marczak et al., 2025, "No Task Left Behind"). By default
     sigma = sqrt(mean_j S_j^2) (mean over the nonzero columns): the same
     Frobenius norm. With ``norms`` (module -> a Frobenius norm N, mode
-    ``isonorm``) sigma = N / (sqrt(r') |s|), r' the nonzero columns: the
+    ``isonorm``; or a function (module, ||dW||_F of ``lora``) -> N, mode
+    ``isogeo``) sigma = N / (sqrt(r') |s|), r' the nonzero columns: the
     module is served at norm N. Shapes, dtypes, scalings and config are kept;
     the norms are accumulated in float64.
 
@@ -413,7 +416,10 @@ def isotropic(lora: LoRA, norms: dict[str, float] | None = None) -> tuple[LoRA, 
         elif norms is None:
             sigma = float(live.square().mean().sqrt())
         else:
-            sigma = norms[name] / (math.sqrt(live.numel()) * abs(lora.modules[name].scaling))
+            scaling = abs(lora.modules[name].scaling)
+            # ||dW||_F = |s| sqrt(sum_j S_j^2): the rows of A are orthonormal
+            target = norms(name, scaling * float(live.square().sum().sqrt())) if callable(norms) else norms[name]
+            sigma = target / (math.sqrt(live.numel()) * scaling)
         return torch.full_like(columns, sigma)
 
     return _columns_to(lora, flat), spectrum
@@ -476,11 +482,32 @@ class IsoNorm(Iso):
     name = "isonorm"
     keys = ("spectrum", "norms")
 
-    def combine(self, slot, current, lora, n, task, seed):
+    def mean_norms(self, slot: int, current: LoRA, lora: LoRA, n: int) -> dict[str, float]:
+        """{module: (1/n) sum_i ||dW_i||_F} over the slot's n members, the newcomer included (running mean)."""
         before = self.states[slot].get("norms") or module_norms(current)   # None: one adapter so far, its own
         new = module_norms(lora)
-        norms = {name: before[name] + (new[name] - before[name]) / n for name in new}
+        return {name: before[name] + (new[name] - before[name]) / n for name in new}
+
+    def combine(self, slot, current, lora, n, task, seed):
+        norms = self.mean_norms(slot, current, lora, n)
         served, spectrum = isotropic(self.average(slot, current, lora, n), norms)
+        return served, {"spectrum": spectrum, "norms": norms}
+
+
+@register
+class IsoGeo(IsoNorm):
+    """``iso``'s flat running average, served per module at the geometric mean of iso's norm and isonorm's:
+    ||dW_slot||_F = sqrt(||avg||_F * (1/n) sum_i ||dW_i||_F), avg the truncated running average. Members
+    that agree (avg = each member) are served at a member's norm, as by iso and isonorm; n orthogonal
+    updates of one norm m at m n^(-1/4), between iso's m n^(-1/2) and isonorm's m, which overshoots when
+    one slot holds many tasks. State: as ``isonorm``."""
+
+    name = "isogeo"
+
+    def combine(self, slot, current, lora, n, task, seed):
+        norms = self.mean_norms(slot, current, lora, n)
+        served, spectrum = isotropic(self.average(slot, current, lora, n),
+                                     lambda name, average: math.sqrt(average * norms[name]))
         return served, {"spectrum": spectrum, "norms": norms}
 
 

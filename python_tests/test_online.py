@@ -213,7 +213,49 @@ def test_isonorm_mode_serves_iso_at_the_members_mean_norm(dtype):
             assert m.A.dtype == dtype and m.B.dtype == dtype
 
 
-@pytest.mark.parametrize("mode", ["iso", "isonorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_isogeo_mode_serves_iso_at_the_geometric_mean_of_iso_and_isonorm_norms(dtype):
+    """Every isogeo slot is iso's slot (same stream, same slots, same flat subspaces) rescaled per module to
+    sqrt(||dW_iso||_F * mean_i ||dW_i||_F): float64 dense truth of the members and of each served dW."""
+    adapters = family_adapters(9, families=3, rank=3, dtype=dtype)
+    kw = dict(strategy="oracle", oracle=lambda task: int(task[1:]) % 3)
+    geo, iso = kf.OnlineMerger(3, mode="isogeo", **kw), kf.OnlineMerger(3, mode="iso", **kw)
+    for k, lora in enumerate(adapters):
+        geo.add(lora, f"t{k}"), iso.add(lora, f"t{k}")
+    assert geo.members == iso.members and all(len(m) == 3 for m in geo.members)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for served, ref, tasks in zip(geo.slots, iso.slots, geo.members):
+        for name, m in served.modules.items():
+            members = [adapters[int(t[1:])].modules[name].delta(torch.float64) for t in tasks]
+            mean_norm = sum(float(d.norm()) for d in members) / len(members)
+            d_iso = ref.modules[name].delta(torch.float64)
+            want_norm = (float(d_iso.norm()) * mean_norm) ** 0.5
+            # strictly between iso's norm and isonorm's: the members disagree
+            assert float(d_iso.norm()) * 1.02 < want_norm < 0.98 * mean_norm
+            assert float(m.delta(torch.float64).norm()) == pytest.approx(want_norm, rel=tol)
+            want = d_iso * (want_norm / float(d_iso.norm()))
+            assert float((m.delta(torch.float64) - want).norm() / want.norm()) < 5 * tol
+            assert m.A.dtype == dtype and m.B.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", ["iso", "isonorm", "isogeo"])
+def test_same_adapter_merged_into_itself_is_served_unchanged(mode):
+    """Members that agree: the slot of n copies of one adapter serves that adapter's update (float64 truth)."""
+    (a,) = family_adapters(1, families=1, rank=3, dtype=torch.float64)
+    merger = kf.OnlineMerger(1, mode=mode)
+    for k in range(4):
+        merger.add(a, f"t{k}")
+    for name, m in merger.slots[0].modules.items():
+        truth = a.modules[name].delta(torch.float64)
+        U, s, Vh = torch.linalg.svd(truth, full_matrices=False)
+        # the spectrum is flattened, so the norm and the subspace are what is kept; isonorm and isogeo take
+        # the members' norms from float32 Grams (similarity's cache): 1e-6
+        assert float(m.delta(torch.float64).norm()) == pytest.approx(float(truth.norm()), rel=1e-6)
+        want = float(s[:3].square().mean().sqrt()) * U[:, :3] @ Vh[:3]
+        assert float((m.delta(torch.float64) - want).norm() / want.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["iso", "isonorm", "isogeo"])
 def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path, mode):
     """The spectrum kept in the manifest lets a reopened store continue exactly as the merger in memory."""
     adapters = family_adapters(8, families=2, rank=3)

@@ -135,10 +135,12 @@ def test_deadline_is_the_next_such_utc_time():
 def test_comparisons_pair_candidates_with_peers_and_routers_with_their_mode():
     from bench.quality.evaluate import comparisons
 
-    pairs = dict(comparisons(["kmerge", "kmerge-iso", "kmerge-isonorm", "ties", "opcm", "oracle-isonorm",
-                              "kmerge++-isonorm", "kmerge++", "oracle-exact", "random"]))
-    assert pairs["kmerge-isonorm"] == ["ties", "opcm", "kmerge", "kmerge-iso"]   # only the peers that ran
-    assert pairs["kmerge-iso"] == ["ties", "opcm", "kmerge"]                      # never against itself
+    pairs = dict(comparisons(["kmerge", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo", "ties", "opcm",
+                              "oracle-isonorm", "kmerge++-isonorm", "kmerge++", "oracle-exact", "random"]))
+    # only the peers that ran (no task_arithmetic, no kmerge-exact), never a row against itself
+    assert pairs["kmerge-isogeo"] == ["ties", "opcm", "kmerge", "kmerge-iso", "kmerge-isonorm"]
+    assert pairs["kmerge-isonorm"] == ["ties", "opcm", "kmerge", "kmerge-iso"]
+    assert pairs["kmerge-iso"] == ["ties", "opcm", "kmerge", "kmerge-isonorm"]
     assert pairs["oracle-isonorm"] == ["kmerge-isonorm"] and pairs["kmerge++-isonorm"] == ["kmerge-isonorm"]
     assert pairs["kmerge++"] == ["kmerge"]
     assert "oracle-exact" not in pairs and "random" not in pairs   # kmerge-exact did not run; not a router
@@ -243,3 +245,17 @@ def test_score_cache_keeps_entries_saved_by_another_run(tmp_path):
     on_disk = json.loads((tmp_path / "scores.json").read_text())
     assert on_disk == {"a1|t1": {"exact": [1.0]}, "a2|t1": {"exact": [0.0]}}
     assert ("a1", "t1") in second.cache and not list(tmp_path.glob("*.tmp"))
+
+
+def test_device_is_part_of_the_adapter_key_and_cuda_needs_a_device():
+    """Adapters trained on a GPU are other adapters (cached apart); the CPU's key has no device field, so the
+    caches made before the option keep their folders. Asking for CUDA where torch has none stops at once."""
+    import torch
+
+    from bench.quality.__main__ import main
+    from bench.quality.pipeline import Config
+
+    assert Config(device="cpu").key() == Config().key() != Config(device="cuda").key()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
+            main(["train", "--device", "cuda"])

@@ -88,6 +88,9 @@ def build_config(args) -> Config:
         cfg.recipe.max_steps = args.max_steps
     if args.deadline:
         cfg.deadline = deadline_timestamp(args.deadline)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+    cfg.device = args.device
     unknown = [t for t in cfg.types if t not in TYPES] + [x for x in cfg.langs + cfg.calib_langs if x not in LANGS] + \
         [s for s in cfg.strategies + cfg.secondary if s not in STRATEGIES]
     if unknown:
@@ -185,6 +188,9 @@ def main(argv=None) -> None:
                    "the cells not reached are left out of the results (and listed); D2C still runs")
     p.add_argument("--note", action="append", help="eval: a line for the report's list of reductions (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the base model trains and scores (default cpu; cuda: a GPU, e.g. with --full); "
+                        "adapters trained on another device are other adapters, cached apart")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or (1 if args.tiny else 2))
     if args.command == "prepare":

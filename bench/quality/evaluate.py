@@ -30,12 +30,14 @@ ONLINE = {
     "kmerge-exact": {"strategy": "kmerge", "mode": "exact"},
     "kmerge-iso": {"strategy": "kmerge", "mode": "iso"},
     "kmerge-isonorm": {"strategy": "kmerge", "mode": "isonorm"},
+    "kmerge-isogeo": {"strategy": "kmerge", "mode": "isogeo"},
     "kmerge-rms": {"strategy": "kmerge", "mode": "rms"},
     "kmerge-sum": {"strategy": "kmerge", "mode": "sum"},
     "kmerge++": {"strategy": "kmerge++", "mode": "faithful"},
     "kmerge++-exact": {"strategy": "kmerge++", "mode": "exact"},
     "kmerge++-iso": {"strategy": "kmerge++", "mode": "iso"},
     "kmerge++-isonorm": {"strategy": "kmerge++", "mode": "isonorm"},
+    "kmerge++-isogeo": {"strategy": "kmerge++", "mode": "isogeo"},
     "linear": {"strategy": "linear"},
     "ties": {"strategy": "ties"},
     "dare_linear": {"strategy": "dare_linear"},
@@ -46,6 +48,7 @@ ONLINE = {
     "oracle-exact": {"strategy": "oracle", "mode": "exact"},
     "oracle-iso": {"strategy": "oracle", "mode": "iso"},
     "oracle-isonorm": {"strategy": "oracle", "mode": "isonorm"},
+    "oracle-isogeo": {"strategy": "oracle", "mode": "isogeo"},
 }
 #: rows merging the groups of GROUPS_FROM in one shot
 GROUPED = ("task_arithmetic", "avg_unbounded")
@@ -53,8 +56,8 @@ GROUPS_FROM = "kmerge-exact"
 TA_LAMBDA = 0.5
 STRATEGIES = tuple(ONLINE) + GROUPED
 #: candidate default modes and the peers each must beat (paired differences in the report)
-CANDIDATES = ("kmerge-iso", "kmerge-isonorm", "kmerge-exact", "kmerge-rms")
-PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact", "kmerge-iso")
+CANDIDATES = ("kmerge-iso", "kmerge-isonorm", "kmerge-isogeo", "kmerge-exact", "kmerge-rms")
+PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact", "kmerge-iso", "kmerge-isonorm")
 #: routing variants, each compared with K-Merge's similarity routing in the same merge mode
 ROUTERS = ("kmerge++", "oracle")
 

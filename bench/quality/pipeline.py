@@ -47,6 +47,7 @@ class Config:
     bootstrap: int = 1000
     batch_size: int = 64
     dtype: str = "bfloat16"  # the base model's dtype for training and scoring
+    device: str = "cpu"      # where the base model trains and scores ("cuda": a GPU); merging stays on the CPU
     tiny: bool = False
     reductions: list = field(default_factory=list)   # what this run cut from the protocol, for quality.md
     deadline: float | None = None   # time.time() after which eval starts no new (strategy, K) cell
@@ -62,9 +63,11 @@ class Config:
 
     def key(self) -> str:
         """Identifies a set of adapters: data sizes, the recipe (initialisation arm included), the base."""
-        blob = json.dumps({"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test,
-                           "recipe": self.recipe.to_dict(), "tiny": self.tiny, "dtype": self.dtype,
-                           "base": self.base_id}, sort_keys=True)
+        fields = {"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test,
+                  "recipe": self.recipe.to_dict(), "tiny": self.tiny, "dtype": self.dtype, "base": self.base_id}
+        if self.device != "cpu":   # other kernels train other adapters; the CPU's keys predate the field
+            fields["device"] = self.device
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict:
@@ -100,13 +103,15 @@ def _base_id(model) -> str:
 
 
 def load_model(cfg: Config, train, test, log=print):
-    """The real prepared model (in ``cfg.dtype``), or (tiny) a config-built Llama pre-trained from scratch.
+    """The real prepared model (in ``cfg.dtype``, on ``cfg.device``), or (tiny) a config-built Llama
+    pre-trained from scratch (on the CPU, then moved).
 
     Sets ``cfg.base_id`` (from the float32 weights, before any cast).
     """
     model, tok, name = _load_model(cfg, train, test, log)
     cfg.base_id = _base_id(model)
     model.to(getattr(torch, cfg.dtype))
+    model.to(cfg.device)
     return model, tok, name
 
 

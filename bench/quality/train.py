@@ -13,9 +13,9 @@ Initialisation (``Recipe.init``):
 Prompts go through the model's chat template (``encode``); the loss is on the
 target tokens and the end-of-turn token only. Prompts and targets are
 tokenised separately, exactly as scoring and ``kf.d2c.LossScorer`` see them.
-Training runs the base in bfloat16 under CPU autocast where the recipe asks
-(AMX / AVX-512 BF16 make it ~1.3x faster than float32 here); the LoRA factors
-stay float32.
+Training runs the base in bfloat16 under autocast where the recipe asks
+(on the CPU, AMX / AVX-512 BF16 make it ~1.3x faster than float32 here), on
+the model's device; the LoRA factors stay float32 and come back to the CPU.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Recipe:
     lr: float = 2e-3
     init: str = "independent"  # see the module docstring
     seed: int = 0              # "shared": the one initialisation seed; "independent": mixed with the task name
-    autocast: bool = True      # bf16 autocast on CPU (the real model)
+    autocast: bool = True      # bf16 autocast on the model's device (the real model)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,8 +98,8 @@ def _factors(pm) -> tuple[dict, dict]:
     factors, scaling = {}, {}
     for key, m in pm.named_modules():
         if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-            factors[key] = (m.lora_A["default"].weight.detach().float().clone(),
-                            m.lora_B["default"].weight.detach().float().clone())
+            factors[key] = (m.lora_A["default"].weight.detach().float().cpu().clone(),
+                            m.lora_B["default"].weight.detach().float().cpu().clone())
             scaling[key] = m.scaling["default"]
     return factors, scaling
 
@@ -135,6 +135,7 @@ def train_lora(model, tok, train: list[Example], recipe: Recipe, task: str, stre
     best, step = -1.0, 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     inner = pm.get_base_model()
+    device = next(inner.parameters()).device   # the model's (bench.quality's --device); batches go there
     warmup = max(1, recipe.min_steps // 8)
     train_seconds = 0.0
     while step < recipe.max_steps:
@@ -144,10 +145,10 @@ def train_lora(model, tok, train: list[Example], recipe: Recipe, task: str, stre
             rng.shuffle(more)
             order += more
         idx, order = order[:recipe.batch_size], order[recipe.batch_size:]
-        ids, mask, labels = _batch([pairs[i] for i in idx], pad)
+        ids, mask, labels = (x.to(device) for x in _batch([pairs[i] for i in idx], pad))
         for g in opt.param_groups:
             g["lr"] = recipe.lr * min(1.0, (step + 1) / warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.autocast):
             hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
             keep = labels[:, 1:] != -100
             # the LM head only where a target token is predicted (most of a 49k-vocab matmul saved)
