@@ -387,7 +387,7 @@ def _columns_to(lora: LoRA, norms_for: Callable[[str, torch.Tensor], torch.Tenso
     return LoRA(modules, lora.config)
 
 
-def isotropic(lora: LoRA, norms: dict[str, float] | Callable[[str, float], float] | None = None
+def isotropic(lora: LoRA, norm_for: Callable[[str, float], float] | None = None
               ) -> tuple[LoRA, dict[str, list[float]]]:
     """Flatten each module's spectrum: (the isotropic adapter, the singular values it replaced).
 
@@ -397,10 +397,9 @@ def isotropic(lora: LoRA, norms: dict[str, float] | Callable[[str, float], float
     sigma s U V^T: every direction of the merge equally strong (isotropic
     merging, after Marczak et al., 2025, "No Task Left Behind"). By default
     sigma = sqrt(mean_j S_j^2) (mean over the nonzero columns): the same
-    Frobenius norm. With ``norms`` (module -> a Frobenius norm N, mode
-    ``isonorm``; or a function (module, ||dW||_F of ``lora``) -> N, mode
-    ``isogeo``) sigma = N / (sqrt(r') |s|), r' the nonzero columns: the
-    module is served at norm N. Shapes, dtypes, scalings and config are kept;
+    Frobenius norm. With ``norm_for`` ((module, ||dW||_F of ``lora``) -> a
+    Frobenius norm N; modes ``isonorm`` and ``isogeo``) sigma = N / (sqrt(r') |s|),
+    r' the nonzero columns: the module is served at norm N. Shapes, dtypes, scalings and config are kept;
     the norms are accumulated in float64.
 
     Returns the adapter and {module: [S_1, ..., S_r]} (the float64 column norms
@@ -413,13 +412,12 @@ def isotropic(lora: LoRA, norms: dict[str, float] | Callable[[str, float], float
         live = columns[columns > 0]
         if not live.numel():
             sigma = 0.0
-        elif norms is None:
+        elif norm_for is None:
             sigma = float(live.square().mean().sqrt())
         else:
             scaling = abs(lora.modules[name].scaling)
             # ||dW||_F = |s| sqrt(sum_j S_j^2): the rows of A are orthonormal
-            target = norms(name, scaling * float(live.square().sum().sqrt())) if callable(norms) else norms[name]
-            sigma = target / (math.sqrt(live.numel()) * scaling)
+            sigma = norm_for(name, scaling * float(live.square().sum().sqrt())) / (math.sqrt(live.numel()) * scaling)
         return torch.full_like(columns, sigma)
 
     return _columns_to(lora, flat), spectrum
@@ -482,15 +480,17 @@ class IsoNorm(Iso):
     name = "isonorm"
     keys = ("spectrum", "norms")
 
-    def mean_norms(self, slot: int, current: LoRA, lora: LoRA, n: int) -> dict[str, float]:
-        """{module: (1/n) sum_i ||dW_i||_F} over the slot's n members, the newcomer included (running mean)."""
-        before = self.states[slot].get("norms") or module_norms(current)   # None: one adapter so far, its own
-        new = module_norms(lora)
-        return {name: before[name] + (new[name] - before[name]) / n for name in new}
+    @staticmethod
+    def served_norm(average: float, mean: float) -> float:
+        """The norm a module is served at, from the average's norm and the members' mean norm."""
+        return mean
 
     def combine(self, slot, current, lora, n, task, seed):
-        norms = self.mean_norms(slot, current, lora, n)
-        served, spectrum = isotropic(self.average(slot, current, lora, n), norms)
+        before = self.states[slot].get("norms") or module_norms(current)   # None: one adapter so far, its own
+        new = module_norms(lora)
+        norms = {name: before[name] + (new[name] - before[name]) / n for name in new}   # the members' mean
+        served, spectrum = isotropic(self.average(slot, current, lora, n),
+                                     lambda name, average: self.served_norm(average, norms[name]))
         return served, {"spectrum": spectrum, "norms": norms}
 
 
@@ -504,11 +504,9 @@ class IsoGeo(IsoNorm):
 
     name = "isogeo"
 
-    def combine(self, slot, current, lora, n, task, seed):
-        norms = self.mean_norms(slot, current, lora, n)
-        served, spectrum = isotropic(self.average(slot, current, lora, n),
-                                     lambda name, average: math.sqrt(average * norms[name]))
-        return served, {"spectrum": spectrum, "norms": norms}
+    @staticmethod
+    def served_norm(average: float, mean: float) -> float:
+        return math.sqrt(average * mean)
 
 
 @register
