@@ -63,7 +63,8 @@ class LossScorer:
         examples: task -> list of (prompt, target) pairs, text or token id lists
             (about 10 per task is the intended size).
         batch_size: sequences per forward pass.
-        max_length: sequences are cut to this many tokens (from the left of the prompt).
+        max_length: sequences are cut to this many tokens: the prompt from the left, keeping at least one
+            of its tokens (it predicts the first target token), then the target from the right.
 
     The loss is teacher-forced: for prompt p and target t the model sees p + t
     and the cross-entropy is averaged over the target tokens of all the task's
@@ -76,6 +77,8 @@ class LossScorer:
             raise ValueError("examples: need a non-empty dict task -> list of (prompt, target)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length: must be an int >= 2 (a prompt token and a target token), got {max_length!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -88,6 +91,7 @@ class LossScorer:
             self.sequences[task] = [self._encode(task, i, pair) for i, pair in enumerate(pairs)]
         self._hooks = _Hooks(model)
         self.forward_passes = 0
+        self._slices: bool | None = None   # does the model honour logits_to_keep? (None: not asked yet)
 
     def _pad_id(self) -> int:
         if self.tokenizer is None:
@@ -111,8 +115,13 @@ class LossScorer:
         prompt, target = self._ids(pair[0], True), self._ids(pair[1], False)
         if not target:
             raise ValueError(f"examples[{task!r}][{i}]: the target is empty")
-        prompt = prompt[-max(self.max_length - len(target), 0):] if len(prompt) + len(target) > self.max_length else prompt
-        return prompt, target[: self.max_length]
+        if not prompt:
+            raise ValueError(f"examples[{task!r}][{i}]: the prompt is empty (no position predicts the first "
+                             "target token)")
+        if len(prompt) + len(target) > self.max_length:  # keep the target's start and the prompt's end
+            target = target[:self.max_length - 1]
+            prompt = prompt[-(self.max_length - len(target)):]
+        return prompt, target
 
     @property
     def tasks(self) -> list[str]:
@@ -144,25 +153,48 @@ class LossScorer:
                 batch = items[start:start + self.batch_size]
                 width = max(len(p) + len(y) for _, p, y in batch)
                 ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                labels = torch.full((len(batch), width), -100, dtype=torch.long)
                 mask = torch.zeros(len(batch), width, dtype=torch.long)
+                keep = torch.zeros(len(batch), width, dtype=torch.bool)   # positions predicting a target token
                 for row, (_, p, y) in enumerate(batch):
                     seq = p + y
                     ids[row, :len(seq)] = torch.tensor(seq)
-                    labels[row, len(p):len(seq)] = torch.tensor(y)
                     mask[row, :len(seq)] = 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                    keep[row, len(p) - 1:len(seq) - 1] = True             # position j predicts token j + 1
+                targets = torch.tensor([v for _, _, y in batch for v in y], device=device)
+                logits = self._target_logits(ids.to(device), mask.to(device), keep.to(device))
                 self.forward_passes += 1
-                # position j predicts token j + 1
-                ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device),
-                                                       ignore_index=-100, reduction="none")
-                for row, (task, _, y) in enumerate(batch):
-                    total[task] += float(ce[row].sum())
+                ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu()
+                at = 0
+                for task, _, y in batch:
+                    total[task] += float(ce[at:at + len(y)].sum())
                     count[task] += len(y)
+                    at += len(y)
         out = [total[t] / count[t] for t in tasks]
         if not all(math.isfinite(v) for v in out):
             raise ValueError(f"model: non-finite loss for tasks {[t for t, v in zip(tasks, out) if not math.isfinite(v)]}")
         return out
+
+    def _target_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """float32 logits (n_kept, vocab) at the ``keep`` positions (batch, width), in row-major order.
+
+        Asks the model for those positions only (transformers' boolean ``logits_to_keep``): the LM head
+        then runs on a few target positions instead of every position, and no (batch, width, vocab)
+        float tensor is formed (hundreds of MB at a 50k vocabulary). A model that rejects or ignores
+        the argument gets the full logits, then the selection.
+        """
+        n = int(keep.sum())
+        if self._slices is not False:
+            try:
+                logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            except TypeError:  # a forward without the argument (or **kwargs that refuse it)
+                logits = None
+            if logits is not None and logits.dim() == 2 and logits.shape[0] == n:
+                self._slices = True
+                return logits.float()
+            self._slices = False
+            if logits is not None and logits.shape[:2] == keep.shape:  # ignored: these are the full logits
+                return logits[keep].float()
+        return self.model(input_ids=ids, attention_mask=mask).logits[keep].float()
 
     def close(self) -> None:
         """Remove the hooks from the model."""

@@ -259,3 +259,31 @@ def test_device_is_part_of_the_adapter_key_and_cuda_needs_a_device():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
             main(["train", "--device", "cuda"])
+
+
+def _config(*argv):
+    """The Config that ``python -m bench.quality eval ARGV`` would run (nothing runs)."""
+    from bench.quality.__main__ import build_config, parser
+
+    return build_config(parser().parse_args(["eval", *argv]))
+
+
+def test_default_rows_cover_every_strategy_and_the_published_and_default_modes():
+    """The default configuration runs every OnlineMerger strategy, every candidate mode, task arithmetic and the
+    unbounded average, and each routing variant in the published (faithful) and the default mode; the routing
+    rows in the other modes run on request only, and asking for them is no reduction. --tiny runs every row."""
+    from bench.quality.evaluate import CANDIDATES, DEFAULT_ROWS, GROUPED, ONLINE, ROUTING_EXTRAS, STRATEGIES
+    from kmerge_fast.online import DEFAULT_MODE, STRATEGIES as MERGER_STRATEGIES
+
+    cfg = _config()
+    assert cfg.strategies == list(DEFAULT_ROWS) and cfg.reductions == []
+    assert {ONLINE[r]["strategy"] for r in DEFAULT_ROWS if r in ONLINE} == set(MERGER_STRATEGIES)
+    assert set(CANDIDATES) | set(GROUPED) <= set(DEFAULT_ROWS)
+    for router in ("kmerge++", "oracle"):
+        assert {router, f"{router}-{DEFAULT_MODE}"} <= set(DEFAULT_ROWS)
+    assert ROUTING_EXTRAS and not set(ROUTING_EXTRAS) & set(DEFAULT_ROWS)
+    assert set(DEFAULT_ROWS) | set(ROUTING_EXTRAS) == set(STRATEGIES)
+    assert _config("--strategies", ",".join(STRATEGIES)).reductions == []
+    fewer = _config("--strategies", "kmerge,ties")
+    assert len(fewer.reductions) == 1 and "'opcm'" in fewer.reductions[0] and "not run" in fewer.reductions[0]
+    assert _config("--tiny").strategies == list(STRATEGIES)

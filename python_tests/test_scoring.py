@@ -136,10 +136,83 @@ def test_d2c_groups_same_task_adapters(trained):
     scorer.close()
 
 
+def _no_slicing(model, swallow: bool):
+    """The same model (same modules and names) with a forward that knows no ``logits_to_keep``:
+    strict (a TypeError) or swallowing it (full logits)."""
+    import copy
+
+    wrapped = copy.copy(model)
+    plain = type(model).forward
+
+    def forward(input_ids, attention_mask, **kwargs):
+        if kwargs and not swallow:
+            raise TypeError(f"forward() got unexpected keyword arguments {sorted(kwargs)}")
+        return plain(model, input_ids=input_ids, attention_mask=attention_mask)
+
+    wrapped.forward = forward
+    return wrapped
+
+
+def _dense_truth(model, lora, examples) -> float:
+    """The mean target-token cross-entropy in float64, one example at a time, with W + s B A in the weights."""
+    import copy
+
+    merged = copy.deepcopy(model).double()
+    linears = dict(merged.named_modules())
+    for name, m in lora.modules.items():
+        linears[name].weight.data += m.scaling * (m.B.double() @ m.A.double())
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, y in examples:
+            logits = merged(input_ids=torch.tensor([p + y])).logits[0]
+            logp = torch.log_softmax(logits[len(p) - 1:len(p) + len(y) - 1], -1)
+            total -= float(logp.gather(1, torch.tensor(y)[:, None]).sum())
+            count += len(y)
+    return total / count
+
+
+def test_scorer_logits_at_targets_only(trained):
+    """Variable prompt and target lengths in one padded batch: the LM head on the target positions only
+    (``logits_to_keep``) gives the float64 dense truth, and so does the fallback for a model without it."""
+    model, tok, adapters, _ = trained
+    rng = random.Random(3)
+    ids = list(range(2, len(WORDS)))
+    examples = {t: [([rng.choice(ids) for _ in range(rng.randint(1, 9))], [rng.choice(ids) for _ in range(rng.randint(1, 5))])
+                    for _ in range(7)] for t in ("alpha0", "beta1")}
+    lora = adapters["beta1"]
+    truth = [_dense_truth(model, lora, examples[t]) for t in examples]
+    scorer = kf.d2c.LossScorer(model, None, examples, batch_size=5)  # batches straddle the two tasks
+    ours = scorer(lora, list(examples))
+    assert scorer._slices is True
+    scorer.close()
+    assert ours == pytest.approx(truth, rel=1e-5)
+    for swallow in (False, True):
+        wrapped = _no_slicing(model, swallow)
+        check = kf.d2c.LossScorer(wrapped, None, examples, batch_size=5)
+        assert check(lora, list(examples)) == pytest.approx(truth, rel=1e-5)
+        assert check._slices is False
+        check.close()
+
+
+def test_scorer_truncation_keeps_a_prompt_token(trained):
+    model, tok, adapters, _ = trained
+    scorer = kf.d2c.LossScorer(model, None, {"alpha0": [([2, 3, 4, 5], [6, 7, 8, 9, 10, 11])]}, max_length=4)
+    assert scorer.sequences["alpha0"] == [([5], [6, 7, 8])]
+    scorer.close()
+    scorer = kf.d2c.LossScorer(model, None, {"alpha0": [([2, 3, 4, 5], [6, 7])]}, max_length=5)
+    assert scorer.sequences["alpha0"] == [([3, 4, 5], [6, 7])]
+    scorer.close()
+
+
 def test_scorer_bad_input(trained):
     model, tok, adapters, examples = trained
     with pytest.raises(ValueError, match="task 'alpha0' has no examples"):
         kf.d2c.LossScorer(model, tok, {"alpha0": []})
+    with pytest.raises(ValueError, match=r"examples\['alpha0'\]\[0\]: the prompt is empty"):
+        kf.d2c.LossScorer(model, None, {"alpha0": [([], [3, 4])]})
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="max_length: must be an int >= 2"):
+            kf.d2c.LossScorer(model, tok, examples, max_length=bad)
     scorer = kf.d2c.LossScorer(model, tok, {"alpha0": examples["alpha0"]})
     with pytest.raises(ValueError, match="no examples for \\['gamma1'\\]"):
         scorer(adapters["alpha0"], ["gamma1"])

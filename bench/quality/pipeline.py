@@ -17,7 +17,7 @@ import kmerge_fast as kf
 
 from . import model as base
 from . import stats
-from .evaluate import ONLINE, STRATEGIES, arrival_orders, comparisons, run_d2c, run_online
+from .evaluate import DEFAULT_ROWS, ONLINE, STRATEGIES, arrival_orders, comparisons, run_d2c, run_online
 from .scoring import Scorer, generation_f1, mean
 from .report import write_report
 from .tasks import TYPES, dataset, split, task_name
@@ -36,7 +36,7 @@ class Config:
     budgets: list = field(default_factory=lambda: list(range(1, 9)))
     orders: int = 5          # random arrival orders; the adversarial one is added (``adversarial``)
     adversarial: bool = True
-    strategies: list = field(default_factory=lambda: list(STRATEGIES))
+    strategies: list = field(default_factory=lambda: list(DEFAULT_ROWS))   # tiny_config: every row
     secondary: list = field(default_factory=list)   # rows run on the first ``secondary_orders`` orders only
     secondary_orders: int | None = None
     d2c_budgets: list = field(default_factory=lambda: [3, 5, 8])
@@ -81,7 +81,7 @@ def tiny_config() -> Config:
                   n_test=16, recipe=Recipe(rank=8, alpha=16, max_steps=300, min_steps=300, check_every=300,
                                            batch_size=16, lr=1e-2, autocast=False),
                   budgets=[1, 2, 3], orders=2, d2c_budgets=[2], d2c_examples=10, d2c_seeds=1, crosscheck=4,
-                  bootstrap=200, batch_size=64, dtype="float32", tiny=True)
+                  bootstrap=200, batch_size=64, dtype="float32", tiny=True, strategies=list(STRATEGIES))
 
 
 # ------------------------------------------------------------------ data and model
