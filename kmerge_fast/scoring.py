@@ -68,7 +68,9 @@ class LossScorer:
 
     The loss is teacher-forced: for prompt p and target t the model sees p + t
     and the cross-entropy is averaged over the target tokens of all the task's
-    examples. Runs under ``torch.inference_mode()`` in the model's dtype.
+    examples. Runs under ``torch.inference_mode()`` in the model's dtype; the LM
+    head runs only on the positions that predict a target token (transformers'
+    ``logits_to_keep``), the cross-entropy in float32.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, examples: Mapping[str, Sequence], batch_size: int = 16,
