@@ -269,20 +269,21 @@ def _config(*argv):
 
 
 def test_default_rows_cover_every_strategy_and_the_published_and_default_modes():
-    """The default configuration runs every OnlineMerger strategy, every candidate mode, task arithmetic and the
-    unbounded average, and each routing variant in the published (faithful) and the default mode; the routing
-    rows in the other modes run on request only, and asking for them is no reduction. --tiny runs every row."""
-    from bench.quality.evaluate import CANDIDATES, DEFAULT_ROWS, GROUPED, ONLINE, ROUTING_EXTRAS, STRATEGIES
+    """The default configuration runs every OnlineMerger strategy, K-Merge in the published mode and every iso
+    and exact mode, task arithmetic and the unbounded average, and each routing variant in the published
+    (faithful) and the default mode; the other rows run on request only, and asking for them is no
+    reduction. --tiny runs every row."""
+    from bench.quality.evaluate import DEFAULT_ROWS, EXTRA_ROWS, GROUPED, ONLINE, STRATEGIES
     from kmerge_fast.online import DEFAULT_MODE, STRATEGIES as MERGER_STRATEGIES
 
     cfg = _config()
     assert cfg.strategies == list(DEFAULT_ROWS) and cfg.reductions == []
     assert {ONLINE[r]["strategy"] for r in DEFAULT_ROWS if r in ONLINE} == set(MERGER_STRATEGIES)
-    assert set(CANDIDATES) | set(GROUPED) <= set(DEFAULT_ROWS)
+    assert {"kmerge", "kmerge-exact", "kmerge-iso", "kmerge-isonorm", f"kmerge-{DEFAULT_MODE}", *GROUPED} <= set(DEFAULT_ROWS)
     for router in ("kmerge++", "oracle"):
         assert {router, f"{router}-{DEFAULT_MODE}"} <= set(DEFAULT_ROWS)
-    assert ROUTING_EXTRAS and not set(ROUTING_EXTRAS) & set(DEFAULT_ROWS)
-    assert set(DEFAULT_ROWS) | set(ROUTING_EXTRAS) == set(STRATEGIES)
+    assert EXTRA_ROWS and not set(EXTRA_ROWS) & set(DEFAULT_ROWS)
+    assert set(DEFAULT_ROWS) | set(EXTRA_ROWS) == set(STRATEGIES)
     assert _config("--strategies", ",".join(STRATEGIES)).reductions == []
     fewer = _config("--strategies", "kmerge,ties")
     assert len(fewer.reductions) == 1 and "'opcm'" in fewer.reductions[0] and "not run" in fewer.reductions[0]

@@ -390,7 +390,7 @@ def crosscheck(cfg: Config, model, tok, scorer, adapters, test, cells, budgets, 
     sub = {t: test[t][:n] for t in tasks}
     cases = [("base", None, [tasks])] + [("single", [adapters[t]], [[t]]) for t in tasks]
     k = str(budgets[len(budgets) // 2])
-    for label in ("kmerge", "kmerge-rms", "kmerge-exact"):
+    for label in ("kmerge", "kmerge-isogeo", "kmerge-exact", "kmerge-rms"):   # those that ran
         runs = cells.get(label, {}).get(k, [])
         if runs:
             members = runs[0]["members"]
