@@ -230,3 +230,33 @@ def test_cpp_max_abs_matches_torch():
     want = [float(t.abs().max()) if t.numel() else 0.0 for t in tensors]
     assert cpu.max_abs(tensors) == want
     assert math.isnan(cpu.max_abs([torch.tensor([[1.0, float("nan")]])])[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_topk_keep_equals_topk_with_and_without_ties(dtype):
+    """The selection shortcut keeps exactly topk's entries: distinct magnitudes, ties at the k-th largest
+    (half precision makes them common; forced below), k = 0 and k = numel, NaN."""
+    from kmerge_fast.ops.numerics.elementwise import topk_keep
+
+    def plain(t, k):
+        flat = t.flatten()
+        out = torch.zeros_like(flat)
+        index = torch.topk(flat.abs(), k).indices
+        out[index] = flat[index]
+        return out.reshape(t.shape)
+
+    gen = torch.Generator().manual_seed(7)
+    cases = [torch.randn(16, 37, generator=gen).to(dtype)]
+    tied = torch.randn(16, 37, generator=gen).to(dtype)
+    tied[3, :9] = 0.5                                   # 9 entries tie in magnitude ...
+    tied[5, :4] = -0.5
+    tied[tied.abs() > 0.5] = 0.25 * tied[tied.abs() > 0.5].sign()   # ... among few larger ones
+    cases.append(tied)
+    nan = torch.randn(8, 8, generator=gen).to(dtype)
+    nan[2, 2] = float("nan")
+    cases.append(nan)
+    for t in cases:
+        for k in sorted({0, 1, 5, t.numel() // 3, t.numel() // 2, t.numel() - 1, t.numel()}):
+            got, want = topk_keep(t, k), plain(t, k)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), k
+            assert int((got != 0).sum()) <= k

@@ -41,7 +41,7 @@ class Config:
     secondary_orders: int | None = None
     d2c_budgets: list = field(default_factory=lambda: [3, 5, 8])
     d2c_examples: int = 10
-    d2c_seeds: int = 2              # seeds per D2C / K-Means / random cell (one seed ~19 min on 2 cores)
+    d2c_seeds: int = 2              # seeds per D2C / K-Means / random cell (one seed ~11 min on 2 cores)
     d2c_refine: int = 3             # D2C's move sweeps (kmerge_fast.d2c.cluster(refine=...))
     crosscheck: int = 8      # test examples per task decoded greedily for the F1 cross-check (0: off)
     bootstrap: int = 1000
