@@ -184,16 +184,16 @@ class LossScorer:
         float tensor is formed (hundreds of MB at a 50k vocabulary). A model that rejects or ignores
         the argument gets the full logits, then the selection.
         """
-        n = int(keep.sum())
-        if self._slices is not False:
+        if self._slices:
+            return self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+        if self._slices is None:  # first call: does the model honour the argument?
             try:
                 logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
             except TypeError:  # a forward without the argument (or **kwargs that refuse it)
                 logits = None
-            if logits is not None and logits.dim() == 2 and logits.shape[0] == n:
-                self._slices = True
+            self._slices = logits is not None and logits.dim() == 2 and logits.shape[0] == int(keep.sum())
+            if self._slices:
                 return logits.float()
-            self._slices = False
             if logits is not None and logits.shape[:2] == keep.shape:  # ignored: these are the full logits
                 return logits[keep].float()
         return self.model(input_ids=ids, attention_mask=mask).logits[keep].float()

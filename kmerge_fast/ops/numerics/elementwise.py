@@ -101,16 +101,16 @@ def topk_keep(t: torch.Tensor, k: int) -> torch.Tensor:
     ``topk`` decides which of them stay, as peft does.
     """
     flat = t.flatten()
+    mag = flat.abs()
     n = flat.numel()
     if 0 < k < n:
-        mag = flat.abs()
         wide = mag if mag.dtype in (torch.float32, torch.float64) else mag.float()  # exact for half types
         keep = mag >= torch.kthvalue(wide, n - k + 1).values.to(mag.dtype)
         # an upper set {|v| >= c} of exactly k entries is the k largest, whatever c is
         if int(keep.sum()) == k and not bool(mag.isnan().any()):
             return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(t.shape)
     out = torch.zeros_like(flat)
-    index = torch.topk(flat.abs(), k).indices
+    index = torch.topk(mag, k).indices
     out[index] = flat[index]
     return out.reshape(t.shape)
 
