@@ -5,8 +5,8 @@ slot of a newcomer (a free one, or a slot to merge into), its **combiner**
 merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
-``opcm``: the OPCM combiner's; ``spectrum``: the iso, isonorm and isogeo
-combiners'; ``norms``: isonorm's and isogeo's). The store persists the strategy's name and the mode;
+``opcm``: the OPCM combiner's; ``spectrum``: the iso, isonorm, isogeo and isocap
+combiners'; ``norms``: isonorm's, isogeo's and isocap's). The store persists the strategy's name and the mode;
 the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
@@ -18,7 +18,7 @@ Routers (:data:`ROUTERS`):
   newcomer's group, else the most similar.
 
 Combiners (:data:`COMBINERS`): the running averages named by the modes
-(``faithful``; ``exact``, ``iso``, ``isonorm``, ``isogeo``, ``rms``, ``sum``), peft's baselines (``linear``,
+(``faithful``; ``exact``, ``iso``, ``isonorm``, ``isogeo``, ``isocap``, ``rms``, ``sum``), peft's baselines (``linear``,
 ``ties``, ``dare_linear``, ``dare_ties``) and ``opcm``. A row whose combiner
 is None takes the running average of the merger's mode.
 
@@ -26,8 +26,8 @@ A new strategy is one class (a :class:`Router` or :class:`Combiner`
 subclass with a ``name``), registered once with :func:`add_strategy`. The
 store's manifest check (``store._validate_extra``) knows the built-in state
 fields by strategy name or mode (``group``: ``oracle``; ``opcm``: ``opcm``;
-``spectrum``: modes ``iso``, ``isonorm`` and ``isogeo``; ``norms``: ``isonorm``
-and ``isogeo``): a new
+``spectrum``: modes ``iso``, ``isonorm``, ``isogeo`` and ``isocap``; ``norms``:
+``isonorm``, ``isogeo`` and ``isocap``): a new
 part that keeps per-slot state needs its field added there.
 """
 
@@ -47,9 +47,11 @@ from .opcm import opcm_step
 from .similarity import cache_norms
 
 #: The running-average modes; each names a combiner.
-MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "rms", "sum")
+MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isocap", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
 DEFAULT_MODE = "isogeo"
+#: ``isocap`` serves a slot at the members' mean norm, at most this multiple of the average's norm.
+ISOCAP = 1.5
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -507,6 +509,21 @@ class IsoGeo(IsoNorm):
     @staticmethod
     def served_norm(average: float, mean: float) -> float:
         return math.sqrt(average * mean)
+
+
+@register
+class IsoCap(IsoNorm):
+    """``isonorm``'s members' mean norm, capped at :data:`ISOCAP` (1.5) times the norm of the truncated
+    running average avg: ||dW_slot||_F = min((1/n) sum_i ||dW_i||_F, 1.5 ||avg||_F), on ``iso``'s flat
+    average. Members that agree (avg = each member) are served at a member's norm; n orthogonal updates
+    of one norm m at m for n <= 2 and 1.5 m n^(-1/2) beyond (isonorm: m, which overshoots when one slot
+    holds many tasks; isogeo: m n^(-1/4), which undershoots a slot of few). State: as ``isonorm``."""
+
+    name = "isocap"
+
+    @staticmethod
+    def served_norm(average: float, mean: float) -> float:
+        return min(mean, ISOCAP * average)
 
 
 @register
