@@ -33,10 +33,10 @@ Paths (rows), each over the whole stream, timed per step with
   ``kf.LoRA.save`` of the slot into a folder (a new slot is saved too).
 - ``kmerge_fast (store, default mode=...)``: the same in the package's default
   mode (``kf.online.DEFAULT_MODE``), when that is not ``faithful``.
-- ``kmerge_fast in-memory, mode=faithful / exact / iso / isonorm / isogeo / isocap / rms``: ``kf.OnlineMerger(K)``
+- ``kmerge_fast in-memory, mode=faithful / exact / iso / isonorm / isogeo / isoswitch / rms``: ``kf.OnlineMerger(K)``
   without a store; the load is not timed, only ``add``. They measure how far
   each slot is from its target c_n sum_i dW_i (the running average for
-  faithful and exact, ``kf.online.slot_scale``; none for iso, isonorm, isogeo and isocap, which
+  faithful and exact, ``kf.online.slot_scale``; none for iso, isonorm, isogeo and isoswitch, which
   serve the average with a flattened spectrum on purpose):
   per slot, sqrt(sum_m ||dW_slot,m - c_n sum_i dW_i,m||_F^2 / sum_m ||c_n sum_i dW_i,m||_F^2)
   in float64 over **layer 0's 4 modules only** (dense products: a subset keeps
@@ -290,7 +290,7 @@ def main(argv=None) -> None:
         _, pub_peak, _ = h.peak_call(lambda: box.update(pub=run_published(folders, tasks, k, tmp / "published")))
         print(f"[bench_online] published done: {step_stats(box['pub'])['total']:.1f} s", flush=True)
         modes = {}
-        for mode in ("faithful", "exact", "iso", "isonorm", "isogeo", "isocap", "rms"):
+        for mode in ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms"):
             modes[mode] = run_in_memory(folders, tasks, k, mode)
             print(f"[bench_online] in-memory {mode} done: {step_stats(modes[mode])['total']:.1f} s", flush=True)
 

@@ -41,7 +41,7 @@ from .methods import METHODS
 # The flags' choices, copied from kmerge_fast.online and kmerge_fast.similarity (which import
 # torch) so that building the parser does not; test_cli checks that the copies match.
 STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
-MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isocap", "rms", "sum")
+MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms", "sum")
 DEFAULT_MODE = "isogeo"
 METRICS = ("cos", "l2", "l1", "linf")
 GGUF_DTYPES = ("f32", "f16", "bf16")  # kmerge_fast.store.GGUF_DTYPES

@@ -56,12 +56,10 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
   when the members agree, m n^(-1/4) for n orthogonal updates of norm m
   (iso: m n^(-1/2); isonorm: m, which overshoots when one slot holds many
   tasks). Same state as ``isonorm``.
-- ``isocap``: ``iso``'s flat running average, served per module at
-  isonorm's norm capped at 1.5 times the average's,
-  ||dW_slot||_F = min((1/n) sum_i ||dW_i||_F, 1.5 ||avg||_F): a member's
-  norm when the members agree, m for n <= 2 orthogonal updates of norm m
-  and 1.5 m n^(-1/2) beyond (isogeo: m n^(-1/4), below isonorm's m even
-  for a slot of two). Same state as ``isonorm``.
+- ``isoswitch``: ``isonorm`` while a slot holds at most 4 tasks,
+  ``isogeo`` from the fifth (isonorm's member norm suits a slot of a few
+  tasks and overshoots when one rank-r slot holds many). Same state as
+  ``isonorm``.
 - ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
   as in ``exact``. For members with orthogonal updates of equal norm the slot
   keeps a member's norm, where the average shrinks each task's update to 1/n.
@@ -133,8 +131,8 @@ class OnlineMerger:
         similarity: ``"cos"`` (default, published), ``"l2"``, ``"l1"`` or ``"linf"``.
         threshold: K-Merge++'s similarity threshold (``kmerge++`` only): a number, or
             ``"auto"`` (default) for :func:`width_threshold` of each newcomer.
-        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"isonorm"``, ``"isogeo"``, ``"isocap"``, ``"rms"`` or ``"sum"`` for the
-            running-average strategies (module docstring); default :data:`DEFAULT_MODE`.
+        mode: ``"faithful"``, ``"exact"``, ``"iso"``, ``"isonorm"``, ``"isogeo"``, ``"isoswitch"``, ``"rms"`` or
+            ``"sum"`` for the running-average strategies (module docstring); default :data:`DEFAULT_MODE`.
         store: a folder to keep the state in (created; must not hold a store
             yet - use :meth:`open` to resume one). None: in memory only.
         seed: seeds ``random``'s slot choice and DARE's masks (per step, so a

@@ -626,8 +626,8 @@ def _validate_formats(settings: dict, fail, exact_keys) -> tuple[str, ...]:
 
 def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: int, rank: int, fail) -> None:
     """A slot's strategy state: ``group`` (the oracle's, always and only there), ``opcm`` (OPCM's, per module),
-    ``spectrum`` (modes ``iso``, ``isonorm``, ``isogeo`` and ``isocap``, per module: ``rank`` singular values)
-    and ``norms`` (modes ``isonorm``, ``isogeo`` and ``isocap``, per module: the members' mean norm); the last
+    ``spectrum`` (modes ``iso``, ``isonorm``, ``isogeo`` and ``isoswitch``, per module: ``rank`` singular values)
+    and ``norms`` (modes ``isonorm``, ``isogeo`` and ``isoswitch``, per module: the members' mean norm); the last
     two in every slot of two tasks or more."""
     if not isinstance(extra, dict):
         fail(f, f"expected an object, got {_show(extra)}")
@@ -635,11 +635,11 @@ def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: in
         if key not in ("group", "opcm", "spectrum", "norms"):
             fail(f"{f}.{key}", "unknown field")
     merged = n_tasks > 1
-    if ("spectrum" in extra) != (mode in ("iso", "isonorm", "isogeo", "isocap") and merged):
+    if ("spectrum" in extra) != (mode in ("iso", "isonorm", "isogeo", "isoswitch") and merged):
         fail(f + ".spectrum", "held by the slots of two tasks or more in modes 'iso', 'isonorm', 'isogeo' and "
-             "'isocap', always and only")
-    if ("norms" in extra) != (mode in ("isonorm", "isogeo", "isocap") and merged):
-        fail(f + ".norms", "held by the slots of two tasks or more in modes 'isonorm', 'isogeo' and 'isocap', "
+             "'isoswitch', always and only")
+    if ("norms" in extra) != (mode in ("isonorm", "isogeo", "isoswitch") and merged):
+        fail(f + ".norms", "held by the slots of two tasks or more in modes 'isonorm', 'isogeo' and 'isoswitch', "
              "always and only")
     if "spectrum" in extra:
         spectrum = extra["spectrum"]

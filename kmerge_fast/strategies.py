@@ -5,8 +5,8 @@ slot of a newcomer (a free one, or a slot to merge into), its **combiner**
 merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
-``opcm``: the OPCM combiner's; ``spectrum``: the iso, isonorm, isogeo and isocap
-combiners'; ``norms``: isonorm's, isogeo's and isocap's). The store persists the strategy's name and the mode;
+``opcm``: the OPCM combiner's; ``spectrum``: the iso, isonorm, isogeo and isoswitch
+combiners'; ``norms``: isonorm's, isogeo's and isoswitch's). The store persists the strategy's name and the mode;
 the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
@@ -18,16 +18,16 @@ Routers (:data:`ROUTERS`):
   newcomer's group, else the most similar.
 
 Combiners (:data:`COMBINERS`): the running averages named by the modes
-(``faithful``; ``exact``, ``iso``, ``isonorm``, ``isogeo``, ``isocap``, ``rms``, ``sum``), peft's baselines (``linear``,
-``ties``, ``dare_linear``, ``dare_ties``) and ``opcm``. A row whose combiner
+(``faithful``; ``exact``, ``iso``, ``isonorm``, ``isogeo``, ``isoswitch``, ``rms``, ``sum``), peft's
+baselines (``linear``, ``ties``, ``dare_linear``, ``dare_ties``) and ``opcm``. A row whose combiner
 is None takes the running average of the merger's mode.
 
 A new strategy is one class (a :class:`Router` or :class:`Combiner`
 subclass with a ``name``), registered once with :func:`add_strategy`. The
 store's manifest check (``store._validate_extra``) knows the built-in state
 fields by strategy name or mode (``group``: ``oracle``; ``opcm``: ``opcm``;
-``spectrum``: modes ``iso``, ``isonorm``, ``isogeo`` and ``isocap``; ``norms``:
-``isonorm``, ``isogeo`` and ``isocap``): a new
+``spectrum``: modes ``iso``, ``isonorm``, ``isogeo`` and ``isoswitch``; ``norms``:
+``isonorm``, ``isogeo`` and ``isoswitch``): a new
 part that keeps per-slot state needs its field added there.
 """
 
@@ -47,11 +47,11 @@ from .opcm import opcm_step
 from .similarity import cache_norms
 
 #: The running-average modes; each names a combiner.
-MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isocap", "rms", "sum")
+MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
 DEFAULT_MODE = "isogeo"
-#: ``isocap`` serves a slot at the members' mean norm, at most this multiple of the average's norm.
-ISOCAP = 1.5
+#: ``isoswitch`` serves a slot of at most this many tasks as ``isonorm`` does, a larger one as ``isogeo``.
+ISONORM_UP_TO = 4
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -483,8 +483,9 @@ class IsoNorm(Iso):
     keys = ("spectrum", "norms")
 
     @staticmethod
-    def served_norm(average: float, mean: float) -> float:
-        """The norm a module is served at, from the average's norm and the members' mean norm."""
+    def served_norm(average: float, mean: float, n: int) -> float:
+        """The norm a module of a slot of n tasks is served at, from the average's norm and the members'
+        mean norm."""
         return mean
 
     def combine(self, slot, current, lora, n, task, seed):
@@ -492,7 +493,7 @@ class IsoNorm(Iso):
         new = module_norms(lora)
         norms = {name: before[name] + (new[name] - before[name]) / n for name in new}   # the members' mean
         served, spectrum = isotropic(self.average(slot, current, lora, n),
-                                     lambda name, average: self.served_norm(average, norms[name]))
+                                     lambda name, average: self.served_norm(average, norms[name], n))
         return served, {"spectrum": spectrum, "norms": norms}
 
 
@@ -507,23 +508,23 @@ class IsoGeo(IsoNorm):
     name = "isogeo"
 
     @staticmethod
-    def served_norm(average: float, mean: float) -> float:
+    def served_norm(average: float, mean: float, n: int) -> float:
         return math.sqrt(average * mean)
 
 
 @register
-class IsoCap(IsoNorm):
-    """``isonorm``'s members' mean norm, capped at :data:`ISOCAP` (1.5) times the norm of the truncated
-    running average avg: ||dW_slot||_F = min((1/n) sum_i ||dW_i||_F, 1.5 ||avg||_F), on ``iso``'s flat
-    average. Members that agree (avg = each member) are served at a member's norm; n orthogonal updates
-    of one norm m at m for n <= 2 and 1.5 m n^(-1/2) beyond (isonorm: m, which overshoots when one slot
-    holds many tasks; isogeo: m n^(-1/4), which undershoots a slot of few). State: as ``isonorm``."""
+class IsoSwitch(IsoNorm):
+    """``isonorm`` for a slot of at most :data:`ISONORM_UP_TO` (4) tasks, ``isogeo`` for a larger one:
+    ||dW_slot||_F = (1/n) sum_i ||dW_i||_F for n <= 4, sqrt(||avg||_F (1/n) sum_i ||dW_i||_F) beyond, on
+    ``iso``'s flat average. A member's norm suits a slot of a few tasks; it overshoots when one rank-r slot
+    holds many, where isogeo's geometric mean serves n orthogonal updates of norm m at m n^(-1/4).
+    State: as ``isonorm``."""
 
-    name = "isocap"
+    name = "isoswitch"
 
     @staticmethod
-    def served_norm(average: float, mean: float) -> float:
-        return min(mean, ISOCAP * average)
+    def served_norm(average: float, mean: float, n: int) -> float:
+        return mean if n <= ISONORM_UP_TO else math.sqrt(average * mean)
 
 
 @register

@@ -190,12 +190,12 @@ def test_iso_mode_serves_exact_mode_with_a_flat_spectrum(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["isonorm", "isogeo", "isocap"])
+@pytest.mark.parametrize("mode", ["isonorm", "isogeo", "isoswitch"])
 def test_rescaled_iso_modes_serve_iso_at_their_norm(mode, dtype):
-    """Every isonorm / isogeo / isocap slot is iso's slot (same stream, same slots, same flat subspaces)
-    rescaled per module to N = mean_i ||dW_i||_F (isonorm), sqrt(||dW_iso||_F * mean_i ||dW_i||_F) (isogeo)
-    or min(mean_i ||dW_i||_F, 1.5 ||dW_iso||_F) (isocap): float64 dense truth of the members and of each
-    served dW."""
+    """Every isonorm / isogeo / isoswitch slot is iso's slot (same stream, same slots, same flat subspaces)
+    rescaled per module to N = mean_i ||dW_i||_F (isonorm; isoswitch, whose slots of 3 tasks are below its
+    switch) or sqrt(||dW_iso||_F * mean_i ||dW_i||_F) (isogeo): float64 dense truth of the members and of
+    each served dW."""
     adapters = family_adapters(9, families=3, rank=3, dtype=dtype)
     kw = dict(strategy="oracle", oracle=lambda task: int(task[1:]) % 3)
     scaled, iso = kf.OnlineMerger(3, mode=mode, **kw), kf.OnlineMerger(3, mode="iso", **kw)
@@ -210,15 +210,14 @@ def test_rescaled_iso_modes_serve_iso_at_their_norm(mode, dtype):
             d_iso = ref.modules[name].delta(torch.float64)
             # the members disagree, so the average (and iso) is smaller than a member: the rescaling matters
             assert float(d_iso.norm()) < 0.9 * mean_norm
-            want_norm = {"isonorm": mean_norm, "isogeo": (float(d_iso.norm()) * mean_norm) ** 0.5,
-                         "isocap": min(mean_norm, 1.5 * float(d_iso.norm()))}[mode]
+            want_norm = (float(d_iso.norm()) * mean_norm) ** 0.5 if mode == "isogeo" else mean_norm
             assert float(m.delta(torch.float64).norm()) == pytest.approx(want_norm, rel=tol)
             want = d_iso * (want_norm / float(d_iso.norm()))
             assert float((m.delta(torch.float64) - want).norm() / want.norm()) < 5 * tol
             assert m.A.dtype == dtype and m.B.dtype == dtype
 
 
-@pytest.mark.parametrize("mode", ["iso", "isonorm", "isogeo", "isocap"])
+@pytest.mark.parametrize("mode", ["iso", "isonorm", "isogeo", "isoswitch"])
 def test_same_adapter_merged_into_itself_is_served_unchanged(mode):
     """Members that agree: the slot of n copies of one adapter serves that adapter's update (float64 truth)."""
     (a,) = family_adapters(1, families=1, rank=3, dtype=torch.float64)
@@ -228,14 +227,14 @@ def test_same_adapter_merged_into_itself_is_served_unchanged(mode):
     for name, m in merger.slots[0].modules.items():
         truth = a.modules[name].delta(torch.float64)
         U, s, Vh = torch.linalg.svd(truth, full_matrices=False)
-        # the spectrum is flattened, so the norm and the subspace are what is kept; isonorm, isogeo, isocap take
+        # the spectrum is flattened, so the norm and the subspace are what is kept; the rescaled modes take
         # the members' norms from float32 Grams (similarity's cache): 1e-6
         assert float(m.delta(torch.float64).norm()) == pytest.approx(float(truth.norm()), rel=1e-6)
         want = float(s[:3].square().mean().sqrt()) * U[:, :3] @ Vh[:3]
         assert float((m.delta(torch.float64) - want).norm() / want.norm()) < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["iso", "isonorm", "isogeo", "isocap"])
+@pytest.mark.parametrize("mode", ["iso", "isonorm", "isogeo", "isoswitch"])
 def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path, mode):
     """The spectrum kept in the manifest lets a reopened store continue exactly as the merger in memory."""
     adapters = family_adapters(8, families=2, rank=3)
@@ -254,25 +253,22 @@ def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path, mode):
                 assert torch.equal(a.modules[name].B, b.modules[name].B)
 
 
-@pytest.mark.parametrize("families, capped", [(1, False), (6, True)])
-def test_isocap_serves_the_mean_norm_until_the_cap(families, capped):
-    """isocap's two regimes, float64 truth: six adapters of one family agree, so the slot is served at their
-    mean norm (as by isonorm); six independent ones do not, and the cap 1.5 ||dW_iso||_F binds (below
-    isonorm's mean norm and isogeo's sqrt(||dW_iso|| * mean))."""
-    adapters = family_adapters(6, families=families, rank=3, dtype=torch.float64)
-    cap, iso = kf.OnlineMerger(1, mode="isocap"), kf.OnlineMerger(1, mode="iso")
+def test_isoswitch_is_isonorm_up_to_four_tasks_then_isogeo():
+    """One slot, seven independent adapters: isoswitch serves it bit for bit as isonorm while it holds at
+    most 4 tasks, and as isogeo from the fifth (float64; the switch matters: isonorm's norm is larger)."""
+    adapters = family_adapters(7, families=7, rank=3, dtype=torch.float64)
+    mergers = {mode: kf.OnlineMerger(1, mode=mode) for mode in ("isoswitch", "isonorm", "isogeo")}
     for k, lora in enumerate(adapters):
-        cap.add(lora, f"t{k}"), iso.add(lora, f"t{k}")
-    for name, m in cap.slots[0].modules.items():
-        mean_norm = sum(float(a.modules[name].delta(torch.float64).norm()) for a in adapters) / len(adapters)
-        d_iso = iso.slots[0].modules[name].delta(torch.float64)
-        iso_norm = float(d_iso.norm())
-        assert (1.5 * iso_norm < 0.95 * mean_norm) == capped and (mean_norm < 0.95 * 1.5 * iso_norm) != capped
-        served = m.delta(torch.float64)
-        assert float(served.norm()) == pytest.approx(1.5 * iso_norm if capped else mean_norm, rel=1e-6)
-        if capped:
-            assert float(served.norm()) < 0.95 * (iso_norm * mean_norm) ** 0.5
-        assert float((served / served.norm() - d_iso / iso_norm).norm()) < 1e-6
+        for merger in mergers.values():
+            merger.add(lora, f"t{k}")
+        switch, norm, geo = (mergers[mode].slots[0].modules for mode in ("isoswitch", "isonorm", "isogeo"))
+        for name, m in switch.items():
+            if k + 1 <= 4:
+                assert torch.equal(m.A, norm[name].A) and torch.equal(m.B, norm[name].B)
+                continue
+            served, want = m.delta(torch.float64), geo[name].delta(torch.float64)
+            assert float((served - want).norm() / want.norm()) < 1e-9
+            assert float(norm[name].delta(torch.float64).norm()) > 1.2 * float(served.norm())
 
 
 def test_isotropic_and_anisotropic_are_inverse():

@@ -135,10 +135,10 @@ def test_deadline_is_the_next_such_utc_time():
 def test_comparisons_pair_candidates_with_peers_and_routers_with_their_mode():
     from bench.quality.evaluate import comparisons
 
-    pairs = dict(comparisons(["kmerge", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo", "kmerge-isocap", "ties",
+    pairs = dict(comparisons(["kmerge", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo", "kmerge-isoswitch", "ties",
                               "opcm", "oracle-isonorm", "kmerge++-isonorm", "kmerge++", "oracle-exact", "random"]))
     # only the peers that ran (no task_arithmetic, no kmerge-exact), never a row against itself
-    assert pairs["kmerge-isocap"] == ["ties", "opcm", "kmerge", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo"]
+    assert pairs["kmerge-isoswitch"] == ["ties", "opcm", "kmerge", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo"]
     assert pairs["kmerge-isogeo"] == ["ties", "opcm", "kmerge", "kmerge-iso", "kmerge-isonorm"]
     assert pairs["kmerge-isonorm"] == ["ties", "opcm", "kmerge", "kmerge-iso", "kmerge-isogeo"]
     assert pairs["kmerge-iso"] == ["ties", "opcm", "kmerge", "kmerge-isonorm", "kmerge-isogeo"]

@@ -45,7 +45,7 @@ def stores(tmp_path_factory):
     _make(base / "iso", n=3, mode="iso")
     _make(base / "isonorm", n=3, mode="isonorm")
     _make(base / "isogeo", n=3, mode="isogeo")
-    _make(base / "isocap", n=3, mode="isocap")
+    _make(base / "isoswitch", n=3, mode="isoswitch")
     return base
 
 
@@ -243,7 +243,7 @@ def _opcm_module(manifest: dict) -> dict:
     ("iso", lambda m: _first_values(m).__setitem__(0, -1.0), r"extra\.spectrum\[.*\]: expected 4 finite numbers >= 0"),
     ("kmerge", lambda m: m["slots"][0]["extra"].update(spectrum={"x": [1.0]}),
      r"slots\[0\]\.extra\.spectrum: held by the slots of two tasks or more in modes 'iso', 'isonorm', "
-     r"'isogeo' and 'isocap'"),
+     r"'isogeo' and 'isoswitch'"),
     ("isonorm", lambda m: _merged_extra(m).pop("norms"), r"slots\[\d\]\.extra\.norms: held by the slots of two"),
     ("iso", lambda m: _merged_extra(m).update(norms={}), r"slots\[\d\]\.extra\.norms: held by the slots of two"),
     ("isonorm", lambda m: _merged_extra(m).update(norms={"x": 1.0}),
@@ -254,8 +254,8 @@ def _opcm_module(manifest: dict) -> dict:
     ("isogeo", lambda m: _merged_extra(m).pop("norms"), r"slots\[\d\]\.extra\.norms: held by the slots of two"),
     ("isogeo", lambda m: _merged_extra(m)["norms"].update({next(iter(_merged_extra(m)["norms"])): -1.0}),
      r"slots\[\d\]\.extra\.norms\[.*\]: expected a finite number >= 0"),
-    ("isocap", lambda m: _merged_extra(m).pop("norms"), r"slots\[\d\]\.extra\.norms: held by the slots of two"),
-    ("isocap", lambda m: _merged_extra(m).pop("spectrum"), r"slots\[\d\]\.extra\.spectrum: held by the slots"),
+    ("isoswitch", lambda m: _merged_extra(m).pop("norms"), r"slots\[\d\]\.extra\.norms: held by the slots of two"),
+    ("isoswitch", lambda m: _merged_extra(m).pop("spectrum"), r"slots\[\d\]\.extra\.spectrum: held by the slots"),
     ("oracle", lambda m: m["slots"][0]["extra"].pop("group"), r"slots\[0\]\.extra\.group: held by"),
     ("oracle", lambda m: m["slots"][0]["extra"].update(group=[1]), r"slots\[0\]\.extra\.group: expected a JSON scalar"),
 ])
