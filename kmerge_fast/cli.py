@@ -42,7 +42,7 @@ from .methods import METHODS
 # torch) so that building the parser does not; test_cli checks that the copies match.
 STRATEGIES = ("kmerge", "kmerge++", "linear", "ties", "dare_linear", "dare_ties", "random", "oracle", "opcm")
 MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms", "sum")
-DEFAULT_MODE = "isogeo"
+DEFAULT_MODE = "isoswitch"
 METRICS = ("cos", "l2", "l1", "linf")
 GGUF_DTYPES = ("f32", "f16", "bf16")  # kmerge_fast.store.GGUF_DTYPES
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.

@@ -49,7 +49,7 @@ from .similarity import cache_norms
 #: The running-average modes; each names a combiner.
 MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
-DEFAULT_MODE = "isogeo"
+DEFAULT_MODE = "isoswitch"
 #: ``isoswitch`` serves a slot of at most this many tasks as ``isonorm`` does, a larger one as ``isogeo``.
 ISONORM_UP_TO = 4
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.

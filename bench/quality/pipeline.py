@@ -19,7 +19,7 @@ from . import model as base
 from . import stats
 from .evaluate import DEFAULT_ROWS, ONLINE, STRATEGIES, arrival_orders, comparisons, run_d2c, run_online
 from .scoring import Scorer, generation_f1, mean
-from .report import write_report
+from .report import default_row, write_report
 from .tasks import TYPES, dataset, split, task_name
 from .train import Recipe, train_lora
 
@@ -390,7 +390,7 @@ def crosscheck(cfg: Config, model, tok, scorer, adapters, test, cells, budgets, 
     sub = {t: test[t][:n] for t in tasks}
     cases = [("base", None, [tasks])] + [("single", [adapters[t]], [[t]]) for t in tasks]
     k = str(budgets[len(budgets) // 2])
-    for label in ("kmerge", "kmerge-isogeo", "kmerge-exact", "kmerge-rms"):   # those that ran
+    for label in ("kmerge", default_row(), "kmerge-exact", "kmerge-rms"):   # those that ran
         runs = cells.get(label, {}).get(k, [])
         if runs:
             members = runs[0]["members"]

@@ -11,8 +11,8 @@ ARMS = ("independent", "shared")
 ARM_TEXT = {"independent": "independent LoRA-A initialisation (as users and the published code train)",
             "shared": "one shared LoRA-A initialisation for every adapter"}
 #: rows drawn in the plot (the rest are in the tables)
-PLOTTED = ("kmerge", "kmerge-exact", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo", "kmerge-rms", "ties", "opcm", "task_arithmetic",
-           "avg_unbounded")
+PLOTTED = ("kmerge", "kmerge-exact", "kmerge-iso", "kmerge-isonorm", "kmerge-isogeo", "kmerge-isoswitch", "kmerge-rms",
+           "ties", "opcm", "task_arithmetic", "avg_unbounded")
 
 
 def default_row() -> str:
