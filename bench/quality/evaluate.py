@@ -64,12 +64,13 @@ PEERS = ("ties", "opcm", "task_arithmetic", "kmerge", "kmerge-exact", "kmerge-is
 #: routing variants, each compared with K-Merge's similarity routing in the same merge mode
 ROUTERS = ("kmerge++", "oracle")
 #: rows run on request (``--strategies``; their results are in the README), not in the default configuration,
-#: to keep its run time near two hours (together about 25 minutes of a cold evaluation on 2 cores): the
+#: to keep its run time near two hours (together roughly half an hour of a cold evaluation on 2 cores): the
 #: candidate modes that lost to every iso mode at every K (rms, sum), iso (below isogeo at K = 1-5 and 8 and
 #: never above it), and the routing rows in the modes that are neither the published one (faithful) nor the
 #: default (kmerge_fast.online.DEFAULT_MODE)
 EXTRA_ROWS = ("kmerge-iso", "kmerge-rms", "kmerge-sum") + tuple(
-    f"{r}-{m}" for r in ROUTERS for m in ("exact", "iso", "isonorm", "isogeo", "isoswitch") if m != kf.online.DEFAULT_MODE)
+    f"{r}-{m}" for r in ROUTERS for m in ("exact", "iso", "isonorm", "isogeo", "isoswitch")
+    if m != kf.online.DEFAULT_MODE)
 #: the rows of the default configuration
 DEFAULT_ROWS = tuple(s for s in STRATEGIES if s not in EXTRA_ROWS)
 
