@@ -6,8 +6,8 @@ merges the newcomer into that slot. Each owns its settings checks and its
 per-slot state, which the store keeps in the manifest's ``slots[i].extra``
 under the part's :attr:`Part.keys` (``group``: the oracle router's;
 ``opcm``: the OPCM combiner's; ``spectrum``: the iso, isonorm, isogeo and isoswitch
-combiners'; ``norms``: isonorm's, isogeo's and isoswitch's). The store persists the strategy's name and the mode;
-the pair follows from them (:meth:`Strategy.pair`).
+combiners'; ``norms``: isonorm's, isogeo's and isoswitch's). The store persists the strategy's name and
+the mode; the pair follows from them (:meth:`Strategy.pair`).
 
 Routers (:data:`ROUTERS`):
 
@@ -357,8 +357,8 @@ class Faithful(Combiner):
             self.warned_aligned = True
             warnings.warn(f"task {task!r}: its lora_A is aligned with slot {slot}'s (mean |cos| {align:.2f} > "
                           f"{ALIGNED_A}), as when adapters share one initialisation; faithful mode then returns "
-                          "nearly the sum of the updates, not their average (modes 'isonorm', 'iso', 'exact' and "
-                          "'rms' do not)",
+                          "nearly the sum of the updates, not their average (the exact-average modes, the "
+                          f"default {DEFAULT_MODE!r} among them, do not)",
                           stacklevel=3)
         return merge([current, lora], running_weights(self.name, n), method="linear"), {}
 
@@ -524,7 +524,8 @@ class IsoSwitch(IsoNorm):
 
     @staticmethod
     def served_norm(average: float, mean: float, n: int) -> float:
-        return mean if n <= ISONORM_UP_TO else math.sqrt(average * mean)
+        rule = IsoNorm if n <= ISONORM_UP_TO else IsoGeo
+        return rule.served_norm(average, mean, n)
 
 
 @register

@@ -282,7 +282,8 @@ def test_default_rows_cover_every_strategy_and_the_published_and_default_modes()
     assert cfg.strategies == list(DEFAULT_ROWS) and cfg.reductions == []
     assert {ONLINE[r]["strategy"] for r in DEFAULT_ROWS if r in ONLINE} == set(MERGER_STRATEGIES)
     # the default's constituent modes (isoswitch: isonorm for a few tasks, isogeo beyond) are in, iso is not
-    assert {"kmerge", "kmerge-exact", "kmerge-isonorm", "kmerge-isogeo", f"kmerge-{DEFAULT_MODE}", *GROUPED} <= set(DEFAULT_ROWS)
+    assert {"kmerge", "kmerge-exact", "kmerge-isonorm", "kmerge-isogeo", f"kmerge-{DEFAULT_MODE}",
+            *GROUPED} <= set(DEFAULT_ROWS)
     assert len(DEFAULT_ROWS) == 17 and "kmerge-iso" in EXTRA_ROWS
     for router in ("kmerge++", "oracle"):
         assert {router, f"{router}-{DEFAULT_MODE}"} <= set(DEFAULT_ROWS)
