@@ -624,23 +624,31 @@ def _validate_formats(settings: dict, fail, exact_keys) -> tuple[str, ...]:
     return tuple(formats)
 
 
+#: The modes whose slots keep ``extra.spectrum`` / ``extra.norms`` (their combiners' ``keys``, copied so that
+#: reading a manifest does not import torch; test_store_tamper checks that the copies match).
+SPECTRUM_MODES = ("iso", "isonorm", "isogeo", "isoswitch")
+NORMS_MODES = ("isonorm", "isogeo", "isoswitch")
+
+
+def _listed(names: Sequence[str]) -> str:
+    """'a', 'b' and 'c'."""
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:-1]) + " and " + quoted[-1] if len(quoted) > 1 else "".join(quoted)
+
+
 def _validate_extra(extra: object, f: str, strategy: str, mode: str, n_tasks: int, rank: int, fail) -> None:
     """A slot's strategy state: ``group`` (the oracle's, always and only there), ``opcm`` (OPCM's, per module),
-    ``spectrum`` (modes ``iso``, ``isonorm``, ``isogeo`` and ``isoswitch``, per module: ``rank`` singular values)
-    and ``norms`` (modes ``isonorm``, ``isogeo`` and ``isoswitch``, per module: the members' mean norm); the last
-    two in every slot of two tasks or more."""
+    ``spectrum`` (:data:`SPECTRUM_MODES`, per module: ``rank`` singular values) and ``norms``
+    (:data:`NORMS_MODES`, per module: the members' mean norm); the last two in every slot of two tasks or more."""
     if not isinstance(extra, dict):
         fail(f, f"expected an object, got {_show(extra)}")
     for key in extra:
         if key not in ("group", "opcm", "spectrum", "norms"):
             fail(f"{f}.{key}", "unknown field")
     merged = n_tasks > 1
-    if ("spectrum" in extra) != (mode in ("iso", "isonorm", "isogeo", "isoswitch") and merged):
-        fail(f + ".spectrum", "held by the slots of two tasks or more in modes 'iso', 'isonorm', 'isogeo' and "
-             "'isoswitch', always and only")
-    if ("norms" in extra) != (mode in ("isonorm", "isogeo", "isoswitch") and merged):
-        fail(f + ".norms", "held by the slots of two tasks or more in modes 'isonorm', 'isogeo' and 'isoswitch', "
-             "always and only")
+    for key, modes in (("spectrum", SPECTRUM_MODES), ("norms", NORMS_MODES)):
+        if (key in extra) != (mode in modes and merged):
+            fail(f"{f}.{key}", f"held by the slots of two tasks or more in modes {_listed(modes)}, always and only")
     if "spectrum" in extra:
         spectrum = extra["spectrum"]
         if not isinstance(spectrum, dict) or not spectrum:

@@ -269,6 +269,14 @@ def test_strategy_state_schema(stores, tmp_path, store, change, message):
     assert _files(root) == before
 
 
+def test_state_mode_lists_match_the_combiners():
+    """store's torch-free copies of which modes keep a spectrum / norms equal the combiners' own keys."""
+    from kmerge_fast import store, strategies
+
+    for key, modes in (("spectrum", store.SPECTRUM_MODES), ("norms", store.NORMS_MODES)):
+        assert modes == tuple(m for m in strategies.MODES if key in strategies.COMBINERS[m].keys)
+
+
 def test_stored_rank_must_match_the_slot_file(stores, tmp_path):
     root = tmp_path / "s"
     shutil.copytree(stores / "kmerge", root)
