@@ -2,9 +2,9 @@
 
 Layout of a store folder::
 
-    manifest.json            the state: format version, settings, slots (folder, members, the SHA-256
-                             of each file), history, the folders awaiting deletion (``obsolete``), and
-                             the SHA-256 of all that (``checksum``)
+    manifest.json            the state, as canonical JSON: format version, settings, slots (folder,
+                             members, the SHA-256 of each file), history, the folders awaiting deletion
+                             (``obsolete``), and the SHA-256 of all that (``checksum``)
     slots/s003-g000017/      one peft adapter folder per slot version: slot 3, written by the commit of
                              generation 17 (adapter_config.json, adapter_model.safetensors; loadable
                              by PeftModel.from_pretrained), and the slot in the store's other formats:
@@ -396,12 +396,29 @@ def write_slot(lora: "LoRA", path: Path, while_syncing: Callable[[], object] | N
 
 
 # ------------------------------------------------------------------ the manifest
+def canonical_json(obj: dict) -> bytes:
+    """``obj`` as canonical JSON: keys sorted, no whitespace, ASCII; floats as Python writes them, which
+    parse back exactly. (Without indentation json uses its C encoder: the manifest of a full Llama
+    stream, about 300 KB, encodes in 5 ms instead of 10.)"""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def manifest_checksum(manifest: dict) -> str:
-    """SHA-256 hex of the canonical JSON of ``manifest`` without its ``checksum`` field
-    (keys sorted, no whitespace, ASCII; floats as Python writes them, which parse back exactly)."""
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """SHA-256 hex of the canonical JSON (:func:`canonical_json`) of ``manifest`` without its ``checksum``
+    field."""
+    return manifest_bytes({k: v for k, v in manifest.items() if k != "checksum"})[1]
+
+
+def manifest_bytes(body: dict) -> tuple[bytes, str]:
+    """The manifest file for ``body`` (a manifest without ``checksum``): (its bytes, the checksum).
+
+    The file is the canonical JSON of ``body`` plus ``checksum``, which sorts before every other
+    top-level key (``_TOP_KEYS``); so the body is encoded once, for both the checksum and the file (after
+    the slot's files, a commit's largest cost).
+    """
+    text = canonical_json(body)
+    checksum = hashlib.sha256(text).hexdigest()
+    return b'{"checksum":"' + checksum.encode() + b'",' + text[1:], checksum
 
 
 def _is_int(x: object) -> bool:
@@ -1249,19 +1266,19 @@ class Store:
             live = {entry["dir"] for entry in entries}
             gone = set(self.manifest["obsolete"]) | {slot["dir"] for slot in old} | self._orphans
             obsolete = sorted(d for d in gone - live if os.path.lexists(slots_root / d))
-            manifest = {**self.manifest, "generation": generation, "slots": entries, "obsolete": obsolete,
-                        "history": history}
-            manifest["checksum"] = manifest_checksum(manifest)
-            self._replace_manifest(manifest, prints)
+            body = {k: v for k, v in self.manifest.items() if k != "checksum"}
+            body.update(generation=generation, slots=entries, obsolete=obsolete, history=history)
+            data, checksum = manifest_bytes(body)
+            self._replace_manifest({**body, "checksum": checksum}, data, prints)
         except BaseException:
             if self.generation != generation:  # not committed: what it wrote goes after the next commit
                 self._orphans.update(created)
             raise
 
-    def _replace_manifest(self, manifest: dict, prints: dict[str, tuple]) -> None:
-        """Write ``manifest`` to a temporary file, fsync it, rename it over the manifest (the commit point),
-        fsync the store folder, then queue the deletion of the folders it lists as obsolete."""
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    def _replace_manifest(self, manifest: dict, data: bytes, prints: dict[str, tuple]) -> None:
+        """Write ``data`` (``manifest``'s file, :func:`manifest_bytes`) to a temporary file, fsync it, rename
+        it over the manifest (the commit point), fsync the store folder, then queue the deletion of the
+        folders it lists as obsolete."""
         fd, tmp = self._new_temp()
         try:
             try:

@@ -78,9 +78,12 @@ def test_manifest_records_settings_members_and_checksums(tmp_path):
     with kf.OnlineMerger(2, strategy="kmerge++", threshold=0.2, store=tmp_path / "s") as m:
         for k, lora in enumerate(family_adapters(3)):
             m.add(lora, f"t{k}")
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw = (tmp_path / "s" / "manifest.json").read_bytes()
+    manifest = json.loads(raw)
     assert manifest["format"] == "kmerge_fast.store" and manifest["version"] == 2
     assert manifest["checksum"] == kf.store.manifest_checksum(manifest)
+    # the file is the canonical JSON of the whole manifest, though the commit encoded only its body
+    assert raw == kf.store.canonical_json(manifest)
     # the superseded versions this last commit listed for deletion were deleted after it (close waits)
     assert not any((tmp_path / "s" / "slots" / d).exists() for d in manifest["obsolete"])
     assert manifest["settings"]["strategy"] == "kmerge++" and manifest["settings"]["threshold"] == 0.2
@@ -142,7 +145,7 @@ def test_tampered_store_is_refused(tmp_path, damage):
         manifest.write_text(manifest.read_text()[:-20])
         message = "unreadable manifest"
     elif damage == "future_version":
-        manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 99'))
+        manifest.write_text(manifest.read_text().replace('"version":2}', '"version":99}'))
         message = "format version 99"
     else:
         manifest.unlink()
