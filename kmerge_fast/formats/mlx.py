@@ -70,6 +70,7 @@ import torch
 from ..errors import AdapterError
 from ..files import atomic_write
 from ..names import canonical_name
+from . import safetensors_file
 
 __all__ = ["save_mlx", "load_mlx", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -98,8 +99,6 @@ def save_mlx(lora, folder: str | os.PathLike, num_layers: int | None = None, ove
         AdapterError: a module outside ``model.layers.N.``, a ``num_layers``
             that does not cover the adapter's layers, or existing files.
     """
-    from safetensors.torch import save as serialize
-
     folder = Path(folder)
     weights_path, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     if not overwrite:
@@ -155,10 +154,7 @@ def save_mlx(lora, folder: str | os.PathLike, num_layers: int | None = None, ove
                             "keys": sorted({rel for _, _, _, rel, _ in planned})},
     }
     folder.mkdir(parents=True, exist_ok=True)
-    # Serialised here and written with open(), as formats/peft.py does: safetensors'
-    # save_file() writes a file of its own with mode 0600, not the umask's.
-    weights = serialize(tensors, metadata={"format": "mlx"})
-    atomic_write(weights_path, lambda tmp: Path(tmp).write_bytes(weights))
+    atomic_write(weights_path, lambda tmp: safetensors_file.write(tmp, tensors, {"format": "mlx"}))
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

@@ -30,6 +30,7 @@ from ..adapter import LoRA, LoRAModule, check_module, exact_module_map
 from ..errors import AdapterError
 from ..files import atomic_write
 from ..names import canonical_name, peft_key
+from . import safetensors_file
 from .patterns import compile_pattern_key
 
 CONFIG_NAME = "adapter_config.json"
@@ -126,8 +127,6 @@ def from_bytes(config: bytes, weights: bytes, where: str | os.PathLike, device="
 
 def save(lora: LoRA, path: str | os.PathLike, atomic: bool = True) -> None:
     """:meth:`LoRA.save <kmerge_fast.LoRA.save>`: write ``lora`` as a peft adapter folder."""
-    from safetensors.torch import save as serialize
-
     if not lora.modules:
         raise AdapterError(f"{path}: refusing to save an adapter with no modules")
     for name, m in lora.modules.items():
@@ -143,14 +142,10 @@ def save(lora: LoRA, path: str | os.PathLike, atomic: bool = True) -> None:
         state[f"{key}.lora_B.weight"] = m.B.detach().contiguous().cpu()
     config = peft_config(lora)
 
-    # Serialised here and written with open(): safetensors' save_file() writes a
-    # file of its own with mode 0600 and renames it over the target.
-    weights = serialize(state, metadata={"format": "pt"})
-    del state
-
     def write_weights(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(weights)
+        # Streamed from the tensors (not safetensors' save_file(), which writes a file of its own with
+        # mode 0600 and renames it over the target)
+        safetensors_file.write(tmp, state, {"format": "pt"})
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w") as f:
