@@ -95,6 +95,23 @@ def test_manifest_records_settings_members_and_checksums(tmp_path):
     assert len(list((tmp_path / "s" / "slots").iterdir())) == len(manifest["slots"])
 
 
+def test_indented_manifest_of_earlier_builds_opens_and_continues(tmp_path):
+    """Builds before 2026-12-05 wrote the manifest indented; its checksum is over the canonical body, so such
+    a store opens, and the next commit rewrites it canonical."""
+    adapters = family_adapters(4)
+    with kf.OnlineMerger(2, store=tmp_path / "s") as m:
+        for k, lora in enumerate(adapters[:3]):
+            m.add(lora, f"t{k}")
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_bytes())
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with kf.OnlineMerger.open(tmp_path / "s") as m:
+        assert m.members == [slot["tasks"] for slot in manifest["slots"]] and len(m.history) == 3
+        m.add(adapters[3], "t3")
+    raw = path.read_bytes()
+    assert raw == kf.store.canonical_json(json.loads(raw)) and json.loads(raw)["generation"] == manifest["generation"] + 1
+
+
 def test_commit_caches_the_new_slot_norms(tmp_path, monkeypatch):
     """With a store, a merged slot's norms are computed during its commit: the next step's
     similarity call computes only the newcomer's (without a store, the next call pays for both)."""
