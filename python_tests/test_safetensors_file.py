@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -48,6 +50,13 @@ def test_unsupported_tensor_is_refused_before_writing(tmp_path, bad):
     with pytest.raises(AdapterError, match=r"x\.safetensors: tensor 'bad'"):
         safetensors_file.write(target, {"a": torch.zeros(2), "bad": bad}, {})
     assert target.read_bytes() == b"old"
+
+
+def test_big_endian_host_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "byteorder", "big")
+    with pytest.raises(AdapterError, match=r"x\.safetensors: writing safetensors needs a little-endian host"):
+        safetensors_file.write(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {})
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

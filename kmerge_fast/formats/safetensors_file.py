@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 
 import torch
 
@@ -35,9 +36,12 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: d
     as a safetensors file at ``path`` (created or truncated with ``open(path, "wb")``'s permissions).
 
     Raises:
-        AdapterError: a tensor not on the CPU or of another dtype (naming the tensor and ``path``);
-            nothing is written then.
+        AdapterError: a tensor not on the CPU or of another dtype (naming the tensor and ``path``), or a
+            big-endian host (safetensors is little-endian; the tensors' bytes are written as they lie in
+            memory); nothing is written then.
     """
+    if sys.byteorder != "little":
+        raise AdapterError(f"{path}: writing safetensors needs a little-endian host, this one is {sys.byteorder}")
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES or t.device.type != "cpu":
             raise AdapterError(f"{path}: tensor {name!r} is {t.dtype} on {t.device}; a safetensors file here "
