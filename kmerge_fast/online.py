@@ -56,10 +56,10 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
   when the members agree, m n^(-1/4) for n orthogonal updates of norm m
   (iso: m n^(-1/2); isonorm: m, which overshoots when one slot holds many
   tasks). Same state as ``isonorm``.
-- ``isoswitch``: ``isonorm`` while a slot holds at most 4 tasks,
-  ``isogeo`` from the fifth (isonorm's member norm suits a slot of a few
-  tasks and overshoots when one rank-r slot holds many). Same state as
-  ``isonorm``.
+- ``isoswitch``: ``isonorm`` while a slot holds at most 10 tasks,
+  ``isogeo`` from the eleventh (isonorm's member norm suits a slot of up to
+  about ten tasks and overshoots when one rank-r slot holds many more).
+  Same state as ``isonorm``.
 - ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
   as in ``exact``. For members with orthogonal updates of equal norm the slot
   keeps a member's norm, where the average shrinks each task's update to 1/n.

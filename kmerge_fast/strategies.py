@@ -51,7 +51,7 @@ MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms", "s
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
 DEFAULT_MODE = "isoswitch"
 #: ``isoswitch`` serves a slot of at most this many tasks as ``isonorm`` does, a larger one as ``isogeo``.
-ISONORM_UP_TO = 4
+ISONORM_UP_TO = 10
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
 #: Baselines merging (slot, newcomer) with a peft method and fixed weights.
@@ -514,11 +514,12 @@ class IsoGeo(IsoNorm):
 
 @register
 class IsoSwitch(IsoNorm):
-    """``isonorm`` for a slot of at most :data:`ISONORM_UP_TO` (4) tasks, ``isogeo`` for a larger one:
-    ||dW_slot||_F = (1/n) sum_i ||dW_i||_F for n <= 4, sqrt(||avg||_F (1/n) sum_i ||dW_i||_F) beyond, on
-    ``iso``'s flat average. A member's norm suits a slot of a few tasks; it overshoots when one rank-r slot
-    holds many, where isogeo's geometric mean serves n orthogonal updates of norm m at m n^(-1/4).
-    State: as ``isonorm``."""
+    """``isonorm`` for a slot of at most :data:`ISONORM_UP_TO` (10) tasks, ``isogeo`` for a larger one:
+    ||dW_slot||_F = (1/n) sum_i ||dW_i||_F for n <= 10, sqrt(||avg||_F (1/n) sum_i ||dW_i||_F) beyond, on
+    ``iso``'s flat average. A member's norm suits a slot of up to about ten tasks; it overshoots when one
+    rank-r slot holds many more, where isogeo's geometric mean serves n orthogonal updates of norm m at
+    m n^(-1/4). Routing is by the cosine, which the served norm does not change, so a slot holds the same
+    tasks in all three modes. State: as ``isonorm``."""
 
     name = "isoswitch"
 

@@ -253,17 +253,21 @@ def test_iso_state_round_trips_and_resumes_bit_exactly(tmp_path, mode):
                 assert torch.equal(a.modules[name].B, b.modules[name].B)
 
 
-def test_isoswitch_is_isonorm_up_to_four_tasks_then_isogeo():
-    """One slot, seven independent adapters: isoswitch serves it bit for bit as isonorm while it holds at
-    most 4 tasks, and as isogeo from the fifth (float64; the switch matters: isonorm's norm is larger)."""
-    adapters = family_adapters(7, families=7, rank=3, dtype=torch.float64)
+def test_isoswitch_is_isonorm_up_to_ten_tasks_then_isogeo():
+    """One slot, thirteen independent adapters: isoswitch serves it bit for bit as isonorm while it holds at
+    most ISONORM_UP_TO (10) tasks, and as isogeo from the eleventh (float64; the switch matters: isonorm's
+    norm is larger)."""
+    from kmerge_fast.strategies import ISONORM_UP_TO
+
+    assert ISONORM_UP_TO == 10
+    adapters = family_adapters(13, families=13, rank=3, dtype=torch.float64)
     mergers = {mode: kf.OnlineMerger(1, mode=mode) for mode in ("isoswitch", "isonorm", "isogeo")}
     for k, lora in enumerate(adapters):
         for merger in mergers.values():
             merger.add(lora, f"t{k}")
         switch, norm, geo = (mergers[mode].slots[0].modules for mode in ("isoswitch", "isonorm", "isogeo"))
         for name, m in switch.items():
-            if k + 1 <= 4:
+            if k + 1 <= ISONORM_UP_TO:
                 assert torch.equal(m.A, norm[name].A) and torch.equal(m.B, norm[name].B)
                 continue
             served, want = m.delta(torch.float64), geo[name].delta(torch.float64)

@@ -158,6 +158,20 @@ def test_adversarial_order_groups_task_types():
     assert all(sorted(o) == sorted(tasks) for o in orders) and len({tuple(o) for o in orders}) == 4
 
 
+def test_order_seed_draws_other_orders_and_is_reported():
+    """--order-seed draws random orders the default seed did not (the adversarial one is the same), and the
+    report lists it among the differences from the default configuration."""
+    from bench.quality.evaluate import arrival_orders
+
+    tasks = [f"{k}_{l}" for l in ("en", "de", "fr", "es") for k in ("date", "typo", "count", "reply", "extract")]
+    default, other = arrival_orders(tasks, 5, adversarial=True), arrival_orders(tasks, 5, seed=1, adversarial=True)
+    assert default == arrival_orders(tasks, 5, seed=0, adversarial=True) and default[-1] == other[-1]
+    assert not {tuple(o) for o in default[:-1]} & {tuple(o) for o in other[:-1]}
+    assert _config().order_seed == 0 and _config().reductions == []
+    cfg = _config("--order-seed", "1")
+    assert cfg.order_seed == 1 and len(cfg.reductions) == 1 and "seed 1" in cfg.reductions[0]
+
+
 def test_bootstrap_intervals():
     import numpy as np
 

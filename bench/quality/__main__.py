@@ -82,7 +82,8 @@ def build_config(args) -> Config:
     for name in ("budgets", "d2c_budgets"):
         if getattr(args, name) is not None:
             setattr(cfg, name, _ints(getattr(args, name)))
-    for name in ("n_test", "orders", "d2c_seeds", "d2c_refine", "crosscheck", "bootstrap", "secondary_orders"):
+    for name in ("n_test", "orders", "d2c_seeds", "d2c_refine", "crosscheck", "bootstrap", "secondary_orders",
+                 "order_seed"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_steps is not None:
@@ -105,6 +106,9 @@ def build_config(args) -> Config:
             r.append(f"{cfg.n_test} test examples per task instead of {default.n_test}")
         if cfg.orders < default.orders:
             r.append(f"{cfg.orders} random arrival order(s) instead of {default.orders}")
+        if cfg.order_seed != default.order_seed:
+            r.append(f"random orders drawn with seed {cfg.order_seed} instead of {default.order_seed} "
+                     "(other orders than the default run's)")
         if len(cfg.budgets) < len(default.budgets):
             r.append(f"budgets K = {cfg.budgets} instead of {default.budgets}")
         left_out = [s for s in default.strategies if s not in cfg.strategies]
@@ -181,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", type=int, help="random arrival orders (the adversarial one is added)")
     p.add_argument("--strategies", help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)}; "
                    f"also: {','.join(s for s in STRATEGIES if s not in DEFAULT_ROWS)}; --tiny runs all)")
+    p.add_argument("--order-seed", type=int, help="seed of the random arrival orders (default 0; another seed "
+                   "draws orders the default run did not see)")
     p.add_argument("--secondary", help="comma-separated rows run on the first --secondary-orders orders only")
     p.add_argument("--secondary-orders", type=int, help="orders for the --secondary rows (default all)")
     p.add_argument("--d2c-budgets", help="comma-separated K for D2C / K-Means / random (empty: skip)")

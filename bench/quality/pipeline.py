@@ -35,6 +35,7 @@ class Config:
     recipe: Recipe = field(default_factory=Recipe)
     budgets: list = field(default_factory=lambda: list(range(1, 9)))
     orders: int = 5          # random arrival orders; the adversarial one is added (``adversarial``)
+    order_seed: int = 0      # seeds the random orders (evaluate.arrival_orders); another seed: unscreened orders
     adversarial: bool = True
     strategies: list = field(default_factory=lambda: list(DEFAULT_ROWS))   # tiny_config: every row
     secondary: list = field(default_factory=list)   # rows run on the first ``secondary_orders`` orders only
@@ -265,7 +266,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         single = _exact(single_scores, tasks)
         log(f"base exact {_exact(base_scores, tasks).mean():.3f}  single exact {single.mean():.3f}  "
             f"threshold {threshold if isinstance(threshold, str) else f'{threshold:.4f}'} (rule r/n_in {rule:.4f})")
-        orders = arrival_orders(tasks, cfg.orders, adversarial=cfg.adversarial)
+        orders = arrival_orders(tasks, cfg.orders, seed=cfg.order_seed, adversarial=cfg.adversarial)
         budgets = [k for k in cfg.budgets if k <= len(tasks)]
         online = run_online(scorer, adapters, budgets, orders, cfg.strategies, threshold, cfg.deadline, log=log,
                             secondary=tuple(cfg.secondary), secondary_orders=cfg.secondary_orders)
@@ -288,6 +289,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         "n_adapters": len(adapters),
         "orders": orders,
         "n_random_orders": cfg.orders,
+        "order_seed": cfg.order_seed,
         "summary": summary,
         "members": {label: {k: [r["members"] for r in runs] for k, runs in by_k.items()}
                     for label, by_k in online["cells"].items()},
