@@ -518,8 +518,8 @@ class IsoSwitch(IsoNorm):
     ||dW_slot||_F = (1/n) sum_i ||dW_i||_F for n <= 10, sqrt(||avg||_F (1/n) sum_i ||dW_i||_F) beyond, on
     ``iso``'s flat average. A member's norm suits a slot of up to about ten tasks; it overshoots when one
     rank-r slot holds many more, where isogeo's geometric mean serves n orthogonal updates of norm m at
-    m n^(-1/4). Routing is by the cosine, which the served norm does not change, so a slot holds the same
-    tasks in all three modes. State: as ``isonorm``."""
+    m n^(-1/4). The default metric, the mean of per-module cosines, does not see a module's served norm, so
+    with it a stream fills the same slots in isonorm, isogeo and isoswitch modes. State: as ``isonorm``."""
 
     name = "isoswitch"
 

@@ -275,6 +275,24 @@ def test_isoswitch_is_isonorm_up_to_ten_tasks_then_isogeo():
             assert float(norm[name].delta(torch.float64).norm()) > 1.2 * float(served.norm())
 
 
+def test_served_norm_does_not_change_cosine_routing():
+    """iso, isonorm, isogeo and isoswitch serve one flat average at different per-module norms; routing by
+    the default metric (mean of per-module cosines) does not see those norms, so a stream fills the same
+    slots in all four modes (the quality benchmark compares the modes slot by slot on that). The l2
+    distance does see them: there isonorm and isogeo route this stream differently."""
+    adapters = family_adapters(14, families=7, rank=3)
+
+    def members(mode, similarity):
+        merger = kf.OnlineMerger(3, mode=mode, similarity=similarity)
+        for k, lora in enumerate(adapters):
+            merger.add(lora, f"t{k}")
+        return merger.members
+
+    cos = {mode: members(mode, "cos") for mode in ("iso", "isonorm", "isogeo", "isoswitch")}
+    assert all(m == cos["iso"] for m in cos.values()) and max(len(m) for m in cos["iso"]) > 2
+    assert members("isonorm", "l2") != members("isogeo", "l2")
+
+
 def test_isotropic_and_anisotropic_are_inverse():
     from kmerge_fast.strategies import anisotropic, isotropic
 
