@@ -307,3 +307,60 @@ def test_default_rows_cover_every_strategy_and_the_published_and_default_modes()
     fewer = _config("--strategies", "kmerge,ties")
     assert len(fewer.reductions) == 1 and "'opcm'" in fewer.reductions[0] and "not run" in fewer.reductions[0]
     assert _config("--tiny").strategies == list(STRATEGIES)
+
+
+def _switch_arm():
+    """A synthetic arm: K = 2 on 2 random orders + the adversarial one, its runs listed in the sequence
+    they ran (orders 0, 2, 1: evaluate.run_schedule); slots of 1 and 3 tasks; isogeo scores 0.2 higher
+    than isonorm on the 3-task slot's tasks, 0.1 lower on the singleton."""
+    tasks = ["a", "b", "c", "d"]
+    members = [[["a"], ["b", "c", "d"]], [["b"], ["a", "c", "d"]], [["c"], ["a", "b", "d"]]]
+    norm = [{t: 0.5 for t in tasks} for _ in members]
+    geo = [{t: (0.4 if [t] in m else 0.7) for t in tasks} for m in members]
+    single = {"a": 1.0, "b": 1.0, "c": 0.5, "d": 0.0}    # d: no single adapter solves it, left out of S
+    return {"tasks": tasks, "orders": [tasks] * 3, "n_random_orders": 2, "single": single,
+            "members": {"kmerge-isonorm": {"2": members}, "kmerge-isogeo": {"2": members}},
+            "task_exact": {"kmerge-isonorm": {"2": norm}, "kmerge-isogeo": {"2": geo}}}
+
+
+def test_switch_point_replay_picks_each_slots_rows_scores():
+    from bench.quality.switch_point import margins, per_slot, replay
+
+    arm = _switch_arm()
+    # runs 0 and 2 are the random orders (run 1 is the adversarial one, not in S). Ratios to the single
+    # adapter, isonorm: a 0.5, b 0.5, c 1.0 in every run; isogeo: 0.7 in the 3-task slot (c: 1.4), 0.4 as
+    # a singleton (c: 0.8)
+    assert replay(arm, 10**9)["2"] == pytest.approx(2.0 / 3)                            # isonorm everywhere
+    assert replay(arm, 0)["2"] == pytest.approx((2.5 / 3 + 2.2 / 3) / 2)                 # isogeo everywhere
+    assert replay(arm, 1)["2"] == pytest.approx((2.6 / 3 + 2.4 / 3) / 2)                 # singletons isonorm
+    assert margins(arm, 1)["2"] == pytest.approx(0.15 / 3) and margins(arm, 3)["2"] == pytest.approx(-0.35 / 3)
+    # runs recorded with their order indices: here runs 0 and 1 are the random ones
+    arm["run_orders"] = {"kmerge-isonorm": {"2": [0, 1, 2]}}
+    assert replay(arm, 0)["2"] == pytest.approx(2.5 / 3) and replay(arm, 1)["2"] == pytest.approx(2.6 / 3)
+    table = per_slot(arm)             # every run, the adversarial one included; d (single 0) left out
+    assert table[1] == (pytest.approx((-0.1 - 0.1 - 0.2) / 3), 3)           # singletons a, b, c
+    assert table[3] == (pytest.approx((0.2 + 0.4 + 0.2 + 0.4 + 0.2 + 0.2) / 6), 3)
+
+
+def test_switch_point_refuses_runs_whose_slots_differ():
+    from bench.quality.switch_point import per_slot
+
+    arm = _switch_arm()
+    arm["members"]["kmerge-isogeo"] = {"2": [[["a", "b"], ["c", "d"]]] * 3}
+    with pytest.raises(ValueError, match="slots differ"):
+        per_slot(arm)
+
+
+def test_switch_point_replay_matches_the_committed_isoswitch_row():
+    """Where every slot holds at most 10 tasks, the committed quality.json's isoswitch row is isonorm's bit
+    for bit, so the replay equals it exactly; elsewhere its slots' last bits differ (bfloat16 near-ties),
+    within 0.01."""
+    from bench.quality.switch_point import arms, random_runs, replay
+    from kmerge_fast.strategies import ISONORM_UP_TO
+
+    arm = arms(Path(__file__).resolve().parents[1] / "bench" / "results")["independent"]
+    replayed = replay(arm, ISONORM_UP_TO)
+    for k, runs in arm["members"]["kmerge-isoswitch"].items():
+        real = arm["summary"]["cells"]["kmerge-isoswitch"][k]["s"][0]
+        largest = max(len(slot) for pos in random_runs(arm, "kmerge-isoswitch", k) for slot in runs[pos])
+        assert replayed[k] == pytest.approx(real, abs=1e-12 if largest <= ISONORM_UP_TO else 0.01)

@@ -129,6 +129,13 @@ def _group_merge(label: str, adapters: dict[str, kf.LoRA], group: list[str]) -> 
     return kf.merge(loras, [1.0 / len(loras)] * len(loras), method="cat")
 
 
+def run_schedule(n_orders: int) -> list[int]:
+    """The order indices in the sequence run_online runs them (and a cell's runs list them): order 0, then
+    the last (the adversarial one, when there is one), then 1, 2, ...: a run cut short still has it."""
+    schedule = list(range(n_orders))
+    return [0, schedule[-1]] + schedule[1:-1] if n_orders > 2 else schedule
+
+
 def run_online(scorer, adapters: dict[str, kf.LoRA], budgets: list[int], orders: list[list[str]],
                strategies: list[str], threshold: float | str, deadline: float | None = None, log=print,
                secondary: tuple = (), secondary_orders: int | None = None) -> dict:
@@ -146,9 +153,7 @@ def run_online(scorer, adapters: dict[str, kf.LoRA], budgets: list[int], orders:
     grouped = [s for s in strategies if s in GROUPED]
     if grouped and GROUPS_FROM not in online:
         online.insert(0, GROUPS_FROM)     # its groups are needed; its cells are kept only if asked for
-    schedule = list(range(len(orders)))
-    if len(schedule) > 2:
-        schedule = [0, schedule[-1]] + schedule[1:-1]
+    schedule = run_schedule(len(orders))
     total = sum(len(budgets) * sum(1 for s_ in strategies if s_ not in secondary or secondary_orders is None
                                    or i < secondary_orders) for i in schedule)
     for i in schedule:

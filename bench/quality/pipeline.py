@@ -291,6 +291,10 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         "n_random_orders": cfg.orders,
         "order_seed": cfg.order_seed,
         "summary": summary,
+        # members / task_exact list a cell's runs in the sequence they ran (evaluate.run_schedule:
+        # order 0, the adversarial one, 1, 2, ...); run_orders gives each run's index into "orders"
+        "run_orders": {label: {k: [r["order"] for r in runs] for k, runs in by_k.items()}
+                       for label, by_k in online["cells"].items()},
         "members": {label: {k: [r["members"] for r in runs] for k, runs in by_k.items()}
                     for label, by_k in online["cells"].items()},
         "task_exact": {label: {k: [{t: float(np.mean(r["scores"][t]["exact"])) for t in tasks} for r in runs]
