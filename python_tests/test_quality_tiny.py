@@ -364,3 +364,19 @@ def test_switch_point_replay_matches_the_committed_isoswitch_row():
         real = arm["summary"]["cells"]["kmerge-isoswitch"][k]["s"][0]
         largest = max(len(slot) for pos in random_runs(arm, "kmerge-isoswitch", k) for slot in runs[pos])
         assert replayed[k] == pytest.approx(real, abs=1e-12 if largest <= ISONORM_UP_TO else 0.01)
+
+
+def test_score_cache_is_per_cpu_thread_count(tmp_path):
+    """CPU scores depend on torch's thread count, so a run at another count than the default keeps its own
+    score cache instead of reusing (and mixing in) the default's; GPU scores share the default file."""
+    from bench.quality.pipeline import DEFAULT_THREADS, score_cache
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(DEFAULT_THREADS)
+        assert score_cache(tmp_path, "cpu") == tmp_path / "scores.json"
+        torch.set_num_threads(1)
+        assert score_cache(tmp_path, "cpu") == tmp_path / "scores-1threads.json"
+        assert score_cache(tmp_path, "cuda") == tmp_path / "scores.json"
+    finally:
+        torch.set_num_threads(before)

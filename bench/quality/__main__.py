@@ -7,7 +7,8 @@
 - ``eval``: base and single-adapter scores, every row of ``evaluate.DEFAULT_ROWS`` over budgets and arrival
   orders, D2C vs K-Means vs random, the decoding cross-check; puts the arm into
   ``bench/results/quality.json`` (``--out``) and renders quality.md / quality.png. Scores are cached by
-  adapter content (``<adapters>/scores.json``): an interrupted eval resumes where it stopped.
+  adapter content (``<adapters>/scores.json``; another ``--threads`` count keeps its own file, as CPU scores
+  depend on it): an interrupted eval resumes where it stopped.
 - ``d2c``: re-run only D2C vs K-Means vs random and replace that part of the arm in quality.json (the
   online rows stay as the last ``eval`` wrote them; the arm's ``d2c_run`` says when the D2C part ran).
 - ``report``: re-render quality.md and quality.png from quality.json.
@@ -33,7 +34,8 @@ import torch
 
 from . import model as base
 from .evaluate import DEFAULT_ROWS, STRATEGIES
-from .pipeline import DEADLINE_REDUCTION, Config, d2c_stage, data, eval_stage, load_model, tiny_config, train_stage
+from .pipeline import (DEADLINE_REDUCTION, DEFAULT_THREADS, Config, d2c_stage, data, eval_stage, load_model,
+                       tiny_config, train_stage)
 from .report import write_report
 from .tasks import LANGS, TYPES
 from .train import INITS
@@ -206,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads or (1 if args.tiny else 2))
+    torch.set_num_threads(args.threads or (1 if args.tiny else DEFAULT_THREADS))
     if args.command == "prepare":
         if args.tiny:
             raise SystemExit("prepare: nothing to prepare for --tiny")
