@@ -368,7 +368,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         s = store.manifest["settings"]
         print(f"store {store.root}: strategy {s['strategy']}, budget {s['budget']}, similarity {s['similarity']}, "
-              f"mode {s['mode']}" + (f", threshold {s['threshold']}" if s["threshold"] is not None else ""))
+              f"mode {s['mode']}" + (f" (isonorm up to {s['isonorm_up_to']} tasks)" if "isonorm_up_to" in s else "")
+              + (f", threshold {s['threshold']}" if s["threshold"] is not None else ""))
         gguf = s.get("gguf")
         print("formats: " + ", ".join(f"gguf (base {gguf['base']}, {gguf['dtype']})" if fmt == "gguf" else fmt
                                       for fmt in store.formats))

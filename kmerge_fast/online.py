@@ -59,7 +59,9 @@ A slot of n tasks holds (a rank-r approximation of) c_n * sum_i dW_i:
 - ``isoswitch``: ``isonorm`` while a slot holds at most 10 tasks,
   ``isogeo`` from the eleventh (isonorm's member norm suits a slot of up to
   about ten tasks and overshoots when one rank-r slot holds many more).
-  Same state as ``isonorm``.
+  Same state as ``isonorm``. The switch point is a setting the merger
+  records (``settings.isonorm_up_to``): a store goes on with the one it was
+  written with, whatever a later kmerge_fast's default.
 - ``rms``: c_n = 1/sqrt(n): weights (sqrt(1 - 1/n), sqrt(1/n)), re-truncated
   as in ``exact``. For members with orthogonal updates of equal norm the slot
   keeps a member's norm, where the average shrinks each task's update to 1/n.
@@ -92,7 +94,7 @@ from .methods import check_density
 from .ops.numerics.elementwise import mix64
 from .similarity import METRICS, cache_norms, similarity_matrix
 from .store import Store, StoreError, export_adapter, format_settings, store_formats
-from .strategies import STRATEGY_TABLE, lookup, threshold_for
+from .strategies import ISONORM_UP_TO, STRATEGY_TABLE, lookup, threshold_for
 # re-exported: kf.online's names from before the strategies had their module
 from .strategies import (ALIGNED_A, DEFAULT_MODE, MODES, PEFT_BASELINES, RUNNING_AVERAGE,  # noqa: F401
                          STRATEGIES, a_alignment, running_weights, slot_scale, width_threshold)
@@ -407,7 +409,8 @@ def _stored_settings(settings: dict) -> dict:
     normalised settings, or ValueError ``"<field>: why"``."""
     oracle = (lambda task: task) if _takes_oracle(settings["strategy"]) else None  # stands in for the caller's
     return _check_settings(settings["budget"], settings["strategy"], settings["similarity"], settings["threshold"],
-                           settings["mode"], settings["seed"], oracle, settings["density"])
+                           settings["mode"], settings["seed"], oracle, settings["density"],
+                           settings.get("isonorm_up_to"))
 
 
 def _check_stored_slot(st: Store, index: int, meta: dict, lora: LoRA, first: LoRA) -> None:
@@ -431,7 +434,10 @@ def _takes_oracle(strategy: str) -> bool:
     return row is not None and row.router_class.takes_oracle
 
 
-def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density) -> dict:
+def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle, density,
+                    isonorm_up_to: int | None = None) -> dict:
+    """The normalised settings, or ValueError ``"<field>: why"``. ``isonorm_up_to``: a store's recorded switch
+    point (None: a new merger's, :data:`ISONORM_UP_TO`, recorded in ``isoswitch`` mode only)."""
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget: must be an int >= 1, got {budget!r}")
     row = lookup(strategy)
@@ -444,8 +450,13 @@ def _check_settings(budget, strategy, similarity, threshold, mode, seed, oracle,
     row.router_class.check_oracle(oracle)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed: must be an int or None, got {seed!r}")
-    return {"budget": budget, "strategy": strategy, "similarity": similarity, "threshold": threshold,
-            "mode": mode, "seed": seed, "density": check_density(density)}
+    settings = {"budget": budget, "strategy": strategy, "similarity": similarity, "threshold": threshold,
+                "mode": mode, "seed": seed, "density": check_density(density)}
+    if mode == "isoswitch":  # recorded, so that a store goes on with the switch point it was written with
+        settings["isonorm_up_to"] = ISONORM_UP_TO if isonorm_up_to is None else isonorm_up_to
+    elif isonorm_up_to is not None:
+        raise ValueError(f"isonorm_up_to: only mode 'isoswitch' switches at a number of tasks, not {mode!r}")
+    return settings
 
 
 __all__ = ["DEFAULT_MODE", "MODES", "STRATEGIES", "OnlineMerger", "Step", "StoreError", "calibrate_threshold",

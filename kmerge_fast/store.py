@@ -48,6 +48,13 @@ version stays 2: a store of peft alone is written as before, and a kmerge_fast
 from before them refuses a store that has them (``settings.formats: unknown
 field``) rather than add slots without their other formats.
 
+Mode settings. A store in ``isoswitch`` mode records its switch point,
+``settings.isonorm_up_to`` (an int >= 1; :data:`kmerge_fast.strategies.ISONORM_UP_TO`
+when it was created), and goes on with it when a later kmerge_fast with
+another default resumes it. Optional, like the formats: an ``isoswitch`` store
+written before stores recorded it has none and follows the running
+kmerge_fast's constant; a store of another mode never has one.
+
 What a store deletes: only folders under ``slots/`` that it wrote itself, and
 only the files of its formats in them (a folder holding anything else stays):
 
@@ -156,7 +163,8 @@ _ATOMIC_TMP = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 
 _TOP_KEYS = ("format", "version", "checksum", "generation", "settings", "slots", "obsolete", "history")
 _SETTINGS_KEYS = ("budget", "strategy", "similarity", "threshold", "mode", "seed", "density")
-_OPTIONAL_SETTINGS = ("formats", "gguf")  # absent: peft only
+_OPTIONAL_SETTINGS = ("formats", "gguf",   # absent: peft only
+                      "isonorm_up_to")      # isoswitch's switch point; absent: another mode, or an older store
 #: What identifies a GGUF base model (formats.gguf's reading of it), kept in settings.gguf beside base and dtype.
 _GGUF_IDENTITY = ("architecture", "head_count", "head_count_kv", "block_count", "head_dim")
 _GGUF_KEYS = ("base", "dtype", *_GGUF_IDENTITY)
@@ -509,6 +517,9 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
     density = settings["density"]
     if not _is_finite(density) or not 0.0 < density <= 1.0:
         fail("settings.density", f"expected a number in (0, 1], got {_show(density)}")
+    up_to = settings.get("isonorm_up_to", 1)
+    if not _is_int(up_to) or up_to < 1:
+        fail("settings.isonorm_up_to", f"expected an int >= 1, got {_show(up_to)}")
     if check_settings is not None:
         try:
             normal = check_settings(dict(settings))

@@ -50,7 +50,9 @@ from .similarity import cache_norms
 MODES = ("faithful", "exact", "iso", "isonorm", "isogeo", "isoswitch", "rms", "sum")
 #: The default mode (chosen on bench/quality's S-score; see README, "Quality").
 DEFAULT_MODE = "isoswitch"
-#: ``isoswitch`` serves a slot of at most this many tasks as ``isonorm`` does, a larger one as ``isogeo``.
+#: ``isoswitch`` serves a slot of at most this many tasks as ``isonorm`` does, a larger one as ``isogeo``: the
+#: switch point a new merger records (``settings["isonorm_up_to"]``; a store keeps it, so a store resumed by a
+#: later kmerge_fast goes on with the switch point it was written with).
 ISONORM_UP_TO = 10
 #: Faithful mode warns when the mean over modules of |cos(A_slot, A_new)| (Frobenius) exceeds this.
 ALIGNED_A = 0.5
@@ -514,18 +516,19 @@ class IsoGeo(IsoNorm):
 
 @register
 class IsoSwitch(IsoNorm):
-    """``isonorm`` for a slot of at most :data:`ISONORM_UP_TO` (10) tasks, ``isogeo`` for a larger one:
-    ||dW_slot||_F = (1/n) sum_i ||dW_i||_F for n <= 10, sqrt(||avg||_F (1/n) sum_i ||dW_i||_F) beyond, on
-    ``iso``'s flat average. A member's norm suits a slot of up to about ten tasks; it overshoots when one
-    rank-r slot holds many more, where isogeo's geometric mean serves n orthogonal updates of norm m at
-    m n^(-1/4). The default metric, the mean of per-module cosines, does not see a module's served norm, so
-    with it a stream fills the same slots in isonorm, isogeo and isoswitch modes. State: as ``isonorm``."""
+    """``isonorm`` for a slot of at most T tasks, ``isogeo`` for a larger one:
+    ||dW_slot||_F = (1/n) sum_i ||dW_i||_F for n <= T, sqrt(||avg||_F (1/n) sum_i ||dW_i||_F) beyond, on
+    ``iso``'s flat average. T is ``settings["isonorm_up_to"]``: :data:`ISONORM_UP_TO` (10) for a new merger,
+    the recorded one for a resumed store (:data:`ISONORM_UP_TO` for a store written before stores recorded
+    it). A member's norm suits a slot of up to about ten tasks; it overshoots when one rank-r slot holds many
+    more, where isogeo's geometric mean serves n orthogonal updates of norm m at m n^(-1/4). The default
+    metric, the mean of per-module cosines, does not see a module's served norm, so with it a stream fills
+    the same slots in isonorm, isogeo and isoswitch modes. State: as ``isonorm``."""
 
     name = "isoswitch"
 
-    @staticmethod
-    def served_norm(average: float, mean: float, n: int) -> float:
-        rule = IsoNorm if n <= ISONORM_UP_TO else IsoGeo
+    def served_norm(self, average: float, mean: float, n: int) -> float:
+        rule = IsoNorm if n <= self.settings.get("isonorm_up_to", ISONORM_UP_TO) else IsoGeo
         return rule.served_norm(average, mean, n)
 
 

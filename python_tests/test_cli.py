@@ -43,6 +43,7 @@ def test_stream_inspect_export(tmp_path, adapter_dirs, capsys):
     assert main(["inspect", "--store", store]) == 0
     table = capsys.readouterr().out
     assert "task0, task2, task4" in table and "task1, task3" in table
+    assert "mode isoswitch (isonorm up to 10 tasks)" in table
     assert main(["export", "--store", store, "--slot", "1", str(tmp_path / "out")]) == 0
     with kf.OnlineMerger.open(store) as m:
         exported = kf.LoRA.load(tmp_path / "out")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 
 import pytest
@@ -273,6 +275,53 @@ def test_isoswitch_is_isonorm_up_to_ten_tasks_then_isogeo():
             served, want = m.delta(torch.float64), geo[name].delta(torch.float64)
             assert float((served - want).norm() / want.norm()) < 1e-9
             assert float(norm[name].delta(torch.float64).norm()) > 1.2 * float(served.norm())
+
+
+def test_a_store_goes_on_with_the_switch_point_it_recorded(tmp_path, monkeypatch):
+    """An isoswitch store records its switch point (settings.isonorm_up_to) and serves by it when resumed,
+    whatever the running kmerge_fast's constant: a store created under a switch at 2 serves its fourth task
+    at isogeo's norm after the constant is back at 10, bit for bit as a merger that ran under 2 throughout
+    (under 10 the fourth task is served at isonorm's, another norm for these adapters). An isoswitch store
+    without the field (written before stores recorded it) follows the constant; other modes record none."""
+    from kmerge_fast import online, strategies
+    from kmerge_fast.store import manifest_checksum
+
+    adapters = family_adapters(4, families=4, rank=3, dtype=torch.float64)
+
+    def slot(merger):
+        return {name: (m.A, m.B) for name, m in merger.slots[0].modules.items()}
+
+    def same(a, b):
+        return all(torch.equal(x, y) for name in a for x, y in zip(a[name], b[name]))
+
+    def add(merger, ks):
+        for k in ks:
+            merger.add(adapters[k], f"t{k}")
+        return merger
+
+    monkeypatch.setattr(online, "ISONORM_UP_TO", 2)
+    two = add(kf.OnlineMerger(1, mode="isoswitch"), range(4))
+    with kf.OnlineMerger(1, mode="isoswitch", store=tmp_path / "s") as stored:
+        add(stored, range(3))
+    monkeypatch.setattr(online, "ISONORM_UP_TO", 10)
+    ten = add(kf.OnlineMerger(1, mode="isoswitch"), range(4))
+    assert ten.settings["isonorm_up_to"] == 10 and "isonorm_up_to" not in kf.OnlineMerger(1, mode="isonorm").settings
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["settings"]["isonorm_up_to"] == 2
+    del manifest["settings"]["isonorm_up_to"]  # the store as one written before stores recorded it
+    manifest["checksum"] = manifest_checksum(manifest)
+    for name in ("old2", "old10"):
+        shutil.copytree(tmp_path / "s", tmp_path / name)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    with kf.OnlineMerger.open(tmp_path / "s") as stored:
+        resumed = slot(add(stored, [3]))
+    assert same(resumed, slot(two)) and not same(resumed, slot(ten))
+    with kf.OnlineMerger.open(tmp_path / "old10") as old:
+        assert not same(slot(add(old, [3])), slot(two))
+    monkeypatch.setattr(strategies, "ISONORM_UP_TO", 2)
+    with kf.OnlineMerger.open(tmp_path / "old2") as old:
+        assert same(slot(add(old, [3])), slot(two))
+    assert "isonorm_up_to" not in json.loads((tmp_path / "old2" / "manifest.json").read_text())["settings"]
 
 
 def test_served_norm_does_not_change_cosine_routing():
