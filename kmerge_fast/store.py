@@ -517,9 +517,8 @@ def validate_manifest(manifest: object, where: str | os.PathLike,
     density = settings["density"]
     if not _is_finite(density) or not 0.0 < density <= 1.0:
         fail("settings.density", f"expected a number in (0, 1], got {_show(density)}")
-    up_to = settings.get("isonorm_up_to", 1)
-    if not _is_int(up_to) or up_to < 1:
-        fail("settings.isonorm_up_to", f"expected an int >= 1, got {_show(up_to)}")
+    if "isonorm_up_to" in settings and not (_is_int(settings["isonorm_up_to"]) and settings["isonorm_up_to"] >= 1):
+        fail("settings.isonorm_up_to", f"expected an int >= 1, got {_show(settings['isonorm_up_to'])}")
     if check_settings is not None:
         try:
             normal = check_settings(dict(settings))
