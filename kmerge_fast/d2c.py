@@ -32,7 +32,9 @@ definition**, a K-Means-like alternation on task losses:
    the default.
 
 Merges are cached by member set and scores by (member set, task), so only
-clusters whose members changed are re-merged and re-scored. A refinement
+clusters whose members changed are re-merged and re-scored; a :class:`Cache`
+passed to several calls (other budgets, seeds or initialisations of the same
+adapters and scorer) carries them from one call to the next. A refinement
 sweep costs up to N (K - 1) merges of a cluster plus one task, each scored on
 its members only.
 
@@ -95,6 +97,34 @@ class Result:
         for task, c in self.assignment.items():
             out[c].append(task)
         return out
+
+
+class Cache:
+    """Merges (member set -> merged LoRA) and scores ((member set, task) -> loss) shared by :func:`cluster` calls.
+
+    Pass one ``Cache`` to several calls on the same adapters with the same scorer and merge method (several
+    budgets, seeds or initialisations): a member set merged or scored by one call is neither merged nor
+    scored again by the next, and every result is the same as without the cache (the merges and the
+    scorer are deterministic). The first call binds it to its adapters (the LoRA objects), scorer, merge
+    method and merge kwargs; a call with any other is refused, since the cached values would not be its own.
+    """
+
+    def __init__(self):
+        self.merges: dict[frozenset, LoRA] = {}
+        self.scores: dict[tuple[frozenset, str], float] = {}
+        self._owner: tuple | None = None
+
+    def _bind(self, adapters: Mapping[str, LoRA], scorer, merge: str, merge_kwargs: dict) -> None:
+        owner = (dict(adapters), scorer, merge, dict(merge_kwargs))
+        if self._owner is None:
+            self._owner = owner
+            return
+        known, known_scorer, known_merge, known_kwargs = self._owner
+        same = (known.keys() == owner[0].keys() and all(known[t] is adapters[t] for t in known)
+                and known_scorer is scorer and known_merge == merge and known_kwargs == owner[3])
+        if not same:
+            raise ValueError("cache: it holds the merges and scores of other adapters, another scorer or another "
+                             "merge method; use one Cache per (adapters, scorer, merge, merge_kwargs)")
 
 
 # ---------------------------------------------------------------- checks
@@ -248,7 +278,7 @@ def _score(scorer: Scorer, merged: LoRA, tasks: list[str]) -> list[float]:
 # ---------------------------------------------------------------- D2C
 def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: str = "svd", init="kmeans",
             seed: int = 0, max_iters: int = 20, merge_kwargs: dict | None = None,
-            progress: bool = False, refine: int = 3) -> Result:
+            progress: bool = False, refine: int = 3, cache: Cache | None = None) -> Result:
     """Cluster ``adapters`` (task -> LoRA) into ``budget`` merged adapters by task loss (module docstring).
 
     Args:
@@ -263,6 +293,8 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
         progress: show a progress bar over rounds and scoring calls.
         refine: sweeps of the move search (step 6) at most (default 3); 0 turns
             it off (the alternation of steps 2-5 alone).
+        cache: a :class:`Cache` shared with other calls on these adapters, scorer and
+            merge (None: this call's own); the history counts this call's misses.
     """
     tasks = _check(adapters, budget)
     _check_merge(merge)
@@ -274,10 +306,14 @@ def cluster(adapters: Mapping[str, LoRA], budget: int, scorer: Scorer, merge: st
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"refine: must be an int >= 0 (sweeps; 0 = off), got {refine!r}")
     merge_kwargs = dict(merge_kwargs or {})
+    if cache is None:
+        cache = Cache()
+    elif not isinstance(cache, Cache):
+        raise TypeError(f"cache: expected a kmerge_fast.d2c.Cache, got {type(cache).__name__}")
+    cache._bind(adapters, scorer, merge, merge_kwargs)
     assignment = _initial(adapters, tasks, budget, init, seed)
 
-    merges: dict[frozenset, LoRA] = {}
-    scores: dict[tuple[frozenset, str], float] = {}
+    merges, scores = cache.merges, cache.scores
     history: list[Iteration] = []
     seen: set[tuple] = set()
     best: tuple[float, dict] | None = None
@@ -444,5 +480,5 @@ def _progress(enabled: bool, total: int):
 
 from .scoring import LossScorer  # noqa: E402  (re-exported: kf.d2c.LossScorer)
 
-__all__ = ["INITS", "Iteration", "LossScorer", "Result", "cluster", "kmeans", "kmeans_assignment",
+__all__ = ["INITS", "Cache", "Iteration", "LossScorer", "Result", "cluster", "kmeans", "kmeans_assignment",
            "random_assignment", "random_clusters"]

@@ -153,6 +153,44 @@ def test_deterministic_for_a_seed():
     assert runs[0] == runs[1]
 
 
+def test_a_shared_cache_changes_no_result_and_saves_the_repeats():
+    """One Cache over several budgets and seeds: each call returns what it returns alone, and a member set
+    merged or scored by an earlier call is not merged or scored again (a repeated call costs nothing)."""
+    adapters, _ = planted(groups=3, per_group=4, noise=0.8, seed=2)
+    calls = [(3, 0), (3, 1), (4, 0), (3, 0)]
+    alone = []
+    for budget, seed in calls:
+        scorer = DistanceScorer(adapters)
+        alone.append((d2c.cluster(adapters, budget, scorer, init="random", seed=seed), scorer.calls))
+    scorer, cache = DistanceScorer(adapters), d2c.Cache()
+    for (budget, seed), (own, own_calls) in zip(calls, alone):
+        before = scorer.calls
+        shared = d2c.cluster(adapters, budget, scorer, init="random", seed=seed, cache=cache)
+        assert shared.assignment == own.assignment and shared.total_loss == own.total_loss
+        for a, b in zip(shared.adapters, own.adapters):
+            for name in a.modules:
+                assert torch.equal(a.modules[name].delta(), b.modules[name].delta())
+        assert scorer.calls - before == sum(h.scored for h in shared.history) <= own_calls
+    assert sum(h.scored + h.merges for h in shared.history) == 0     # the last call repeats the first
+    assert scorer.calls < sum(c for _, c in alone)
+
+
+def test_a_cache_is_refused_for_other_adapters_scorer_or_merge():
+    adapters, _ = planted()
+    scorer, cache = DistanceScorer(adapters), d2c.Cache()
+    d2c.cluster(adapters, 3, scorer, cache=cache, refine=0)
+    d2c.cluster(dict(adapters), 3, scorer, cache=cache, refine=0)   # an equal dict of the same LoRAs is fine
+    others = dict(adapters, task00=planted(seed=9)[0]["task00"])
+    for kwargs in (dict(adapters=others), dict(scorer=DistanceScorer(adapters)), dict(merge="linear"),
+                   dict(merge_kwargs={"rank": 2})):
+        args = dict(adapters=adapters, budget=3, scorer=scorer, cache=cache, refine=0)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match="cache: it holds the merges and scores of other"):
+            d2c.cluster(**args)
+    with pytest.raises(TypeError, match="cache: expected a kmerge_fast.d2c.Cache"):
+        d2c.cluster(adapters, 3, scorer, cache={})
+
+
 def test_d2c_no_worse_than_its_start_and_baselines():
     adapters, _ = planted(groups=4, per_group=3, noise=0.9, seed=3)
     scorer = DistanceScorer(adapters)

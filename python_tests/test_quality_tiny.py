@@ -97,8 +97,8 @@ def test_deadline_keeps_every_cell_on_the_first_order(monkeypatch):
     from bench.quality import evaluate
 
     class Scores:  # stands in for the Scorer: the same per-example results for every adapter, no model
-        def score(self, lora, tasks):
-            return {t: {"exact": [1, 0], "ll": [-1.0, -2.0]} for t in tasks}
+        def score_many(self, requests):
+            return [{t: {"exact": [1, 0], "ll": [-1.0, -2.0]} for t in tasks} for _, tasks in requests]
 
         def save(self):
             pass
@@ -241,6 +241,45 @@ def test_teacher_forced_scoring_equals_greedy_and_ignores_the_shared_prefix(one_
     assert outcomes == {0, 1}, "the check needs right and wrong answers"
 
 
+def test_scoring_workers_give_the_one_thread_scores_bit_for_bit(one_thread):
+    """Two one-thread worker processes score exactly as this process does at one thread (bfloat16, several
+    adapters, a pass requested twice is run once); a mismatched adapter is refused by name before any job
+    leaves; a worker that dies is reported instead of waited for."""
+    from conftest import random_lora
+
+    from bench.quality import model as base
+    from bench.quality.scoring import Scorer
+    from bench.quality.tasks import dataset
+
+    tests = {f"{k}_en": dataset(k, "en", 0, 6)[1] for k in ("reply", "count", "date")}
+    words = sorted({w for ex in tests.values() for e in ex for w in (e.prompt + " " + e.target).split()})
+    tok = base.tiny_tokenizer(words)
+    model = base.tiny_model(len(tok), seed=5).to(torch.bfloat16).eval()
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+              if n.endswith(("q_proj", "v_proj", "o_proj"))}
+    loras = [random_lora(shapes, 4, scaling=2.0, seed=s) for s in range(3)]
+    tasks = list(tests)
+    requests = [(None, tasks), (loras[0], tasks), (loras[1], tasks[:2]), (loras[0], tasks[1:]), (loras[2], tasks)]
+    here, pooled = Scorer(model, tok, tests, batch_size=4), Scorer(model, tok, tests, batch_size=4, workers=2)
+    try:
+        expected = here.score_many(requests)
+        assert pooled.score_many(requests) == expected       # floats compared exactly
+        assert pooled.passes == here.passes == 3 + 3 + 2 + 3
+        assert len({v for r in expected for by in r.values() for v in by["ll"]}) > 20   # the adapters matter
+        odd = random_lora({"model.layers.0.self_attn.q_proj": (64, 63)}, 2)
+        with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj"):
+            pooled.score(odd, tasks)
+        for proc in pooled.pool.procs:
+            proc.kill()
+        with pytest.raises(RuntimeError, match="scoring-worker-.* exited"):
+            pooled.score(random_lora(shapes, 4, seed=9), tasks)
+    finally:
+        here.close()
+        pooled.close()
+    with pytest.raises(ValueError, match="workers: must be an int >= 1"):
+        Scorer(model, tok, tests, workers=0)
+
+
 def test_score_cache_keeps_entries_saved_by_another_run(tmp_path):
     """Two runs on one adapter folder (an eval beside a ``d2c``): each save keeps the other's entries."""
     from bench.quality.scoring import Scorer
@@ -367,16 +406,19 @@ def test_switch_point_replay_matches_the_committed_isoswitch_row():
 
 
 def test_score_cache_is_per_cpu_thread_count(tmp_path):
-    """CPU scores depend on torch's thread count, so a run at another count than the default keeps its own
-    score cache instead of reusing (and mixing in) the default's; GPU scores share the default file."""
-    from bench.quality.pipeline import DEFAULT_THREADS, score_cache
+    """CPU scores depend on torch's thread count per pass, so a run at another count than the default keeps its
+    own score cache instead of reusing (and mixing in) the default's; a run with scoring workers (one thread
+    each) shares the one-thread file; GPU scores share the default file."""
+    from bench.quality.pipeline import DEFAULT_THREADS, Config, score_cache
 
+    cpu, cuda, pooled = Config(), Config(device="cuda"), Config(workers=2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(DEFAULT_THREADS)
-        assert score_cache(tmp_path, "cpu") == tmp_path / "scores.json"
+        assert score_cache(tmp_path, cpu) == tmp_path / "scores.json"
+        assert score_cache(tmp_path, pooled) == tmp_path / "scores-1threads.json"   # one thread per worker
         torch.set_num_threads(1)
-        assert score_cache(tmp_path, "cpu") == tmp_path / "scores-1threads.json"
-        assert score_cache(tmp_path, "cuda") == tmp_path / "scores.json"
+        assert score_cache(tmp_path, cpu) == tmp_path / "scores-1threads.json"
+        assert score_cache(tmp_path, cuda) == tmp_path / "scores.json"
     finally:
         torch.set_num_threads(before)

@@ -85,7 +85,7 @@ def build_config(args) -> Config:
         if getattr(args, name) is not None:
             setattr(cfg, name, _ints(getattr(args, name)))
     for name in ("n_test", "orders", "d2c_seeds", "d2c_refine", "crosscheck", "bootstrap", "secondary_orders",
-                 "order_seed"):
+                 "order_seed", "workers"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_steps is not None:
@@ -95,6 +95,10 @@ def build_config(args) -> Config:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     cfg.device = args.device
+    if cfg.workers < 1:
+        raise SystemExit(f"--workers: must be >= 1, got {cfg.workers}")
+    if cfg.workers > 1 and cfg.device != "cpu":
+        raise SystemExit("--workers: scoring workers are for the CPU; a GPU scores in the main process")
     unknown = [t for t in cfg.types if t not in TYPES] + [x for x in cfg.langs + cfg.calib_langs if x not in LANGS] + \
         [s for s in cfg.strategies + cfg.secondary if s not in STRATEGIES]
     if unknown:
@@ -200,6 +204,10 @@ def parser() -> argparse.ArgumentParser:
                    "the cells not reached are left out of the results (and listed); D2C still runs")
     p.add_argument("--note", action="append", help="eval: a line for the report's list of reductions (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
+    p.add_argument("--workers", type=int, help="eval / d2c: score the test passes in N worker processes of one "
+                   "thread each (default 1: in the main process at --threads, as the committed quality.json was); "
+                   "one-thread scores can differ from 2 threads' in the last bits of bfloat16 (CPUs with AMX), "
+                   "so they keep their own score cache")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the base model trains and scores (default cpu; cuda: a GPU, e.g. with --full); "
                         "adapters trained on another device are other adapters, cached apart")

@@ -114,8 +114,8 @@ def adversarial_order(tasks: list[str]) -> list[str]:
 
 def _slot_scores(scorer, slots, members) -> dict[str, dict]:
     scores = {}
-    for lora, tasks in zip(slots, members):
-        scores.update(scorer.score(lora, tasks))
+    for by_task in scorer.score_many(list(zip(slots, members))):
+        scores.update(by_task)
     return scores
 
 
@@ -212,6 +212,7 @@ def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str
     loss = d2c.LossScorer(model, tok, {t: [encode(tok, e.prompt, e.target) for e in ex]
                                        for t, ex in examples.items()}, batch_size=64)
     out = {"examples_per_task": len(next(iter(examples.values()))), "cells": {}}
+    shared = d2c.Cache()       # budgets and seeds meet the same member sets: each is merged and scored once
     try:
         for k in budgets:
             for name in ("d2c", "kmeans", "random"):
@@ -219,7 +220,7 @@ def run_d2c(scorer, model, tok, adapters: dict[str, kf.LoRA], examples: dict[str
                 for seed in range(seeds):
                     t0 = time.perf_counter()
                     if name == "d2c":
-                        result = d2c.cluster(adapters, k, loss, seed=seed, refine=refine)
+                        result = d2c.cluster(adapters, k, loss, seed=seed, refine=refine, cache=shared)
                     elif name == "kmeans":
                         result = d2c.kmeans(adapters, k, seed=seed)
                     else:

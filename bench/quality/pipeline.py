@@ -17,6 +17,7 @@ import kmerge_fast as kf
 
 from . import model as base
 from . import stats
+from .workers import THREADS as WORKER_THREADS
 from .evaluate import DEFAULT_ROWS, ONLINE, STRATEGIES, arrival_orders, comparisons, run_d2c, run_online
 from .scoring import Scorer, generation_f1, mean
 from .report import default_row, write_report
@@ -47,6 +48,8 @@ class Config:
     crosscheck: int = 8      # test examples per task decoded greedily for the F1 cross-check (0: off)
     bootstrap: int = 1000
     batch_size: int = 64
+    workers: int = 1         # scoring processes: 1 scores in the main process at its torch thread count (how
+                             # quality.json was scored); N >= 2 in N one-thread workers (bench.quality.workers)
     dtype: str = "bfloat16"  # the base model's dtype for training and scoring
     device: str = "cpu"      # where the base model trains and scores ("cuda": a GPU); merging stays on the CPU
     tiny: bool = False
@@ -149,13 +152,19 @@ def _load_model(cfg: Config, train, test, log=print):
 DEFAULT_THREADS = 2
 
 
-def score_cache(folder: Path, device: str) -> Path:
+def scoring_threads(cfg: Config) -> int:
+    """torch threads of each scoring pass: one per worker with ``cfg.workers`` > 1, else the process's."""
+    return WORKER_THREADS if cfg.workers > 1 else torch.get_num_threads()
+
+
+def score_cache(folder: Path, cfg: Config) -> Path:
     """The score cache file in an adapter folder: ``scores.json`` for scores computed at the default thread
-    count (or on a GPU), ``scores-<n>threads.json`` for another CPU thread count. CPU scores depend on it
-    (bfloat16 reductions split per thread: 1 vs 2 threads move the log-likelihood by ~0.005 nats/token on
-    average), while the cache is keyed by adapter content and task, so each count keeps its own file."""
-    threads = torch.get_num_threads()
-    if device == "cuda" or threads == DEFAULT_THREADS:
+    count (or on a GPU), ``scores-<n>threads.json`` for another CPU thread count per pass. CPU scores depend
+    on it (bfloat16 reductions split per thread: 1 vs 2 threads move the log-likelihood by ~0.005 nats/token
+    on average), while the cache is keyed by adapter content and task, so each count keeps its own file
+    (a run with workers and a ``--threads 1`` run share one)."""
+    threads = scoring_threads(cfg)
+    if cfg.device == "cuda" or threads == DEFAULT_THREADS:
         return folder / "scores.json"
     return folder / f"scores-{threads}threads.json"
 
@@ -273,8 +282,8 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
     calib = [kf.LoRA.load(folder / t) for t in cfg.calib_tasks]
     rule = width_threshold(next(iter(adapters.values())))
     threshold = kf.calibrate_threshold(calib) if len(calib) >= 2 else "auto"
-    scorer = Scorer(model, tok, {t: test[t] for t in tasks}, cfg.batch_size)
-    scorer.persist(score_cache(folder, cfg.device))
+    scorer = Scorer(model, tok, {t: test[t] for t in tasks}, cfg.batch_size, cfg.workers)
+    scorer.persist(score_cache(folder, cfg))
     try:
         base_scores = scorer.score(None, tasks)
         single_scores = {t: scorer.score(adapters[t], [t])[t] for t in tasks}
@@ -330,6 +339,7 @@ def eval_stage(cfg: Config, model, tok, model_name: str, train, val, test, out_d
         "eval": {"scored_task_passes": scorer.passes, "scoring_seconds": scorer.seconds,
                  "seconds": time.perf_counter() - start},
         "threads": torch.get_num_threads(),
+        "scoring": {"workers": cfg.workers, "threads_per_pass": scoring_threads(cfg)},
         "machine": machine(),
     }
     if d2c is None:  # no D2C budgets this time: keep the arm's D2C part from an earlier eval or `d2c` run
@@ -367,8 +377,8 @@ def d2c_stage(cfg: Config, model, tok, train, test, out_dir: Path, root: Path | 
     folder = adapters_dir(cfg, root)
     adapters = {t: kf.LoRA.load(folder / t) for t in cfg.tasks}
     start = time.perf_counter()
-    scorer = Scorer(model, tok, {t: test[t] for t in cfg.tasks}, cfg.batch_size)
-    scorer.persist(score_cache(folder, cfg.device))
+    scorer = Scorer(model, tok, {t: test[t] for t in cfg.tasks}, cfg.batch_size, cfg.workers)
+    scorer.persist(score_cache(folder, cfg))
     try:
         single = _exact({t: scorer.score(adapters[t], [t])[t] for t in cfg.tasks}, cfg.tasks)
         examples = {t: train[t][:cfg.d2c_examples] for t in cfg.tasks}

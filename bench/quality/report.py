@@ -129,10 +129,19 @@ def _arm_markdown(r: dict) -> list[str]:
     train_s = sum(v["seconds"] for v in tr.values())
     lines += ["", f"Training {train_s / 60:.1f} min for {len(tr)} adapters; evaluation "
               f"{r['eval']['seconds'] / 60:.1f} min ({r['eval']['scored_task_passes']} (adapter, task) passes scored, "
-              f"{r['eval']['scoring_seconds'] / 60:.1f} min of it in scoring) on {r['threads']} threads."]
+              f"{r['eval']['scoring_seconds'] / 60:.1f} min of it in scoring) on {r['threads']} threads"
+              + _workers(r) + "."]
     if r.get("skipped"):
         lines += ["", f"Not reached before the deadline: {len(r['skipped'])} cells ({', '.join(r['skipped'][:8])}...)."]
     return lines
+
+
+def _workers(r: dict) -> str:
+    """How the passes were scored, where the arm ran them in worker processes (arms before the option: none)."""
+    scoring = r.get("scoring") or {}
+    if scoring.get("workers", 1) <= 1:
+        return ""
+    return f", the passes in {scoring['workers']} worker processes of {scoring['threads_per_pass']} thread each"
 
 
 def markdown(arms: dict) -> str:

@@ -15,7 +15,8 @@ head runs only on the positions that predict a target token.
 Adapters are applied through the forward hooks of ``kmerge_fast.scoring._Hooks``
 (as ``kf.d2c.LossScorer`` does): the base weights are never touched. Results
 are cached by (adapter content, task) and can be persisted to a JSON file, so
-a rerun or a resumed run scores only what is new.
+a rerun or a resumed run scores only what is new. With ``workers`` > 1 the
+passes run in worker processes of one thread each (:mod:`bench.quality.workers`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kmerge_fast.scoring import _Hooks
 
 from .tasks import Example, f1
 from .train import encode
+from .workers import ScoringPool
 
 
 def fingerprint(lora: kf.LoRA) -> str:
@@ -70,9 +72,14 @@ class Scorer:
         tok: its tokenizer (prompts through :func:`bench.quality.train.encode`).
         tests: task -> examples.
         batch_size: sequences per forward pass.
+        workers: 1 scores in this process at its torch thread count; N >= 2 starts N worker processes of
+            one thread each (:mod:`bench.quality.workers`; CPU only), whose scores equal this process's
+            at one thread. :meth:`close` stops them.
     """
 
-    def __init__(self, model, tok, tests: dict[str, list[Example]], batch_size: int = 64):
+    def __init__(self, model, tok, tests: dict[str, list[Example]], batch_size: int = 64, workers: int = 1):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers: must be an int >= 1, got {workers!r}")
         self.model = model.eval()
         self.tok = tok
         self.tests = tests
@@ -88,6 +95,8 @@ class Scorer:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.cache_path: Path | None = None
         self._unsaved = 0
+        self.workers = workers
+        self.pool = ScoringPool(model, self.pairs, self.prefix, self.pad, batch_size, workers) if workers > 1 else None
 
     # ------------------------------------------------------------------ cache on disk
     def persist(self, path) -> None:
@@ -116,67 +125,112 @@ class Scorer:
 
     # ------------------------------------------------------------------ scoring
     def score(self, lora: kf.LoRA | None, tasks) -> dict[str, dict]:
-        key = fingerprint(lora) if lora is not None else "base"
-        todo = [t for t in tasks if (key, t) not in self.cache]
+        """Each task's scores with ``lora`` applied (None: the base), from the cache where it has them."""
+        return self.score_many([(lora, tasks)])[0]
+
+    def score_many(self, requests) -> list[dict[str, dict]]:
+        """:meth:`score` for each (lora | None, tasks) of ``requests`` (e.g. the slots of one merge); with
+        workers, every pass the cache lacks is handed out at once, so the workers share them."""
+        keyed = [(fingerprint(lora) if lora is not None else "base", lora, list(tasks)) for lora, tasks in requests]
+        todo: dict[tuple[str, str], kf.LoRA | None] = {}
+        for key, lora, tasks in keyed:
+            for t in tasks:
+                if (key, t) not in self.cache:
+                    todo.setdefault((key, t), lora)
         if todo:
-            param = next(self.model.parameters())
+            if self.pool is None:
+                self._score_here(todo)
+            else:
+                self._score_in_workers(todo)
+            if self._unsaved >= 50:
+                self.save()
+        return [{t: self.cache[key, t] for t in tasks} for key, _, tasks in keyed]
+
+    def _score_here(self, todo: dict) -> None:
+        param = next(self.model.parameters())
+        for key in dict.fromkeys(k for k, _ in todo):
+            tasks = [t for k, t in todo if k == key]
+            lora = todo[key, tasks[0]]
             if lora is not None:
                 self.hooks.load(lora, param.dtype, param.device)
             try:
-                for t in todo:
+                for t in tasks:
                     self.cache[key, t] = self.run(t)
                     self._unsaved += 1
             finally:
                 self.hooks.active = {}
-            if self._unsaved >= 50:
-                self.save()
-        return {t: self.cache[key, t] for t in tasks}
+
+    def _score_in_workers(self, todo: dict) -> None:
+        param = next(self.model.parameters())
+        for (key, _), lora in todo.items():     # refuse a mismatched adapter here, naming its module
+            if lora is not None:
+                self.hooks.load(lora, param.dtype, param.device)
+                self.hooks.active = {}
+        start = time.perf_counter()
+        results = self.pool.run([(key, lora, t) for (key, t), lora in todo.items()])
+        self.seconds += time.perf_counter() - start
+        self.passes += len(results)
+        self.cache.update(results)
+        self._unsaved += len(results)
 
     def run(self, task: str) -> dict:
         """Score ``task`` with the model as it is now (hooks or a peft wrapper included); no cache."""
         start = time.perf_counter()
-        pairs, n_pre = self.pairs[task], self.prefix[task]
-        exact, ll = [], []
-        dev = next(self.model.parameters()).device
-        with torch.inference_mode():
-            for s in range(0, len(pairs), self.batch_size):
-                batch = pairs[s:s + self.batch_size]
-                past = None
-                if n_pre:
-                    past = self.model.model(input_ids=torch.tensor([batch[0][0][:n_pre]], device=dev),
-                                            use_cache=True).past_key_values
-                    past.batch_repeat_interleave(len(batch))
-                suffix = [p[n_pre:] + y for p, y in batch]
-                width = max(map(len, suffix))
-                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-                mask = torch.zeros(len(batch), n_pre + width, dtype=torch.long)
-                mask[:, :n_pre] = 1
-                rows, cols, targets = [], [], []
-                for i, ((p, y), seq) in enumerate(zip(batch, suffix)):
-                    ids[i, :len(seq)] = torch.tensor(seq)
-                    mask[i, n_pre:n_pre + len(seq)] = 1
-                    first = len(p) - n_pre - 1            # the position predicting the first target token
-                    rows += [i] * len(y)
-                    cols += range(first, first + len(y))
-                    targets += y
-                hidden = self.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                          past_key_values=past, use_cache=past is not None).last_hidden_state
-                logits = self.model.lm_head(hidden[rows, cols]).float()
-                target = torch.tensor(targets, device=dev)
-                right = (logits.argmax(-1) == target).cpu()
-                logp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0].cpu()
-                at = 0
-                for _, y in batch:
-                    exact.append(int(bool(right[at:at + len(y)].all())))
-                    ll.append(float(logp[at:at + len(y)].mean()))
-                    at += len(y)
+        out = teacher_forced(self.model, self.pairs[task], self.prefix[task], self.pad, self.batch_size)
         self.passes += 1
         self.seconds += time.perf_counter() - start
-        return {"exact": exact, "ll": ll}
+        return out
 
     def close(self) -> None:
         self.save()
         self.hooks.remove()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def teacher_forced(model, pairs: list[tuple[list[int], list[int]]], n_pre: int, pad: int, batch_size: int) -> dict:
+    """One task's teacher-forced scores with ``model`` as it is (hooks included).
+
+    ``pairs``: (prompt ids, target ids) per example, the target ending with the end-of-turn token;
+    ``n_pre``: how many leading tokens every prompt shares (run once per batch, its key / value cache
+    repeated over the batch). Returns {"exact": [0/1 per example], "ll": [mean target log-prob, nats]}.
+    """
+    exact, ll = [], []
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for s in range(0, len(pairs), batch_size):
+            batch = pairs[s:s + batch_size]
+            past = None
+            if n_pre:
+                past = model.model(input_ids=torch.tensor([batch[0][0][:n_pre]], device=dev),
+                                   use_cache=True).past_key_values
+                past.batch_repeat_interleave(len(batch))
+            suffix = [p[n_pre:] + y for p, y in batch]
+            width = max(map(len, suffix))
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(batch), n_pre + width, dtype=torch.long)
+            mask[:, :n_pre] = 1
+            rows, cols, targets = [], [], []
+            for i, ((p, y), seq) in enumerate(zip(batch, suffix)):
+                ids[i, :len(seq)] = torch.tensor(seq)
+                mask[i, n_pre:n_pre + len(seq)] = 1
+                first = len(p) - n_pre - 1            # the position predicting the first target token
+                rows += [i] * len(y)
+                cols += range(first, first + len(y))
+                targets += y
+            hidden = model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                 past_key_values=past, use_cache=past is not None).last_hidden_state
+            logits = model.lm_head(hidden[rows, cols]).float()
+            target = torch.tensor(targets, device=dev)
+            right = (logits.argmax(-1) == target).cpu()
+            logp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0].cpu()
+            at = 0
+            for _, y in batch:
+                exact.append(int(bool(right[at:at + len(y)].all())))
+                ll.append(float(logp[at:at + len(y)].mean()))
+                at += len(y)
+    return {"exact": exact, "ll": ll}
 
 
 def generation_f1(model, tok, lora: kf.LoRA | None, examples: list[Example], batch_size: int = 16) -> dict:
