@@ -269,6 +269,8 @@ def test_scoring_workers_give_the_one_thread_scores_bit_for_bit(one_thread):
         odd = random_lora({"model.layers.0.self_attn.q_proj": (64, 63)}, 2)
         with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj"):
             pooled.score(odd, tasks)
+        with pytest.raises(ValueError, match=r"tasks: no test examples for \['typo_en'\]"):
+            here.score(loras[0], ["typo_en"])
         for proc in pooled.pool.procs:
             proc.kill()
         with pytest.raises(RuntimeError, match="scoring-worker-.* exited"):
@@ -320,6 +322,22 @@ def _config(*argv):
     from bench.quality.__main__ import build_config, parser
 
     return build_config(parser().parse_args(["eval", *argv]))
+
+
+def test_workers_option():
+    """``--workers`` reaches the config (default 1: scoring in the main process, as quality.json was scored);
+    a count below 1 stops at once, and so does asking a GPU run for CPU workers."""
+    import torch
+
+    from bench.quality.__main__ import build_config, parser
+
+    assert _config().workers == 1 and _config("--workers", "3").workers == 3
+    with pytest.raises(SystemExit, match="--workers: must be >= 1, got 0"):
+        _config("--workers", "0")
+    args = parser().parse_args(["eval", "--workers", "2", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="--workers: scoring workers are for the CPU" if torch.cuda.is_available()
+                       else "--device cuda: this torch sees no CUDA device"):
+        build_config(args)
 
 
 def test_default_rows_cover_every_strategy_and_the_published_and_default_modes():

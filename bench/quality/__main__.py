@@ -8,7 +8,8 @@
   orders, D2C vs K-Means vs random, the decoding cross-check; puts the arm into
   ``bench/results/quality.json`` (``--out``) and renders quality.md / quality.png. Scores are cached by
   adapter content (``<adapters>/scores.json``; another ``--threads`` count keeps its own file, as CPU scores
-  depend on it): an interrupted eval resumes where it stopped.
+  depend on it): an interrupted eval resumes where it stopped. ``--workers N`` scores in N one-thread
+  processes (bench/quality/workers.py).
 - ``d2c``: re-run only D2C vs K-Means vs random and replace that part of the arm in quality.json (the
   online rows stay as the last ``eval`` wrote them; the arm's ``d2c_run`` says when the D2C part ran).
 - ``report``: re-render quality.md and quality.png from quality.json.
@@ -16,7 +17,7 @@
 
 Configurations: the default (5 task types x 4 languages = 20 adapters, + 5 held-out in Italian, 32 test
 examples per task, 5 random orders + the adversarial one, K = 1..8, the rows of ``evaluate.DEFAULT_ROWS``;
-2 h 14 min on 2 cores in one cold run: README),
+2 h 14 min on 2 Xeon cores with AMX in one cold run, about 3 h estimated on 2 EPYC Zen 4 cores: README),
 ``--full`` (5 x 8 = 40 adapters, for a GPU machine) and ``--tiny`` (a config-built Llama on 2 x 2 tasks,
 no downloads, end to end in a temporary folder; CI runs it). ``--init independent`` (default) or
 ``shared`` picks the initialisation arm.

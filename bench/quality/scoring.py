@@ -132,6 +132,9 @@ class Scorer:
         """:meth:`score` for each (lora | None, tasks) of ``requests`` (e.g. the slots of one merge); with
         workers, every pass the cache lacks is handed out at once, so the workers share them."""
         keyed = [(fingerprint(lora) if lora is not None else "base", lora, list(tasks)) for lora, tasks in requests]
+        unknown = sorted({t for _, _, tasks in keyed for t in tasks} - set(self.pairs))
+        if unknown:
+            raise ValueError(f"tasks: no test examples for {unknown[:5]}")
         todo: dict[tuple[str, str], kf.LoRA | None] = {}
         for key, lora, tasks in keyed:
             for t in tasks:
@@ -162,8 +165,10 @@ class Scorer:
 
     def _score_in_workers(self, todo: dict) -> None:
         param = next(self.model.parameters())
+        checked = set()
         for (key, _), lora in todo.items():     # refuse a mismatched adapter here, naming its module
-            if lora is not None:
+            if lora is not None and key not in checked:
+                checked.add(key)
                 self.hooks.load(lora, param.dtype, param.device)
                 self.hooks.active = {}
         start = time.perf_counter()
