@@ -105,8 +105,9 @@ class Cache:
     Pass one ``Cache`` to several calls on the same adapters with the same scorer and merge method (several
     budgets, seeds or initialisations): a member set merged or scored by one call is neither merged nor
     scored again by the next, and every result is the same as without the cache (the merges and the
-    scorer are deterministic). The first call binds it to its adapters (the LoRA objects), scorer, merge
-    method and merge kwargs; a call with any other is refused, since the cached values would not be its own.
+    scorer are deterministic). The first call binds it to its adapters (the LoRA objects, in their order),
+    scorer, merge method and merge kwargs; a call with any other is refused, since the cached values would
+    not be its own.
     """
 
     def __init__(self):
@@ -115,16 +116,17 @@ class Cache:
         self._owner: tuple | None = None
 
     def _bind(self, adapters: Mapping[str, LoRA], scorer, merge: str, merge_kwargs: dict) -> None:
-        owner = (dict(adapters), scorer, merge, dict(merge_kwargs))
         if self._owner is None:
-            self._owner = owner
+            self._owner = (dict(adapters), scorer, merge, dict(merge_kwargs))
             return
         known, known_scorer, known_merge, known_kwargs = self._owner
-        same = (known.keys() == owner[0].keys() and all(known[t] is adapters[t] for t in known)
-                and known_scorer is scorer and known_merge == merge and known_kwargs == owner[3])
+        # the task order too: a cluster's members are merged in it, and another order rounds differently
+        same = (list(known) == list(adapters) and all(known[t] is adapters[t] for t in known)
+                and known_scorer is scorer and known_merge == merge and known_kwargs == merge_kwargs)
         if not same:
-            raise ValueError("cache: it holds the merges and scores of other adapters, another scorer or another "
-                             "merge method; use one Cache per (adapters, scorer, merge, merge_kwargs)")
+            raise ValueError("cache: it holds the merges and scores of other adapters (or another task order), "
+                             "another scorer or another merge method; use one Cache per (adapters, scorer, merge, "
+                             "merge_kwargs)")
 
 
 # ---------------------------------------------------------------- checks

@@ -181,8 +181,9 @@ def test_a_cache_is_refused_for_other_adapters_scorer_or_merge():
     d2c.cluster(adapters, 3, scorer, cache=cache, refine=0)
     d2c.cluster(dict(adapters), 3, scorer, cache=cache, refine=0)   # an equal dict of the same LoRAs is fine
     others = dict(adapters, task00=planted(seed=9)[0]["task00"])
-    for kwargs in (dict(adapters=others), dict(scorer=DistanceScorer(adapters)), dict(merge="linear"),
-                   dict(merge_kwargs={"rank": 2})):
+    reordered = dict(reversed(list(adapters.items())))
+    for kwargs in (dict(adapters=others), dict(adapters=reordered), dict(scorer=DistanceScorer(adapters)),
+                   dict(merge="linear"), dict(merge_kwargs={"rank": 2})):
         args = dict(adapters=adapters, budget=3, scorer=scorer, cache=cache, refine=0)
         args.update(kwargs)
         with pytest.raises(ValueError, match="cache: it holds the merges and scores of other"):
