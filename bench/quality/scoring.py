@@ -95,7 +95,6 @@ class Scorer:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.cache_path: Path | None = None
         self._unsaved = 0
-        self.workers = workers
         self.pool = ScoringPool(model, self.pairs, self.prefix, self.pad, batch_size, workers) if workers > 1 else None
 
     # ------------------------------------------------------------------ cache on disk

@@ -1,11 +1,13 @@
 """Teacher-forced scoring in worker processes of one torch thread each.
 
-On a small CPU the passes of a 135M model scale poorly over threads (their
-matmuls are small), so N one-thread processes score more passes per second
-than one N-thread process: on 2 cores, two workers run about 1.3x as many.
-They also make the scores independent of the machine: a pass's result depends
-on the threads that ran it (bfloat16 reductions are split per thread), and a
-worker always runs one, whatever the number of workers or cores.
+The passes of a 135M model have small matmuls, which scale poorly over
+threads on some CPUs, so N one-thread processes can score more passes per
+second than one N-thread process: about 1.3x with two workers on a 2-core
+Xeon with AMX, 1.03-1.06x on a 2-core EPYC (Zen 4; ``python -m
+bench.quality.pass_timing``). The scores no longer depend on the number of
+cores: where a pass's bits depend on the threads that ran it (bfloat16
+reductions split per thread, as on that Xeon), a worker always runs one,
+whatever the number of workers. They still depend on the CPU's kernels.
 
 Each worker holds its own copy of the base model (the parent's, less its
 forward hooks) and its own :class:`kmerge_fast.scoring._Hooks`; jobs are
