@@ -74,7 +74,9 @@ class Scorer:
         batch_size: sequences per forward pass.
         workers: 1 scores in this process at its torch thread count; N >= 2 starts N worker processes of
             one thread each (:mod:`bench.quality.workers`; CPU only), whose scores equal this process's
-            at one thread. :meth:`close` stops them.
+            at one thread. :meth:`close` stops them. The workers are spawned, which re-imports the
+            script that started them: a script building a Scorer with workers keeps its top level under
+            ``if __name__ == "__main__":`` (as ``python -m bench.quality`` does).
     """
 
     def __init__(self, model, tok, tests: dict[str, list[Example]], batch_size: int = 64, workers: int = 1):
