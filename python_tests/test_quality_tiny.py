@@ -327,17 +327,12 @@ def _config(*argv):
 def test_workers_option():
     """``--workers`` reaches the config (default 1: scoring in the main process, as quality.json was scored);
     a count below 1 stops at once, and so does asking a GPU run for CPU workers."""
-    import torch
-
-    from bench.quality.__main__ import build_config, parser
-
     assert _config().workers == 1 and _config("--workers", "3").workers == 3
     with pytest.raises(SystemExit, match="--workers: must be >= 1, got 0"):
         _config("--workers", "0")
-    args = parser().parse_args(["eval", "--workers", "2", "--device", "cuda"])
     with pytest.raises(SystemExit, match="--workers: scoring workers are for the CPU" if torch.cuda.is_available()
                        else "--device cuda: this torch sees no CUDA device"):
-        build_config(args)
+        _config("--workers", "2", "--device", "cuda")
 
 
 def test_default_rows_cover_every_strategy_and_the_published_and_default_modes():
