@@ -17,7 +17,7 @@
 
 Configurations: the default (5 task types x 4 languages = 20 adapters, + 5 held-out in Italian, 32 test
 examples per task, 5 random orders + the adversarial one, K = 1..8, the rows of ``evaluate.DEFAULT_ROWS``;
-2 h 14 min on 2 Xeon cores with AMX in one cold run, about 3.2-3.5 h on 2 EPYC Zen 4 cores from measured parts: README),
+2 h 14 min on 2 Xeon cores with AMX in one cold run, about 3.3 h on 2 EPYC Zen 4 cores from measured parts: README),
 ``--full`` (5 x 8 = 40 adapters, for a GPU machine) and ``--tiny`` (a config-built Llama on 2 x 2 tasks,
 no downloads, end to end in a temporary folder; CI runs it). ``--init independent`` (default) or
 ``shared`` picks the initialisation arm.
