@@ -107,7 +107,9 @@ class Cache:
     scored again by the next, and every result is the same as without the cache (the merges and the
     scorer are deterministic). The first call binds it to its adapters (the LoRA objects, in their order),
     scorer, merge method and merge kwargs; a call with any other is refused, since the cached values would
-    not be its own.
+    not be its own. It keeps every merged LoRA it has seen in memory, so memory grows with the member sets
+    tried: on the quality benchmark (SmolLM2-135M, rank 16, 20 tasks, K = 3, 5, 8 x 2 seeds) peak RSS went
+    from 3.6 to 5.6 GiB with it; drop the cache between unrelated runs.
     """
 
     def __init__(self):
